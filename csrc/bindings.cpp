@@ -1,0 +1,32 @@
+#include "bindings.h"
+
+#include <pybind11/stl.h>
+
+#include <map>
+#include <string>
+
+namespace py = pybind11;
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "fastflow native kernels (CPU, and CUDA when built with it); no PyTorch headers";
+  m.def("build_info", [] {
+    py::dict d;
+#if defined(FF_WITH_CUDA)
+    d["cuda"] = true;
+    d["cuda_architectures"] = std::string(FF_CUDA_ARCHS);
+#else
+    d["cuda"] = false;
+    d["cuda_architectures"] = std::string();
+#endif
+#if defined(FF_WITH_OPENMP)
+    d["openmp"] = true;
+#else
+    d["openmp"] = false;
+#endif
+    d["compiler"] = std::string(FASTFLOW_VERSION_INFO);
+    return d;
+  });
+  ff::bind_coupling(m);
+  ff::bind_invconv(m);
+  ff::bind_made(m);
+}

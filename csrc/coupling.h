@@ -1,0 +1,105 @@
+// Fused coupling kernels (NICE additive, RealNVP/Glow affine). See DESIGN.md, kernel family 1.
+//
+// All tensors are contiguous, `n` samples of `m` elements each. `mask` (may be 0) is `m` bytes,
+// broadcast over the batch: where it is 0 the element passes through unchanged and adds nothing
+// to the log-det. `logdet` and `grad_logdet` are fp32, or fp64 when dtype is fp64.
+//   forward:  y = x * exp(s) + t,   logdet[n] = sum_i s[n, i],   s = scale_fn(raw)
+//   inverse:  x = (y - t) * exp(-s), logdet[n] = -sum_i s[n, i]
+#pragma once
+#include <cstdint>
+
+#include "common.h"
+
+namespace ff {
+
+void coupling_forward_cpu(int dtype, int mode, double clamp, int64_t n, int64_t m,
+                          std::uintptr_t x, std::uintptr_t raw, std::uintptr_t shift,
+                          std::uintptr_t mask, std::uintptr_t y, std::uintptr_t logdet,
+                          int nthreads);
+void coupling_inverse_cpu(int dtype, int mode, double clamp, int64_t n, int64_t m,
+                          std::uintptr_t y, std::uintptr_t raw, std::uintptr_t shift,
+                          std::uintptr_t mask, std::uintptr_t x, std::uintptr_t logdet,
+                          int nthreads);
+// Backward of forward: from x, raw, grad_y, grad_logdet -> grad_x, grad_raw, and grad_shift
+// (grad_shift may be 0 when the caller uses grad_y itself, i.e. without a mask).
+void coupling_backward_cpu(int dtype, int mode, double clamp, int64_t n, int64_t m,
+                           std::uintptr_t x, std::uintptr_t raw, std::uintptr_t mask,
+                           std::uintptr_t grad_y, std::uintptr_t grad_logdet,
+                           std::uintptr_t grad_x, std::uintptr_t grad_raw,
+                           std::uintptr_t grad_shift, int nthreads);
+// Backward of inverse: from the inverse's output x, raw, grad_x, grad_logdet -> grad_y,
+// grad_raw, grad_shift.
+void coupling_inverse_backward_cpu(int dtype, int mode, double clamp, int64_t n, int64_t m,
+                                   std::uintptr_t x, std::uintptr_t raw, std::uintptr_t mask,
+                                   std::uintptr_t grad_x, std::uintptr_t grad_logdet,
+                                   std::uintptr_t grad_y, std::uintptr_t grad_raw,
+                                   std::uintptr_t grad_shift, int nthreads);
+
+#if defined(FF_WITH_CUDA)
+// Same contracts on device pointers; `workspace` holds coupling_workspace_bytes(...) bytes;
+// everything runs on `stream` (a cudaStream_t passed as an integer).
+int64_t coupling_workspace_bytes(int dtype, int64_t n, int64_t m);
+void coupling_forward_cuda(int dtype, int mode, double clamp, int64_t n, int64_t m,
+                           std::uintptr_t x, std::uintptr_t raw, std::uintptr_t shift,
+                           std::uintptr_t mask, std::uintptr_t y, std::uintptr_t logdet,
+                           std::uintptr_t workspace, std::uintptr_t stream);
+void coupling_inverse_cuda(int dtype, int mode, double clamp, int64_t n, int64_t m,
+                           std::uintptr_t y, std::uintptr_t raw, std::uintptr_t shift,
+                           std::uintptr_t mask, std::uintptr_t x, std::uintptr_t logdet,
+                           std::uintptr_t workspace, std::uintptr_t stream);
+void coupling_backward_cuda(int dtype, int mode, double clamp, int64_t n, int64_t m,
+                            std::uintptr_t x, std::uintptr_t raw, std::uintptr_t mask,
+                            std::uintptr_t grad_y, std::uintptr_t grad_logdet,
+                            std::uintptr_t grad_x, std::uintptr_t grad_raw,
+                            std::uintptr_t grad_shift, std::uintptr_t stream);
+void coupling_inverse_backward_cuda(int dtype, int mode, double clamp, int64_t n, int64_t m,
+                                    std::uintptr_t x, std::uintptr_t raw, std::uintptr_t mask,
+                                    std::uintptr_t grad_x, std::uintptr_t grad_logdet,
+                                    std::uintptr_t grad_y, std::uintptr_t grad_raw,
+                                    std::uintptr_t grad_shift, std::uintptr_t stream);
+#endif
+
+// Per-element math shared by the CPU and CUDA kernels. `mk` is the mask value (1 without a mask).
+// Each returns the element's log-det contribution s (0 where masked out).
+template <int Mode, typename A>
+FF_HOST_DEVICE A coupling_forward_elem(A x, A raw, A t, bool mk, A c, A inv_c, A& y) {
+  A e, ds;
+  A s = scale_fn<Mode>(raw, c, inv_c, e, ds);
+  y = mk ? x * e + t : x;
+  return mk ? s : A(0);
+}
+
+template <int Mode, typename A>
+FF_HOST_DEVICE A coupling_inverse_elem(A y, A raw, A t, bool mk, A c, A inv_c, A& x) {
+  A e, ds;
+  A s = scale_fn<Mode>(raw, c, inv_c, e, ds);
+  // (y - t) * exp(-s): divide instead of a second exp; exact inverse of the forward's multiply
+  x = mk ? (y - t) / e : y;
+  return mk ? s : A(0);
+}
+
+// d/dx, d/draw of the forward, given gy = dL/dy and gl = dL/dlogdet[n].
+template <int Mode, typename A>
+FF_HOST_DEVICE void coupling_backward_elem(A x, A raw, A gy, A gl, bool mk, A c, A inv_c, A& gx,
+                                           A& graw) {
+  A e, ds;
+  scale_fn<Mode>(raw, c, inv_c, e, ds);
+  gx = mk ? gy * e : gy;
+  // dy/ds = x * exp(s), dlogdet/ds = 1
+  graw = mk ? (gy * x * e + gl) * ds : A(0);
+}
+
+// Backward of the inverse x = (y - t) exp(-s), logdet = -sum s, from its output x.
+template <int Mode, typename A>
+FF_HOST_DEVICE void coupling_inverse_backward_elem(A x, A raw, A gx, A gl, bool mk, A c, A inv_c,
+                                                   A& gy, A& graw, A& gt) {
+  A e, ds;
+  scale_fn<Mode>(raw, c, inv_c, e, ds);
+  A g = gx / e;
+  gy = mk ? g : gx;
+  gt = mk ? -g : A(0);
+  // dx/ds = -x, dlogdet/ds = -1
+  graw = mk ? -(gx * x + gl) * ds : A(0);
+}
+
+}  // namespace ff

@@ -1,0 +1,3 @@
+from fastflow.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,132 @@
+"""Loading of the native module and the choice between native kernels and the reference.
+
+Every op in :mod:`fastflow.ops` asks :func:`use_native` whether to run its compiled kernel for a
+tensor's device; when it answers False the op runs its pure-PyTorch reference implementation,
+which is also the specification the tests compare against.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+
+import torch
+
+try:  # the compiled module is optional: without it every op runs its reference implementation
+    from fastflow import _C  # type: ignore[attr-defined]
+
+    _IMPORT_ERROR: Exception | None = None
+except ImportError as exc:  # pragma: no cover - exercised only on broken installs
+    _C = None
+    _IMPORT_ERROR = exc
+
+_BACKENDS = ("auto", "native", "reference")
+_backend = "auto"
+_warned = False
+
+#: dtype codes understood by the kernels (csrc/common.h, enum DType)
+DTYPE_CODES = {torch.float32: 0, torch.float64: 1, torch.bfloat16: 2, torch.float16: 3}
+FLOAT_DTYPES = tuple(DTYPE_CODES)
+
+
+def _warn_missing_once() -> None:
+    global _warned
+    if _C is None and not _warned:
+        _warned = True
+        warnings.warn(
+            f"fastflow._C could not be imported ({_IMPORT_ERROR}); every op runs its pure-PyTorch "
+            "reference implementation. Reinstall fastflow (pip install .) to build the kernels.",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+
+
+def set_backend(name: str) -> None:
+    """Force the kernel backend.
+
+    Args:
+        name: ``"auto"`` (native kernel where one was built for the tensor's device, else the
+            reference), ``"native"`` (same, but an error where no native kernel exists) or
+            ``"reference"`` (always the pure-PyTorch implementation).
+
+    Example:
+        >>> import fastflow
+        >>> fastflow.set_backend("reference")
+        >>> fastflow.set_backend("auto")
+    """
+    global _backend
+    if name not in _BACKENDS:
+        raise ValueError(f"backend must be one of {_BACKENDS}, got {name!r}")
+    _backend = name
+
+
+def get_backend() -> str:
+    """The backend set by :func:`set_backend` (initially from ``FASTFLOW_BACKEND``, else auto)."""
+    return _backend
+
+
+def native_available(device: torch.device | str = "cpu") -> bool:
+    """Whether compiled kernels exist for ``device``'s type."""
+    if _C is None:
+        return False
+    kind = torch.device(device).type
+    if kind == "cpu":
+        return True
+    if kind == "cuda":
+        return bool(_C.build_info()["cuda"])
+    return False
+
+
+_CUDA_BUILT = None
+
+
+def use_native(t: torch.Tensor) -> bool:
+    """Whether ops run the compiled kernel for tensors like ``t`` under the current backend."""
+    global _CUDA_BUILT
+    if _backend == "reference":
+        return False
+    if _C is None:
+        if _backend == "native":
+            raise RuntimeError(f"backend 'native' was forced but fastflow._C is missing ({_IMPORT_ERROR})")
+        _warn_missing_once()
+        return False
+    kind = t.device.type
+    if kind == "cpu":
+        return True
+    if kind == "cuda":
+        if _CUDA_BUILT is None:
+            _CUDA_BUILT = bool(_C.build_info()["cuda"])
+        if _CUDA_BUILT:
+            return True
+    if _backend == "native":
+        raise RuntimeError(f"backend 'native' was forced but no native kernel exists for {kind}")
+    return False
+
+
+def num_threads() -> int:
+    """Threads the CPU kernels use: torch's intra-op thread count."""
+    return max(1, torch.get_num_threads())
+
+
+def ptr(t: torch.Tensor | None) -> int:
+    """Data pointer of ``t`` (0 for None) for passing to ``_C``."""
+    return 0 if t is None else t.data_ptr()
+
+
+def stream_of(t: torch.Tensor) -> int:
+    """The current CUDA stream of ``t``'s device, as the integer handle ``_C`` expects."""
+    return torch.cuda.current_stream(t.device).cuda_stream
+
+
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Accumulation dtype for log-dets and reductions: fp64 for fp64, else fp32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _init_from_env() -> None:
+    env = os.environ.get("FASTFLOW_BACKEND", "").strip().lower()
+    if env:
+        set_backend(env)
+
+
+_init_from_env()

@@ -1,0 +1,47 @@
+"""``fastflow.info()``: what was built and what runs."""
+
+from __future__ import annotations
+
+import torch
+
+from fastflow import _backend as B
+
+
+def info() -> dict:
+    """Describe this installation: versions, compiled kernels, threads and backend.
+
+    Returns:
+        A dict with ``version``, ``torch``, ``cpu_kernels`` (bool), ``cuda_kernels`` (bool),
+        ``cuda_architectures``, ``openmp``, ``cuda_device`` (name or None), ``threads`` and
+        ``backend`` (what ops run on CPU tensors: ``native`` or ``reference``).
+
+    Example:
+        >>> import fastflow
+        >>> fastflow.info()["threads"] >= 1
+        True
+    """
+    from fastflow import __version__
+
+    built = B._C.build_info() if B._C is not None else {}
+    cuda_dev = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    forced = B.get_backend()
+    cpu_native = B._C is not None and forced != "reference"
+    return {
+        "version": __version__,
+        "torch": torch.__version__,
+        "cpu_kernels": B._C is not None,
+        "cuda_kernels": bool(built.get("cuda", False)),
+        "cuda_architectures": built.get("cuda_architectures", ""),
+        "openmp": bool(built.get("openmp", False)),
+        "compiler": built.get("compiler", ""),
+        "cuda_device": cuda_dev,
+        "threads": B.num_threads(),
+        "backend_setting": forced,
+        "backend": "native" if cpu_native else "reference",
+        "native_import_error": None if B._IMPORT_ERROR is None else str(B._IMPORT_ERROR),
+    }
+
+
+def format_info(d: dict) -> str:
+    width = max(len(k) for k in d)
+    return "\n".join(f"{k:<{width}}  {v}" for k, v in d.items())

@@ -1,0 +1,423 @@
+"""Fused coupling ops: NICE additive and RealNVP/Glow affine couplings.
+
+Given the conditioner's output for the untouched half, ``raw_scale`` and ``shift``, and the
+half to transform ``x`` (any shape ``[N, ...]``):
+
+* forward: ``y = x * exp(s) + shift``, ``logdet[n] = sum(s[n])``, with ``s = scale_fn(raw_scale)``
+* inverse: ``x = (y - shift) * exp(-s)``, ``logdet[n] = -sum(s[n])``
+
+Scale functions (``scale_fn``):
+
+* ``"softclamp"`` (default): ``s = clamp * tanh(raw / clamp)``; ``clamp=1`` is the plain ``tanh``
+  scale of textbook RealNVP code, the default ``clamp=2`` bounds ``|s| < 2``.
+* ``"glow"``: ``s = log(sigmoid(raw + 2))`` as in Glow (Kingma & Dhariwal, 2018).
+* ``"identity"``: ``s = raw`` (Dinh et al., 2017, unbounded).
+
+An optional ``mask`` (shape broadcastable to ``x.shape[1:]``) selects the transformed elements;
+elsewhere ``y = x`` and nothing is added to the log-det. That gives checkerboard and arbitrary
+binary masks without gathering the halves.
+
+The native kernel makes one pass over memory for each of forward, inverse and their backward
+passes; autograd saves only the inputs (``x``, ``raw_scale``; for the inverse its output), never
+``exp``/``tanh`` intermediates. Log-dets are fp32 for fp32/bf16/fp16 inputs and fp64 for fp64.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from fastflow import _backend as B
+from fastflow.ops._checks import check_finite_scalar, check_float_tensor, check_like
+
+__all__ = [
+    "SCALE_FNS",
+    "affine_coupling",
+    "affine_coupling_inverse",
+    "additive_coupling",
+    "additive_coupling_inverse",
+    "reference_affine_coupling",
+    "reference_affine_coupling_inverse",
+    "reference_additive_coupling",
+    "reference_additive_coupling_inverse",
+]
+
+#: scale function name -> kernel mode code (csrc/common.h, enum ScaleMode)
+SCALE_FNS = {"softclamp": 0, "glow": 1, "identity": 2}
+_ADDITIVE = 3
+
+
+# ----------------------------------------------------------------------------------------------
+# Reference implementation: the specification. Computes in the accumulation dtype (fp32 for
+# 16-bit inputs) and rounds once on output, as the kernels do.
+
+
+def _ref_scale(raw: Tensor, scale_fn: str, clamp: float) -> Tensor:
+    if scale_fn == "softclamp":
+        return clamp * torch.tanh(raw / clamp)
+    if scale_fn == "glow":
+        return F.logsigmoid(raw + 2.0)
+    return raw
+
+
+def _ref_mask(mask: Tensor | None, like: Tensor) -> Tensor | None:
+    return None if mask is None else mask.to(like.dtype)
+
+
+def reference_affine_coupling(
+    x: Tensor,
+    raw_scale: Tensor,
+    shift: Tensor,
+    scale_fn: str = "softclamp",
+    clamp: float = 2.0,
+    mask: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Pure-PyTorch :func:`affine_coupling` (the specification)."""
+    acc = B.acc_dtype(x.dtype)
+    s = _ref_scale(raw_scale.to(acc), scale_fn, clamp)
+    t = shift.to(acc)
+    m = _ref_mask(mask, s)
+    if m is not None:
+        s, t = s * m, t * m
+    y = x.to(acc) * torch.exp(s) + t
+    return y.to(x.dtype), s.flatten(1).sum(1)
+
+
+def reference_affine_coupling_inverse(
+    y: Tensor,
+    raw_scale: Tensor,
+    shift: Tensor,
+    scale_fn: str = "softclamp",
+    clamp: float = 2.0,
+    mask: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Pure-PyTorch :func:`affine_coupling_inverse` (the specification)."""
+    acc = B.acc_dtype(y.dtype)
+    s = _ref_scale(raw_scale.to(acc), scale_fn, clamp)
+    t = shift.to(acc)
+    m = _ref_mask(mask, s)
+    if m is not None:
+        s, t = s * m, t * m
+    x = (y.to(acc) - t) * torch.exp(-s)
+    return x.to(y.dtype), -s.flatten(1).sum(1)
+
+
+def reference_additive_coupling(
+    x: Tensor, shift: Tensor, mask: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
+    """Pure-PyTorch :func:`additive_coupling` (the specification)."""
+    acc = B.acc_dtype(x.dtype)
+    t = shift.to(acc)
+    m = _ref_mask(mask, t)
+    if m is not None:
+        t = t * m
+    y = (x.to(acc) + t).to(x.dtype)
+    return y, x.new_zeros(x.shape[0], dtype=acc)
+
+
+def reference_additive_coupling_inverse(
+    y: Tensor, shift: Tensor, mask: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
+    """Pure-PyTorch :func:`additive_coupling_inverse` (the specification)."""
+    acc = B.acc_dtype(y.dtype)
+    t = shift.to(acc)
+    m = _ref_mask(mask, t)
+    if m is not None:
+        t = t * m
+    x = (y.to(acc) - t).to(y.dtype)
+    return x, y.new_zeros(y.shape[0], dtype=acc)
+
+
+# ----------------------------------------------------------------------------------------------
+# Native ops. Inputs reaching these are validated and contiguous (see _prepare).
+
+
+def _run(name: str, t: Tensor, *args) -> None:
+    """Call ``_C.<name>_cpu`` or ``_C.<name>_cuda`` for ``t``'s device."""
+    if t.device.type == "cuda":
+        getattr(B._C, name + "_cuda")(*args, B.stream_of(t))
+    else:
+        getattr(B._C, name + "_cpu")(*args, B.num_threads())
+
+
+def _workspace(t: Tensor, n: int, m: int) -> list[int]:
+    if t.device.type != "cuda":
+        return []
+    nbytes = B._C.coupling_workspace_bytes(B.DTYPE_CODES[t.dtype], n, m)
+    return [torch.empty(max(nbytes, 1), dtype=torch.uint8, device=t.device).data_ptr()]
+
+
+def _sizes(x: Tensor) -> tuple[int, int]:
+    n = x.shape[0]
+    return n, (x.numel() // n if n else 0)
+
+
+@torch.library.custom_op("fastflow::affine_coupling_fwd", mutates_args=())
+def _affine_fwd(
+    x: Tensor, raw: Tensor, shift: Tensor, mask: Tensor | None, mode: int, clamp: float
+) -> tuple[Tensor, Tensor]:
+    n, m = _sizes(x)
+    y = torch.empty_like(x)
+    logdet = torch.empty(n, dtype=B.acc_dtype(x.dtype), device=x.device)
+    code = B.DTYPE_CODES[x.dtype]
+    _run("coupling_forward", x, code, mode, clamp, n, m, B.ptr(x), B.ptr(raw), B.ptr(shift),
+         B.ptr(mask), B.ptr(y), B.ptr(logdet), *_workspace(x, n, m))
+    return y, logdet
+
+
+@torch.library.custom_op("fastflow::affine_coupling_inv", mutates_args=())
+def _affine_inv(
+    y: Tensor, raw: Tensor, shift: Tensor, mask: Tensor | None, mode: int, clamp: float
+) -> tuple[Tensor, Tensor]:
+    n, m = _sizes(y)
+    x = torch.empty_like(y)
+    logdet = torch.empty(n, dtype=B.acc_dtype(y.dtype), device=y.device)
+    code = B.DTYPE_CODES[y.dtype]
+    _run("coupling_inverse", y, code, mode, clamp, n, m, B.ptr(y), B.ptr(raw), B.ptr(shift),
+         B.ptr(mask), B.ptr(x), B.ptr(logdet), *_workspace(y, n, m))
+    return x, logdet
+
+
+@torch.library.custom_op("fastflow::affine_coupling_bwd", mutates_args=())
+def _affine_bwd(
+    x: Tensor, raw: Tensor, mask: Tensor | None, grad_y: Tensor, grad_logdet: Tensor, mode: int,
+    clamp: float,
+) -> tuple[Tensor, Tensor]:
+    n, m = _sizes(x)
+    gx = torch.empty_like(x)
+    graw = torch.empty_like(x)
+    _run("coupling_backward", x, B.DTYPE_CODES[x.dtype], mode, clamp, n, m, B.ptr(x), B.ptr(raw),
+         B.ptr(mask), B.ptr(grad_y), B.ptr(grad_logdet), B.ptr(gx), B.ptr(graw), 0)
+    return gx, graw
+
+
+@torch.library.custom_op("fastflow::affine_coupling_inv_bwd", mutates_args=())
+def _affine_inv_bwd(
+    x: Tensor, raw: Tensor, mask: Tensor | None, grad_x: Tensor, grad_logdet: Tensor, mode: int,
+    clamp: float,
+) -> tuple[Tensor, Tensor, Tensor]:
+    n, m = _sizes(x)
+    gy = torch.empty_like(x)
+    graw = torch.empty_like(x)
+    gshift = torch.empty_like(x)
+    _run("coupling_inverse_backward", x, B.DTYPE_CODES[x.dtype], mode, clamp, n, m, B.ptr(x),
+         B.ptr(raw), B.ptr(mask), B.ptr(grad_x), B.ptr(grad_logdet), B.ptr(gy), B.ptr(graw),
+         B.ptr(gshift))
+    return gy, graw, gshift
+
+
+@torch.library.custom_op("fastflow::additive_coupling", mutates_args=())
+def _additive(x: Tensor, shift: Tensor, mask: Tensor | None, inverse: bool) -> Tensor:
+    n, m = _sizes(x)
+    y = torch.empty_like(x)
+    # the kernel writes a (zero) log-det; additive couplings have a unit Jacobian
+    logdet = torch.empty(n, dtype=B.acc_dtype(x.dtype), device=x.device)
+    name = "coupling_inverse" if inverse else "coupling_forward"
+    _run(name, x, B.DTYPE_CODES[x.dtype], _ADDITIVE, 1.0, n, m, B.ptr(x), 0, B.ptr(shift),
+         B.ptr(mask), B.ptr(y), B.ptr(logdet), *_workspace(x, n, m))
+    return y
+
+
+def _fake_pair(x, *args):
+    return torch.empty_like(x), x.new_empty(x.shape[0], dtype=B.acc_dtype(x.dtype))
+
+
+_affine_fwd.register_fake(_fake_pair)
+_affine_inv.register_fake(_fake_pair)
+
+
+@_affine_bwd.register_fake
+def _(x, raw, mask, grad_y, grad_logdet, mode, clamp):
+    return torch.empty_like(x), torch.empty_like(x)
+
+
+@_affine_inv_bwd.register_fake
+def _(x, raw, mask, grad_x, grad_logdet, mode, clamp):
+    return torch.empty_like(x), torch.empty_like(x), torch.empty_like(x)
+
+
+@_additive.register_fake
+def _(x, shift, mask, inverse):
+    return torch.empty_like(x)
+
+
+def _masked(g: Tensor, mask: Tensor | None) -> Tensor:
+    return g if mask is None else g * mask.to(g.dtype)
+
+
+def _setup_fwd(ctx, inputs, output):
+    x, raw, _shift, mask, mode, clamp = inputs
+    ctx.save_for_backward(x, raw, mask)
+    ctx.mode, ctx.clamp = mode, clamp
+
+
+def _backward_fwd(ctx, grad_y, grad_logdet):
+    x, raw, mask = ctx.saved_tensors
+    gx, graw = _affine_bwd(x, raw, mask, grad_y.contiguous(), grad_logdet.contiguous(), ctx.mode,
+                           ctx.clamp)
+    return gx, graw, _masked(grad_y, mask), None, None, None
+
+
+def _setup_inv(ctx, inputs, output):
+    _y, raw, _shift, mask, mode, clamp = inputs
+    ctx.save_for_backward(output[0], raw, mask)  # the inverse's output x, not y or shift
+    ctx.mode, ctx.clamp = mode, clamp
+
+
+def _backward_inv(ctx, grad_x, grad_logdet):
+    x, raw, mask = ctx.saved_tensors
+    gy, graw, gshift = _affine_inv_bwd(x, raw, mask, grad_x.contiguous(),
+                                       grad_logdet.contiguous(), ctx.mode, ctx.clamp)
+    return gy, graw, gshift, None, None, None
+
+
+def _setup_add(ctx, inputs, output):
+    _x, _shift, mask, inverse = inputs
+    ctx.save_for_backward(mask)
+    ctx.inverse = inverse
+
+
+def _backward_add(ctx, grad_y):
+    (mask,) = ctx.saved_tensors
+    gs = _masked(grad_y, mask)
+    return grad_y, (-gs if ctx.inverse else gs), None, None
+
+
+_affine_fwd.register_autograd(_backward_fwd, setup_context=_setup_fwd)
+_affine_inv.register_autograd(_backward_inv, setup_context=_setup_inv)
+_additive.register_autograd(_backward_add, setup_context=_setup_add)
+
+
+# ----------------------------------------------------------------------------------------------
+# Public functions: validate, then run native or reference.
+
+
+def _prepare(x: Tensor, others: dict, mask: Tensor | None, xname: str):
+    check_float_tensor(xname, x, min_dim=2)
+    out = []
+    for name, t in others.items():
+        check_like(name, t, x, xname)
+        out.append(t.contiguous())
+    if mask is not None:
+        if not isinstance(mask, torch.Tensor):
+            raise TypeError(f"mask must be a torch.Tensor or None, got {type(mask).__name__}")
+        if mask.device != x.device:
+            raise ValueError(f"mask is on {mask.device} but {xname} is on {x.device}")
+        try:
+            mask = torch.broadcast_to(mask, x.shape[1:])
+        except RuntimeError:
+            raise ValueError(
+                f"mask of shape {tuple(mask.shape)} does not broadcast to {xname}.shape[1:] = "
+                f"{tuple(x.shape[1:])}"
+            ) from None
+        mask = (mask != 0).to(torch.uint8).contiguous()
+    return x.contiguous(), out, mask
+
+
+def _check_scale(scale_fn: str, clamp: float) -> float:
+    if scale_fn not in SCALE_FNS:
+        raise ValueError(f"scale_fn must be one of {sorted(SCALE_FNS)}, got {scale_fn!r}")
+    return check_finite_scalar("clamp", clamp, positive=True)
+
+
+def affine_coupling(
+    x: Tensor,
+    raw_scale: Tensor,
+    shift: Tensor,
+    scale_fn: str = "softclamp",
+    clamp: float = 2.0,
+    mask: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Affine coupling ``y = x * exp(s) + shift`` with ``s = scale_fn(raw_scale)``.
+
+    Args:
+        x: the half to transform, ``[N, ...]`` (vectors ``[N, D]`` or images ``[N, C, H, W]``).
+        raw_scale: the conditioner's unconstrained scale output, same shape/dtype/device as ``x``.
+        shift: the conditioner's shift output, same shape/dtype/device as ``x``.
+        scale_fn: ``"softclamp"`` (``clamp * tanh(raw / clamp)``), ``"glow"``
+            (``log sigmoid(raw + 2)``) or ``"identity"``.
+        clamp: the soft-clamp bound ``c`` (ignored by the other scale functions).
+        mask: optional binary mask broadcastable to ``x.shape[1:]``; elements where it is 0 pass
+            through unchanged.
+
+    Returns:
+        ``(y, logdet)``: ``y`` like ``x`` and ``logdet`` of shape ``[N]`` (fp32, fp64 for fp64).
+
+    Example:
+        >>> x, raw, t = torch.randn(3, 4, 8, 8), torch.randn(3, 4, 8, 8), torch.randn(3, 4, 8, 8)
+        >>> y, logdet = affine_coupling(x, raw, t)
+        >>> x2, ld2 = affine_coupling_inverse(y, raw, t)
+        >>> torch.allclose(x, x2, atol=1e-5) and torch.allclose(logdet, -ld2)
+        True
+
+    References: Dinh et al., "Density estimation using Real NVP", 2017; Kingma & Dhariwal,
+    "Glow", 2018.
+    """
+    clamp = _check_scale(scale_fn, clamp)
+    x, (raw_scale, shift), mask = _prepare(x, {"raw_scale": raw_scale, "shift": shift}, mask, "x")
+    if B.use_native(x):
+        return _affine_fwd(x, raw_scale, shift, mask, SCALE_FNS[scale_fn], clamp)
+    return reference_affine_coupling(x, raw_scale, shift, scale_fn, clamp, mask)
+
+
+def affine_coupling_inverse(
+    y: Tensor,
+    raw_scale: Tensor,
+    shift: Tensor,
+    scale_fn: str = "softclamp",
+    clamp: float = 2.0,
+    mask: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Inverse of :func:`affine_coupling`: ``x = (y - shift) * exp(-s)``.
+
+    Arguments as in :func:`affine_coupling`, with ``y`` in place of ``x``. Returns ``(x, logdet)``
+    where ``logdet = -sum(s)`` is the log-det of the inverse map.
+
+    Example:
+        >>> y, raw, t = torch.randn(5, 6), torch.randn(5, 6), torch.randn(5, 6)
+        >>> x, logdet = affine_coupling_inverse(y, raw, t, scale_fn="glow")
+        >>> logdet.shape
+        torch.Size([5])
+    """
+    clamp = _check_scale(scale_fn, clamp)
+    y, (raw_scale, shift), mask = _prepare(y, {"raw_scale": raw_scale, "shift": shift}, mask, "y")
+    if B.use_native(y):
+        return _affine_inv(y, raw_scale, shift, mask, SCALE_FNS[scale_fn], clamp)
+    return reference_affine_coupling_inverse(y, raw_scale, shift, scale_fn, clamp, mask)
+
+
+def additive_coupling(
+    x: Tensor, shift: Tensor, mask: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
+    """NICE additive coupling ``y = x + shift`` (unit Jacobian, so ``logdet`` is zeros).
+
+    Example:
+        >>> x, t = torch.randn(2, 3), torch.randn(2, 3)
+        >>> y, logdet = additive_coupling(x, t)
+        >>> torch.equal(logdet, torch.zeros(2))
+        True
+
+    Reference: Dinh et al., "NICE: Non-linear Independent Components Estimation", 2015.
+    """
+    x, (shift,), mask = _prepare(x, {"shift": shift}, mask, "x")
+    if B.use_native(x):
+        return _additive(x, shift, mask, False), x.new_zeros(x.shape[0], dtype=B.acc_dtype(x.dtype))
+    return reference_additive_coupling(x, shift, mask)
+
+
+def additive_coupling_inverse(
+    y: Tensor, shift: Tensor, mask: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
+    """Inverse of :func:`additive_coupling`: ``x = y - shift``.
+
+    Example:
+        >>> y, t = torch.randn(2, 3), torch.randn(2, 3)
+        >>> x, _ = additive_coupling_inverse(y, t)
+        >>> torch.allclose(x + t, y)
+        True
+    """
+    y, (shift,), mask = _prepare(y, {"shift": shift}, mask, "y")
+    if B.use_native(y):
+        return _additive(y, shift, mask, True), y.new_zeros(y.shape[0], dtype=B.acc_dtype(y.dtype))
+    return reference_additive_coupling_inverse(y, shift, mask)
