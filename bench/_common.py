@@ -1,0 +1,121 @@
+"""Shared helpers for the benchmarks: timing, CPU peak memory, result files.
+
+Speed is reported as ratios against baselines measured in the same run; nothing here is asserted
+in tests.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import gc
+import json
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+
+_libc = None
+if platform.system() == "Linux":
+    try:
+        _libc = ctypes.CDLL("libc.so.6")
+        # Fixed mmap threshold: every allocation above 64 KiB is its own mapping and returns to the
+        # OS when freed, so the resident-set high-water mark tracks live tensor memory.
+        _libc.mallopt(-3, 64 * 1024)  # M_MMAP_THRESHOLD
+    except OSError:
+        _libc = None
+
+
+def sync(device: str | torch.device = "cpu") -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def timeit(fn: Callable[[], object], warmup: int = 3, reps: int = 20, min_time: float = 0.0,
+           device: str | torch.device = "cpu") -> float:
+    """Median wall time of ``fn()`` in seconds over ``reps`` calls after ``warmup`` calls."""
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    times = []
+    start = time.perf_counter()
+    while len(times) < reps or (time.perf_counter() - start) < min_time:
+        t0 = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def _status_kb(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def peak_memory_mb(fn: Callable[[], object], device: str | torch.device = "cpu") -> float:
+    """Peak memory ``fn()`` allocates beyond what is live before it, in MiB.
+
+    On CUDA: ``torch.cuda.max_memory_allocated``. On CPU (Linux): the resident-set high-water mark
+    (VmHWM), reset through ``/proc/self/clear_refs`` just before the call, minus the resident set
+    before it; large allocations are mmapped (see the mallopt above) so freed memory leaves the
+    resident set. Returns NaN where neither is available.
+    """
+    fn()  # warm-up: lazy initialisation must not count
+    gc.collect()
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        fn()
+        torch.cuda.synchronize()
+        return (torch.cuda.max_memory_allocated() - base) / 2**20
+    if _libc is None or not os.path.exists("/proc/self/clear_refs"):
+        return float("nan")
+    _libc.malloc_trim(0)
+    base = _status_kb("VmRSS")
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    fn()
+    return (_status_kb("VmHWM") - base) / 1024
+
+
+def environment() -> dict:
+    return {
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "machine": platform.machine(),
+        "processor": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "cuda_device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+    }
+
+
+def write_results(name: str, data: dict) -> str:
+    """Write ``data`` (plus the environment) to ``bench/results/<name>.json``; returns the path."""
+    os.makedirs(RESULTS, exist_ok=True)
+    path = os.path.join(RESULTS, f"{name}.json")
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump({"environment": environment(), **data}, f, indent=2)
+    os.replace(tmp, path)
+    return path
+
+
+def table(rows: list[dict], columns: list[str]) -> str:
+    """A plain-text table of ``rows`` (dicts) with the given columns."""
+    def fmt(v):
+        return f"{v:.3g}" if isinstance(v, float) else str(v)
+
+    cells = [[fmt(r.get(c, "")) for c in columns] for r in rows]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths))]
+    lines.append("  ".join("-" * w for w in widths))
+    lines += ["  ".join(v.ljust(w) for v, w in zip(row, widths)) for row in cells]
+    return "\n".join(lines)
