@@ -35,8 +35,13 @@ def sync(device: str | torch.device = "cpu") -> None:
         torch.cuda.synchronize()
 
 
-def timeit(fn: Callable[[], object], warmup: int = 3, reps: int = 20, min_time: float = 0.0,
-           device: str | torch.device = "cpu") -> float:
+def timeit(
+    fn: Callable[[], object],
+    warmup: int = 3,
+    reps: int = 20,
+    min_time: float = 0.0,
+    device: str | torch.device = "cpu",
+) -> float:
     """Median wall time of ``fn()`` in seconds over ``reps`` calls after ``warmup`` calls."""
     for _ in range(warmup):
         fn()
@@ -110,6 +115,7 @@ def write_results(name: str, data: dict) -> str:
 
 def table(rows: list[dict], columns: list[str]) -> str:
     """A plain-text table of ``rows`` (dicts) with the given columns."""
+
     def fmt(v):
         return f"{v:.3g}" if isinstance(v, float) else str(v)
 

@@ -87,7 +87,9 @@ def use_native(t: torch.Tensor) -> bool:
         return False
     if _C is None:
         if _backend == "native":
-            raise RuntimeError(f"backend 'native' was forced but fastflow._C is missing ({_IMPORT_ERROR})")
+            raise RuntimeError(
+                f"backend 'native' was forced but fastflow._C is missing ({_IMPORT_ERROR})"
+            )
         _warn_missing_once()
         return False
     kind = t.device.type

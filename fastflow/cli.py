@@ -13,16 +13,19 @@ from collections.abc import Callable, Sequence
 COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callable]] = {}
 
 
-def command(name: str, help: str):
-    """Register ``fn(args) -> int`` as subcommand ``name``; ``fn.configure(parser)`` adds options."""
+def command(
+    name: str, help: str, configure: Callable[[argparse.ArgumentParser], None] | None = None
+):
+    """Register ``fn(args) -> int`` as subcommand ``name``; ``configure(parser)`` adds options."""
 
     def deco(fn):
-        COMMANDS[name] = (help, getattr(fn, "configure", lambda p: None), fn)
+        COMMANDS[name] = (help, configure or (lambda p: None), fn)
         return fn
 
     return deco
 
 
+@command("info", "print versions, compiled kernels, threads and backend")
 def _info(args) -> int:
     from fastflow._info import format_info, info
 
@@ -30,6 +33,11 @@ def _info(args) -> int:
     return 0
 
 
+@command(
+    "demo",
+    "run a fused coupling round trip against the reference",
+    lambda p: p.add_argument("--batch", type=int, default=4, help="batch size"),
+)
 def _demo(args) -> int:
     import torch
 
@@ -50,11 +58,6 @@ def _demo(args) -> int:
     print(f"  max |inverse(forward(x)) - x|   = {(x2 - x).abs().max().item():.2e}")
     print(f"  max |logdet + inverse logdet|   = {(ld + ld_inv).abs().max().item():.2e}")
     return 0
-
-
-_info = command("info", "print versions, compiled kernels, threads and backend")(_info)
-_demo.configure = lambda p: p.add_argument("--batch", type=int, default=4)
-_demo = command("demo", "run a fused coupling round trip against the reference")(_demo)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -40,8 +40,10 @@ def test_native_matches_reference(shape, dtype, scale_fn, masked):
     x, raw, t = _inputs(shape, dtype, seed=hash((shape, scale_fn)) % 1000)
     mask = (torch.rand(shape[1:]) > 0.5) if masked else None
     kw = dict(scale_fn=scale_fn, clamp=1.7, mask=mask)
-    for fwd, ref in [(C.affine_coupling, C.reference_affine_coupling),
-                     (C.affine_coupling_inverse, C.reference_affine_coupling_inverse)]:
+    for fwd, ref in [
+        (C.affine_coupling, C.reference_affine_coupling),
+        (C.affine_coupling_inverse, C.reference_affine_coupling_inverse),
+    ]:
         y, ld = fwd(x, raw, t, **kw)
         y_ref, ld_ref = ref(x, raw, t, **kw)
         assert y.dtype == dtype and y.shape == x.shape
@@ -82,8 +84,9 @@ def test_fast_fp32_math_is_accurate_over_a_wide_range():
         else:
             r = raw
         y, ld = C.affine_coupling(x, r, t, scale_fn=scale_fn, clamp=3.0)
-        y_ref, _ = C.reference_affine_coupling(x.double(), r.double(), t.double(),
-                                               scale_fn=scale_fn, clamp=3.0)
+        y_ref, _ = C.reference_affine_coupling(
+            x.double(), r.double(), t.double(), scale_fn=scale_fn, clamp=3.0
+        )
         torch.testing.assert_close(y.double(), y_ref, rtol=5e-7, atol=1e-37)  # a few ulp
 
 
@@ -104,11 +107,12 @@ def test_gradcheck_native_fp64(scale_fn, masked):
     kw = dict(scale_fn=scale_fn, clamp=1.3, mask=mask)
     assert torch.autograd.gradcheck(lambda a, b, c: C.affine_coupling(a, b, c, **kw), (x, raw, t))
     assert torch.autograd.gradcheck(
-        lambda a, b, c: C.affine_coupling_inverse(a, b, c, **kw), (x, raw, t))
+        lambda a, b, c: C.affine_coupling_inverse(a, b, c, **kw), (x, raw, t)
+    )
+    assert torch.autograd.gradcheck(lambda a, c: C.additive_coupling(a, c, mask=mask)[0], (x, t))
     assert torch.autograd.gradcheck(
-        lambda a, c: C.additive_coupling(a, c, mask=mask)[0], (x, t))
-    assert torch.autograd.gradcheck(
-        lambda a, c: C.additive_coupling_inverse(a, c, mask=mask)[0], (x, t))
+        lambda a, c: C.additive_coupling_inverse(a, c, mask=mask)[0], (x, t)
+    )
 
 
 @pytest.mark.parametrize("scale_fn", SCALES)
@@ -152,8 +156,7 @@ def test_logdet_matches_autograd_jacobian():
 
     v = torch.randn(2 * d, dtype=torch.float64)
     jac = torch.autograd.functional.jacobian(f, v)
-    _, ld = C.affine_coupling(v[d:][None], (Ws @ v[:d])[None], (Wt @ v[:d])[None],
-                              scale_fn="glow")
+    _, ld = C.affine_coupling(v[d:][None], (Ws @ v[:d])[None], (Wt @ v[:d])[None], scale_fn="glow")
     torch.testing.assert_close(ld[0], torch.linalg.slogdet(jac)[1])
 
 
@@ -165,13 +168,14 @@ def test_opcheck_every_op():
         for args in [(x, raw, t, m, 0, 2.0), (x, raw, t, m, 1, 2.0), (x, raw, t, m, 2, 2.0)]:
             torch.library.opcheck(torch.ops.fastflow.affine_coupling_fwd.default, args)
             torch.library.opcheck(torch.ops.fastflow.affine_coupling_inv.default, args)
-        torch.library.opcheck(torch.ops.fastflow.affine_coupling_bwd.default,
-                              (x, raw, m, t, gl, 0, 2.0))
-        torch.library.opcheck(torch.ops.fastflow.affine_coupling_inv_bwd.default,
-                              (x, raw, m, t, gl, 1, 2.0))
+        torch.library.opcheck(
+            torch.ops.fastflow.affine_coupling_bwd.default, (x, raw, m, t, gl, 0, 2.0)
+        )
+        torch.library.opcheck(
+            torch.ops.fastflow.affine_coupling_inv_bwd.default, (x, raw, m, t, gl, 1, 2.0)
+        )
         for inverse in (False, True):
-            torch.library.opcheck(torch.ops.fastflow.additive_coupling.default,
-                                  (x, t, m, inverse))
+            torch.library.opcheck(torch.ops.fastflow.additive_coupling.default, (x, t, m, inverse))
 
 
 def test_torch_compile_fullgraph():
@@ -271,8 +275,10 @@ def test_cuda_matches_reference(dtype, shape):
     x, raw, t = _inputs(shape, dtype, device="cuda")
     mask = torch.rand(shape[1:], device="cuda") > 0.5
     for scale_fn in SCALES:
-        for fwd, ref in [(C.affine_coupling, C.reference_affine_coupling),
-                         (C.affine_coupling_inverse, C.reference_affine_coupling_inverse)]:
+        for fwd, ref in [
+            (C.affine_coupling, C.reference_affine_coupling),
+            (C.affine_coupling_inverse, C.reference_affine_coupling_inverse),
+        ]:
             for m in (None, mask):
                 y, ld = fwd(x, raw, t, scale_fn=scale_fn, mask=m)
                 y_ref, ld_ref = ref(x, raw, t, scale_fn=scale_fn, mask=m)
@@ -284,8 +290,7 @@ def test_cuda_matches_reference(dtype, shape):
 def test_cuda_gradcheck_and_side_stream():
     x, raw, t = (v.requires_grad_() for v in _inputs((3, 2, 3), torch.float64, device="cuda"))
     assert torch.autograd.gradcheck(lambda a, b, c: C.affine_coupling(a, b, c), (x, raw, t))
-    assert torch.autograd.gradcheck(lambda a, b, c: C.affine_coupling_inverse(a, b, c),
-                                    (x, raw, t))
+    assert torch.autograd.gradcheck(lambda a, b, c: C.affine_coupling_inverse(a, b, c), (x, raw, t))
     xs, rs, ts = _inputs((256, 8, 32, 32), torch.float32, device="cuda")
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
@@ -300,8 +305,9 @@ def test_cuda_gradcheck_and_side_stream():
 @pytest.mark.cuda
 def test_cuda_compile_reduce_overhead():
     x, raw, t = _inputs((8, 4, 8, 8), torch.float32, device="cuda")
-    f = torch.compile(lambda a, b, c: C.affine_coupling(a, b, c), mode="reduce-overhead",
-                      fullgraph=True)
+    f = torch.compile(
+        lambda a, b, c: C.affine_coupling(a, b, c), mode="reduce-overhead", fullgraph=True
+    )
     for _ in range(3):
         y, ld = f(x, raw, t)
     y_ref, ld_ref = C.reference_affine_coupling(x, raw, t)

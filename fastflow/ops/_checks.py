@@ -14,7 +14,9 @@ def check_float_tensor(name: str, t: object, min_dim: int = 1) -> torch.Tensor:
     if t.dtype not in FLOAT_DTYPES:
         raise TypeError(f"{name} must be float32, float64, bfloat16 or float16, got {t.dtype}")
     if t.dim() < min_dim:
-        raise ValueError(f"{name} must have at least {min_dim} dims ([N, ...]), got shape {tuple(t.shape)}")
+        raise ValueError(
+            f"{name} must have at least {min_dim} dims ([N, ...]), got shape {tuple(t.shape)}"
+        )
     return t
 
 

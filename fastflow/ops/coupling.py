@@ -161,8 +161,22 @@ def _affine_fwd(
     y = torch.empty_like(x)
     logdet = torch.empty(n, dtype=B.acc_dtype(x.dtype), device=x.device)
     code = B.DTYPE_CODES[x.dtype]
-    _run("coupling_forward", x, code, mode, clamp, n, m, B.ptr(x), B.ptr(raw), B.ptr(shift),
-         B.ptr(mask), B.ptr(y), B.ptr(logdet), *_workspace(x, n, m))
+    _run(
+        "coupling_forward",
+        x,
+        code,
+        mode,
+        clamp,
+        n,
+        m,
+        B.ptr(x),
+        B.ptr(raw),
+        B.ptr(shift),
+        B.ptr(mask),
+        B.ptr(y),
+        B.ptr(logdet),
+        *_workspace(x, n, m),
+    )
     return y, logdet
 
 
@@ -174,36 +188,89 @@ def _affine_inv(
     x = torch.empty_like(y)
     logdet = torch.empty(n, dtype=B.acc_dtype(y.dtype), device=y.device)
     code = B.DTYPE_CODES[y.dtype]
-    _run("coupling_inverse", y, code, mode, clamp, n, m, B.ptr(y), B.ptr(raw), B.ptr(shift),
-         B.ptr(mask), B.ptr(x), B.ptr(logdet), *_workspace(y, n, m))
+    _run(
+        "coupling_inverse",
+        y,
+        code,
+        mode,
+        clamp,
+        n,
+        m,
+        B.ptr(y),
+        B.ptr(raw),
+        B.ptr(shift),
+        B.ptr(mask),
+        B.ptr(x),
+        B.ptr(logdet),
+        *_workspace(y, n, m),
+    )
     return x, logdet
 
 
 @torch.library.custom_op("fastflow::affine_coupling_bwd", mutates_args=())
 def _affine_bwd(
-    x: Tensor, raw: Tensor, mask: Tensor | None, grad_y: Tensor, grad_logdet: Tensor, mode: int,
+    x: Tensor,
+    raw: Tensor,
+    mask: Tensor | None,
+    grad_y: Tensor,
+    grad_logdet: Tensor,
+    mode: int,
     clamp: float,
 ) -> tuple[Tensor, Tensor]:
     n, m = _sizes(x)
     gx = torch.empty_like(x)
     graw = torch.empty_like(x)
-    _run("coupling_backward", x, B.DTYPE_CODES[x.dtype], mode, clamp, n, m, B.ptr(x), B.ptr(raw),
-         B.ptr(mask), B.ptr(grad_y), B.ptr(grad_logdet), B.ptr(gx), B.ptr(graw), 0)
+    _run(
+        "coupling_backward",
+        x,
+        B.DTYPE_CODES[x.dtype],
+        mode,
+        clamp,
+        n,
+        m,
+        B.ptr(x),
+        B.ptr(raw),
+        B.ptr(mask),
+        B.ptr(grad_y),
+        B.ptr(grad_logdet),
+        B.ptr(gx),
+        B.ptr(graw),
+        0,
+    )
     return gx, graw
 
 
 @torch.library.custom_op("fastflow::affine_coupling_inv_bwd", mutates_args=())
 def _affine_inv_bwd(
-    x: Tensor, raw: Tensor, mask: Tensor | None, grad_x: Tensor, grad_logdet: Tensor, mode: int,
+    x: Tensor,
+    raw: Tensor,
+    mask: Tensor | None,
+    grad_x: Tensor,
+    grad_logdet: Tensor,
+    mode: int,
     clamp: float,
 ) -> tuple[Tensor, Tensor, Tensor]:
     n, m = _sizes(x)
     gy = torch.empty_like(x)
     graw = torch.empty_like(x)
     gshift = torch.empty_like(x)
-    _run("coupling_inverse_backward", x, B.DTYPE_CODES[x.dtype], mode, clamp, n, m, B.ptr(x),
-         B.ptr(raw), B.ptr(mask), B.ptr(grad_x), B.ptr(grad_logdet), B.ptr(gy), B.ptr(graw),
-         B.ptr(gshift))
+    _run(
+        "coupling_inverse_backward",
+        x,
+        B.DTYPE_CODES[x.dtype],
+        mode,
+        clamp,
+        n,
+        m,
+        B.ptr(x),
+        B.ptr(raw),
+        B.ptr(mask),
+        B.ptr(grad_x),
+        B.ptr(grad_logdet),
+        B.ptr(gy),
+        B.ptr(graw),
+        B.ptr(gshift),
+    )
     return gy, graw, gshift
 
 
@@ -214,8 +281,22 @@ def _additive(x: Tensor, shift: Tensor, mask: Tensor | None, inverse: bool) -> T
     # the kernel writes a (zero) log-det; additive couplings have a unit Jacobian
     logdet = torch.empty(n, dtype=B.acc_dtype(x.dtype), device=x.device)
     name = "coupling_inverse" if inverse else "coupling_forward"
-    _run(name, x, B.DTYPE_CODES[x.dtype], _ADDITIVE, 1.0, n, m, B.ptr(x), 0, B.ptr(shift),
-         B.ptr(mask), B.ptr(y), B.ptr(logdet), *_workspace(x, n, m))
+    _run(
+        name,
+        x,
+        B.DTYPE_CODES[x.dtype],
+        _ADDITIVE,
+        1.0,
+        n,
+        m,
+        B.ptr(x),
+        0,
+        B.ptr(shift),
+        B.ptr(mask),
+        B.ptr(y),
+        B.ptr(logdet),
+        *_workspace(x, n, m),
+    )
     return y
 
 
@@ -254,8 +335,9 @@ def _setup_fwd(ctx, inputs, output):
 
 def _backward_fwd(ctx, grad_y, grad_logdet):
     x, raw, mask = ctx.saved_tensors
-    gx, graw = _affine_bwd(x, raw, mask, grad_y.contiguous(), grad_logdet.contiguous(), ctx.mode,
-                           ctx.clamp)
+    gx, graw = _affine_bwd(
+        x, raw, mask, grad_y.contiguous(), grad_logdet.contiguous(), ctx.mode, ctx.clamp
+    )
     return gx, graw, _masked(grad_y, mask), None, None, None
 
 
@@ -267,8 +349,9 @@ def _setup_inv(ctx, inputs, output):
 
 def _backward_inv(ctx, grad_x, grad_logdet):
     x, raw, mask = ctx.saved_tensors
-    gy, graw, gshift = _affine_inv_bwd(x, raw, mask, grad_x.contiguous(),
-                                       grad_logdet.contiguous(), ctx.mode, ctx.clamp)
+    gy, graw, gshift = _affine_inv_bwd(
+        x, raw, mask, grad_x.contiguous(), grad_logdet.contiguous(), ctx.mode, ctx.clamp
+    )
     return gy, graw, gshift, None, None, None
 
 
