@@ -1,0 +1,481 @@
+// CPU invertible 1x1 convolution kernels: LU assembly (once per step) and the per-pixel affine
+// map with its parameter gradients. OpenMP over the batch; inner loops run over contiguous pixels.
+#include <algorithm>
+#include <string>
+#include <type_traits>
+
+#include "invconv.h"
+
+#if defined(_OPENMP)
+#include <omp.h>
+#endif
+
+#define FF_INLINE inline __attribute__((always_inline))
+
+namespace ff {
+namespace {
+
+template <typename T>
+using acc_t = typename Acc<T>::type;
+
+template <typename P>
+P* ptr(std::uintptr_t p) {
+  return reinterpret_cast<P*>(p);
+}
+
+// Small problems are not worth waking the thread pool for.
+constexpr int64_t kParallelGrain = 1 << 15;
+// Output channels computed together: each load of x feeds kRows multiply-adds.
+constexpr int kRows = 4;
+// Pixels per tile: kRows accumulator rows of kTile values stay in L1.
+constexpr int64_t kTile = 64;
+
+// ---------------------------------------------------------------------------------------------
+// Forward, image layout [N, C, P]: rows co0 .. co0+R-1 of y[n] = W x[n] + b.
+// y[co, p] = b[co] + sum_ci W[co, ci] x[ci, p]: the ci loop is outside, the pixel loop inside, so
+// the inner loop is a contiguous, vectorizable axpy into R accumulator rows.
+template <typename T, int R>
+FF_INLINE void affine_rows(const T* x, const T* w, const T* b, T* y, int64_t c, int64_t p,
+                           int64_t co0, int64_t np) {
+  // np <= p pixels starting at x, y (row stride p)
+  using A = acc_t<T>;
+  for (int64_t p0 = 0; p0 < np; p0 += kTile) {
+    const int64_t len = std::min(kTile, np - p0);
+    A acc[R][kTile];
+    for (int r = 0; r < R; ++r) {
+      const A bias = b ? A(load(b[co0 + r])) : A(0);
+      for (int64_t v = 0; v < kTile; ++v) acc[r][v] = bias;
+    }
+    for (int64_t ci = 0; ci < c; ++ci) {
+      const T* xr = x + ci * p + p0;
+      A wk[R];
+      for (int r = 0; r < R; ++r) wk[r] = load(w[(co0 + r) * c + ci]);
+#pragma omp simd
+      for (int64_t v = 0; v < len; ++v) {
+        const A xv = load(xr[v]);
+        for (int r = 0; r < R; ++r) acc[r][v] += wk[r] * xv;
+      }
+    }
+    for (int r = 0; r < R; ++r) {
+      T* yr = y + (co0 + r) * p + p0;
+#pragma omp simd
+      for (int64_t v = 0; v < len; ++v) yr[v] = store<T>(acc[r][v]);
+    }
+  }
+}
+
+// Register-blocked version for fp32/fp64 (GCC vector extensions): R output rows by K vectors of
+// VB bytes of pixels stay in registers for the whole ci loop; each x vector loaded feeds R
+// multiply-adds. Rows [co0, co0 + R) must exist; pixels past the last full tile go to affine_rows.
+template <typename T, int VB, int R, int K>
+FF_INLINE void affine_block_vec(const T* x, const T* w, const T* b, T* y, int64_t c, int64_t p,
+                                int64_t co0) {
+  typedef T V __attribute__((vector_size(VB)));
+  constexpr int64_t L = VB / sizeof(T);
+  constexpr int64_t TP = L * K;
+  int64_t p0 = 0;
+  for (; p0 + TP <= p; p0 += TP) {
+    V acc[R][K];
+#pragma GCC unroll 16
+    for (int r = 0; r < R; ++r) {
+      const T bias = b ? b[co0 + r] : T(0);
+#pragma GCC unroll 16
+      for (int k = 0; k < K; ++k) acc[r][k] = V{} + bias;
+    }
+    for (int64_t ci = 0; ci < c; ++ci) {
+      const T* xr = x + ci * p + p0;
+      V xv[K];
+#pragma GCC unroll 16
+      for (int k = 0; k < K; ++k) memcpy(&xv[k], xr + k * L, VB);
+#pragma GCC unroll 16
+      for (int r = 0; r < R; ++r) {
+        const T wr = w[(co0 + r) * c + ci];
+#pragma GCC unroll 16
+        for (int k = 0; k < K; ++k) acc[r][k] += wr * xv[k];
+      }
+    }
+#pragma GCC unroll 16
+    for (int r = 0; r < R; ++r) {
+      T* yr = y + (co0 + r) * p + p0;
+#pragma GCC unroll 16
+      for (int k = 0; k < K; ++k) memcpy(yr + k * L, &acc[r][k], VB);
+    }
+  }
+  if (p0 < p) affine_rows<T, R>(x + p0, w, b, y + p0, c, p, co0, p - p0);
+}
+
+template <typename T, int VB, int R, int K>
+FF_INLINE void affine_item_vec(const T* x, const T* w, const T* b, T* y, int64_t c, int64_t p,
+                               int64_t co0) {
+  // items are kRows * 2 = 8 rows wide; R divides 8
+  const int64_t end = std::min<int64_t>(c, co0 + 2 * kRows);
+  int64_t co = co0;
+  for (; co + R <= end; co += R) affine_block_vec<T, VB, R, K>(x, w, b, y, c, p, co);
+  for (; co < end; ++co) affine_rows<T, 1>(x, w, b, y, c, p, co, p);
+}
+
+template <typename T>
+FF_INLINE void affine_item_generic(const T* x, const T* w, const T* b, T* y, int64_t c, int64_t p,
+                                   int64_t co0) {
+  switch (std::min<int64_t>(kRows, c - co0)) {
+    case 4:
+      affine_rows<T, 4>(x, w, b, y, c, p, co0, p);
+      break;
+    case 3:
+      affine_rows<T, 3>(x, w, b, y, c, p, co0, p);
+      break;
+    case 2:
+      affine_rows<T, 2>(x, w, b, y, c, p, co0, p);
+      break;
+    default:
+      affine_rows<T, 1>(x, w, b, y, c, p, co0, p);
+  }
+}
+
+// Items are 2 * kRows output rows of one sample. VB = 0: portable loops (any dtype); otherwise
+// register-blocked R rows x K vectors of VB bytes (fp32/fp64 only).
+template <typename T, int VB, int R, int K>
+FF_INLINE void affine_item_body(const T* x, const T* w, const T* b, T* y, int64_t c, int64_t p,
+                                int64_t co0) {
+  if constexpr (VB > 0 && (std::is_same_v<T, float> || std::is_same_v<T, double>)) {
+    affine_item_vec<T, VB, R, K>(x, w, b, y, c, p, co0);
+  } else {
+    for (int64_t co = co0; co < std::min<int64_t>(c, co0 + 2 * kRows); co += kRows)
+      affine_item_generic<T>(x, w, b, y, c, p, co);
+  }
+}
+
+// Backward for W and b, image layout: acc_w[co, ci] += sum_p g[co, p] x[ci, p] for one sample,
+// two output rows by four input rows at a time (six loads feed eight multiply-adds).
+template <typename T>
+FF_INLINE void grad_params_body(const T* x, const T* g, int64_t c, int64_t p,
+                                acc_t<T>* acc_w, acc_t<T>* acc_b) {
+  using A = acc_t<T>;
+  int64_t co = 0;
+  for (; co + 2 <= c; co += 2) {
+    const T* g0 = g + co * p;
+    const T* g1 = g0 + p;
+    A sb0 = 0, sb1 = 0;
+#pragma omp simd reduction(+ : sb0, sb1)
+    for (int64_t v = 0; v < p; ++v) {
+      sb0 += load(g0[v]);
+      sb1 += load(g1[v]);
+    }
+    acc_b[co] += sb0;
+    acc_b[co + 1] += sb1;
+    int64_t ci = 0;
+    for (; ci + 4 <= c; ci += 4) {
+      const T* x0 = x + ci * p;
+      const T* x1 = x0 + p;
+      const T* x2 = x1 + p;
+      const T* x3 = x2 + p;
+      A s00 = 0, s01 = 0, s02 = 0, s03 = 0, s10 = 0, s11 = 0, s12 = 0, s13 = 0;
+#pragma omp simd reduction(+ : s00, s01, s02, s03, s10, s11, s12, s13)
+      for (int64_t v = 0; v < p; ++v) {
+        const A a0 = load(g0[v]), a1 = load(g1[v]);
+        const A b0 = load(x0[v]), b1 = load(x1[v]), b2 = load(x2[v]), b3 = load(x3[v]);
+        s00 += a0 * b0;
+        s01 += a0 * b1;
+        s02 += a0 * b2;
+        s03 += a0 * b3;
+        s10 += a1 * b0;
+        s11 += a1 * b1;
+        s12 += a1 * b2;
+        s13 += a1 * b3;
+      }
+      A* r0 = acc_w + co * c + ci;
+      A* r1 = r0 + c;
+      r0[0] += s00;
+      r0[1] += s01;
+      r0[2] += s02;
+      r0[3] += s03;
+      r1[0] += s10;
+      r1[1] += s11;
+      r1[2] += s12;
+      r1[3] += s13;
+    }
+    for (; ci < c; ++ci) {
+      const T* x0 = x + ci * p;
+      A s0 = 0, s1 = 0;
+#pragma omp simd reduction(+ : s0, s1)
+      for (int64_t v = 0; v < p; ++v) {
+        const A b0 = load(x0[v]);
+        s0 += load(g0[v]) * b0;
+        s1 += load(g1[v]) * b0;
+      }
+      acc_w[co * c + ci] += s0;
+      acc_w[(co + 1) * c + ci] += s1;
+    }
+  }
+  for (; co < c; ++co) {
+    const T* g0 = g + co * p;
+    A sb = 0;
+#pragma omp simd reduction(+ : sb)
+    for (int64_t v = 0; v < p; ++v) sb += load(g0[v]);
+    acc_b[co] += sb;
+    for (int64_t ci = 0; ci < c; ++ci) {
+      const T* x0 = x + ci * p;
+      A s = 0;
+#pragma omp simd reduction(+ : s)
+      for (int64_t v = 0; v < p; ++v) s += load(g0[v]) * load(x0[v]);
+      acc_w[co * c + ci] += s;
+    }
+  }
+}
+
+// Row layout [N, C] (P = 1): y[n, co] = b[co] + sum_ci W[co, ci] x[n, ci], a dot product over
+// contiguous channels; and the outer-product update of the W gradient for one row.
+template <typename T>
+FF_INLINE void affine_row_body(const T* x, const T* w, const T* b, T* y, int64_t c) {
+  using A = acc_t<T>;
+  for (int64_t co = 0; co < c; ++co) {
+    const T* wr = w + co * c;
+    A s = b ? A(load(b[co])) : A(0);
+#pragma omp simd reduction(+ : s)
+    for (int64_t ci = 0; ci < c; ++ci) s += A(load(wr[ci])) * A(load(x[ci]));
+    y[co] = store<T>(s);
+  }
+}
+
+template <typename T>
+FF_INLINE void grad_params_row_body(const T* x, const T* g, int64_t c, acc_t<T>* acc_w,
+                                    acc_t<T>* acc_b) {
+  using A = acc_t<T>;
+  for (int64_t co = 0; co < c; ++co) {
+    const A gv = load(g[co]);
+    acc_b[co] += gv;
+    A* r = acc_w + co * c;
+#pragma omp simd
+    for (int64_t ci = 0; ci < c; ++ci) r[ci] += gv * A(load(x[ci]));
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The same bodies compiled for AVX-512, AVX2+FMA and the baseline ISA; the widest one the CPU
+// supports is picked at run time (the build uses no -march flag, so portable wheels stay
+// portable). Always-inline bodies take the ISA of the function they are inlined into.
+#define FF_ISA_VARIANTS(NAME, BODY, PARAMS, ARGS)                                        \
+  template <typename T>                                                                \
+  void NAME##_base PARAMS {                                                            \
+    BODY<T> ARGS;                                                                      \
+  }                                                                                    \
+  template <typename T>                                                                \
+  __attribute__((target("avx2,fma"))) void NAME##_avx2 PARAMS {                       \
+    BODY<T> ARGS;                                                                      \
+  }                                                                                    \
+  template <typename T>                                                                \
+  __attribute__((target("avx512f,avx512bw,avx512vl,avx2,fma"))) void NAME##_avx512 PARAMS { \
+    BODY<T> ARGS;                                                                      \
+  }
+
+template <typename T>
+void affine_item_base(const T* x, const T* w, const T* b, T* y, int64_t c, int64_t p, int64_t co0) {
+  affine_item_body<T, 0, 1, 1>(x, w, b, y, c, p, co0);
+}
+template <typename T>
+__attribute__((target("avx2,fma"))) void affine_item_avx2(const T* x, const T* w, const T* b, T* y,
+                                                          int64_t c, int64_t p, int64_t co0) {
+  affine_item_body<T, 32, 4, 2>(x, w, b, y, c, p, co0);  // 8 of 16 ymm registers accumulate
+}
+template <typename T>
+__attribute__((target("avx512f,avx512bw,avx512vl,avx2,fma"))) void affine_item_avx512(
+    const T* x, const T* w, const T* b, T* y, int64_t c, int64_t p, int64_t co0) {
+  affine_item_body<T, 64, 8, 2>(x, w, b, y, c, p, co0);  // 16 of 32 zmm registers accumulate
+}
+FF_ISA_VARIANTS(grad_params, grad_params_body,
+                (const T* x, const T* g, int64_t c, int64_t p, acc_t<T>* aw, acc_t<T>* ab),
+                (x, g, c, p, aw, ab))
+FF_ISA_VARIANTS(affine_row, affine_row_body,
+                (const T* x, const T* w, const T* b, T* y, int64_t c), (x, w, b, y, c))
+FF_ISA_VARIANTS(grad_params_row, grad_params_row_body,
+                (const T* x, const T* g, int64_t c, acc_t<T>* aw, acc_t<T>* ab),
+                (x, g, c, aw, ab))
+
+enum Isa { kBase = 0, kAvx2 = 1, kAvx512 = 2 };
+
+Isa detect_isa() {
+  static const Isa isa = [] {
+#if defined(__x86_64__) && defined(__GNUC__)
+    __builtin_cpu_init();
+    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+        __builtin_cpu_supports("avx512vl"))
+      return kAvx512;
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return kAvx2;
+#endif
+    return kBase;
+  }();
+  return isa;
+}
+
+#define FF_PICK(NAME, T) \
+  (detect_isa() == kAvx512 ? &NAME##_avx512<T> : detect_isa() == kAvx2 ? &NAME##_avx2<T> : &NAME##_base<T>)
+
+template <typename T>
+void channel_affine_kernel(int64_t n, int64_t c, int64_t p, const T* x, const T* w, const T* b,
+                           T* y, int nthreads) {
+  const bool par = n * c * p * c > kParallelGrain;
+  if (p == 1) {
+    auto fn = FF_PICK(affine_row, T);
+#pragma omp parallel for num_threads(nthreads) schedule(static) if (par)
+    for (int64_t i = 0; i < n; ++i) fn(x + i * c, w, b, y + i * c, c);
+    return;
+  }
+  auto fn = FF_PICK(affine_item, T);
+  const int64_t nb = (c + 2 * kRows - 1) / (2 * kRows);
+#pragma omp parallel for num_threads(nthreads) schedule(static) if (par)
+  for (int64_t item = 0; item < n * nb; ++item) {
+    const int64_t i = item / nb;
+    const int64_t co0 = (item % nb) * 2 * kRows;
+    fn(x + i * c * p, w, b, y + i * c * p, c, p, co0);
+  }
+}
+
+template <typename T>
+void grad_params_kernel(int64_t n, int64_t c, int64_t p, const T* x, const T* g, T* gw, T* gb,
+                        acc_t<T>* ws, int nthreads) {
+  using A = acc_t<T>;
+  const int64_t stride = c * c + c;  // one [C*C] W accumulator then one [C] b accumulator
+  const bool par = n * c * p * c > kParallelGrain;
+  const int nt = par ? nthreads : 1;
+  std::fill(ws, ws + stride * nthreads, A(0));
+  auto fn_img = FF_PICK(grad_params, T);
+  auto fn_row = FF_PICK(grad_params_row, T);
+#pragma omp parallel num_threads(nt) if (par)
+  {
+#if defined(_OPENMP)
+    const int tid = omp_get_thread_num();
+#else
+    const int tid = 0;
+#endif
+    A* aw = ws + tid * stride;
+    A* ab = aw + c * c;
+#pragma omp for schedule(static)
+    for (int64_t i = 0; i < n; ++i) {
+      if (p == 1)
+        fn_row(x + i * c, g + i * c, c, aw, ab);
+      else
+        fn_img(x + i * c * p, g + i * c * p, c, p, aw, ab);
+    }
+  }
+  // Fixed-order sum over the per-thread accumulators: deterministic for a given thread count.
+  for (int64_t k = 0; k < stride; ++k) {
+    A s = ws[k];
+    for (int t = 1; t < nt; ++t) s += ws[t * stride + k];
+    if (k < c * c) {
+      if (gw) gw[k] = store<T>(s);
+    } else if (gb) {
+      gb[k - c * c] = store<T>(s);
+    }
+  }
+}
+
+template <typename T>
+void lu_weight_kernel(int64_t c, const T* pm, const T* l, const T* u, const T* log_s,
+                      const T* sign_s, T* w, T* w_inv, acc_t<T>* logdet, acc_t<T>* ws) {
+  using A = acc_t<T>;
+  A* prod = ws;              // L U~, later U~^-1 L^-1
+  A* linv = ws + c * c;      // L^-1
+  A* uinv = ws + 2 * c * c;  // U~^-1
+  for (int64_t i = 0; i < c; ++i)
+    for (int64_t j = 0; j < c; ++j) prod[i * c + j] = lu_product<T, A>(l, u, log_s, sign_s, c, i, j);
+  // W = P (L U~); P is a permutation matrix but is applied as a matrix (O(C^3) once per step).
+  for (int64_t i = 0; i < c; ++i)
+    for (int64_t j = 0; j < c; ++j) {
+      A s = 0;
+      for (int64_t k = 0; k < c; ++k) s += A(load(pm[i * c + k])) * prod[k * c + j];
+      w[i * c + j] = store<T>(s);
+    }
+  for (int64_t j = 0; j < c; ++j) {
+    lower_inverse_column<T, A>(l, c, j, linv);
+    upper_inverse_column<T, A>(u, log_s, sign_s, c, j, uinv);
+  }
+  // U~^-1 L^-1 (upper times unit lower: k runs from max(i, j) to c - 1)
+  for (int64_t i = 0; i < c; ++i)
+    for (int64_t j = 0; j < c; ++j) {
+      A s = 0;
+      for (int64_t k = std::max(i, j); k < c; ++k) s += uinv[i * c + k] * linv[k * c + j];
+      prod[i * c + j] = s;
+    }
+  // W^-1 = U~^-1 L^-1 P^T
+  for (int64_t i = 0; i < c; ++i)
+    for (int64_t j = 0; j < c; ++j) {
+      A s = 0;
+      for (int64_t k = 0; k < c; ++k) s += prod[i * c + k] * A(load(pm[j * c + k]));
+      w_inv[i * c + j] = store<T>(s);
+    }
+  A ld = 0;
+  for (int64_t i = 0; i < c; ++i) ld += A(load(log_s[i]));
+  *logdet = ld;
+}
+
+int64_t acc_size(int dtype) { return dtype == kFloat64 ? 8 : 4; }
+
+}  // namespace
+
+int64_t lu_weight_workspace_bytes(int dtype, int64_t c) {
+  check(c >= 0, "lu_weight_workspace_bytes: negative size");
+  return 3 * c * c * acc_size(dtype);
+}
+
+int64_t channel_affine_grad_workspace_bytes_cpu(int dtype, int64_t c, int nthreads) {
+  check(c >= 0 && nthreads >= 1, "channel_affine_grad_workspace_bytes_cpu: bad sizes");
+  return int64_t(nthreads) * (c * c + c) * acc_size(dtype);
+}
+
+void lu_weight_cpu(int dtype, int64_t c, std::uintptr_t p, std::uintptr_t l, std::uintptr_t u,
+                   std::uintptr_t log_s, std::uintptr_t sign_s, std::uintptr_t w,
+                   std::uintptr_t w_inv, std::uintptr_t logdet, std::uintptr_t workspace) {
+  const char* name = "lu_weight_cpu";
+  check(c >= 1, std::string(name) + ": need at least one channel");
+  check_ptr(p, c * c, "P");
+  check_ptr(l, c * c, "L");
+  check_ptr(u, c * c, "U");
+  check_ptr(w, c * c, "W");
+  check_ptr(w_inv, c * c, "W_inv");
+  check_ptr(log_s, c, "log_s");
+  check_ptr(sign_s, c, "sign_s");
+  check_ptr(logdet, 1, "logdet");
+  check_ptr(workspace, 3 * c * c, "workspace");
+  FF_DISPATCH_FLOAT(dtype, name, [&] {
+    using A = acc_t<scalar_t>;
+    lu_weight_kernel<scalar_t>(c, ptr<const scalar_t>(p), ptr<const scalar_t>(l),
+                               ptr<const scalar_t>(u), ptr<const scalar_t>(log_s),
+                               ptr<const scalar_t>(sign_s), ptr<scalar_t>(w),
+                               ptr<scalar_t>(w_inv), ptr<A>(logdet), ptr<A>(workspace));
+  });
+}
+
+void channel_affine_cpu(int dtype, int64_t n, int64_t c, int64_t p, std::uintptr_t x,
+                        std::uintptr_t w, std::uintptr_t b, std::uintptr_t y, int nthreads) {
+  const char* name = "channel_affine_cpu";
+  check(n >= 0 && c >= 1 && p >= 1, std::string(name) + ": bad sizes");
+  check(nthreads >= 1, std::string(name) + ": nthreads must be >= 1");
+  check_ptr(x, n * c * p, "x");
+  check_ptr(y, n * c * p, "y");
+  check_ptr(w, c * c, "W");
+  FF_DISPATCH_FLOAT(dtype, name, [&] {
+    channel_affine_kernel<scalar_t>(n, c, p, ptr<const scalar_t>(x), ptr<const scalar_t>(w),
+                                    ptr<const scalar_t>(b), ptr<scalar_t>(y), nthreads);
+  });
+}
+
+void channel_affine_grad_params_cpu(int dtype, int64_t n, int64_t c, int64_t p, std::uintptr_t x,
+                                    std::uintptr_t grad_y, std::uintptr_t grad_w,
+                                    std::uintptr_t grad_b, std::uintptr_t workspace,
+                                    int64_t workspace_bytes, int nthreads) {
+  const char* name = "channel_affine_grad_params_cpu";
+  check(n >= 0 && c >= 1 && p >= 1, std::string(name) + ": bad sizes");
+  check(nthreads >= 1, std::string(name) + ": nthreads must be >= 1");
+  check_ptr(x, n * c * p, "x");
+  check_ptr(grad_y, n * c * p, "grad_y");
+  check(workspace != 0 &&
+            workspace_bytes >= channel_affine_grad_workspace_bytes_cpu(dtype, c, nthreads),
+        std::string(name) + ": workspace too small");
+  FF_DISPATCH_FLOAT(dtype, name, [&] {
+    grad_params_kernel<scalar_t>(n, c, p, ptr<const scalar_t>(x), ptr<const scalar_t>(grad_y),
+                                 ptr<scalar_t>(grad_w), ptr<scalar_t>(grad_b),
+                                 ptr<acc_t<scalar_t>>(workspace), nthreads);
+  });
+}
+
+}  // namespace ff

@@ -1,0 +1,436 @@
+"""Invertible 1x1 convolution ops (Glow): LU weight assembly and the per-pixel affine map.
+
+* :func:`lu_weight` assembles ``W = P L (U + diag(sign_s * exp(log_s)))``, its inverse (two
+  triangular inversions) and ``logdet_per_pixel = sum(log_s)`` in one call per step: O(C^3)
+  once, never per pixel, and no ``slogdet`` or general matrix inverse.
+* :func:`channel_affine` applies ``y[n, :, h, w] = W x[n, :, h, w] + b`` to NCHW images (or
+  ``[N, C]`` rows, or any ``[N, C, *spatial]``) reading ``x`` once and writing ``y`` once; its
+  backward gives the gradients for ``x``, ``W`` and ``b``.
+* :func:`plain_weight` is the non-LU parameterization: ``slogdet`` for the log-det and
+  ``torch.linalg.inv`` for the inverse (the reference, and an option for ``InvConv1x1(lu=False)``).
+
+The 1x1 convolution's log-det for an image is ``H * W * logdet_per_pixel``.
+
+Folding ActNorm into the convolution (what :class:`fastflow.nn.GlowStep` does): with ActNorm
+``a(x) = exp(log_scale) * x + bias`` per channel, i.e. ``diag(e) x + t`` with ``e = exp(log_scale)``,
+the pair ``W a(x) + b`` is ``(W diag(e)) x + (W t + b)``: one :func:`channel_affine` call with
+``W' = W * e[None, :]`` (scale column ``j`` of ``W`` by ``e_j``) and ``b' = W t + b``. Its inverse
+is ``x = diag(1/e) W^-1 (y - b')`` = ``(diag(1/e) W^-1) y - (t / e)`` when ``b = 0`` (since
+``W^-1 b' = t``): again one call, with ``W'^-1 = W^-1 / e[:, None]`` (scale row ``i`` by
+``1/e_i``) and bias ``-t * exp(-log_scale)``. Only C x C matrices are touched to build them.
+
+Reference: Kingma & Dhariwal, "Glow: Generative Flow with Invertible 1x1 Convolutions", 2018.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from fastflow import _backend as B
+from fastflow.ops._checks import check_float_tensor
+
+__all__ = [
+    "channel_affine",
+    "lu_weight",
+    "plain_weight",
+    "reference_channel_affine",
+    "reference_lu_weight",
+]
+
+
+# ----------------------------------------------------------------------------------------------
+# Reference implementation: the specification. Computes in the accumulation dtype (fp32 for
+# 16-bit inputs, fp64 for fp64) and rounds once on output, as the kernels do.
+
+
+def _lu_factors(L: Tensor, U: Tensor, log_s: Tensor, sign_s: Tensor) -> tuple[Tensor, Tensor]:
+    eye = torch.eye(L.shape[0], dtype=L.dtype, device=L.device)
+    lower = torch.tril(L, -1) + eye
+    upper = torch.triu(U, 1) + torch.diag(sign_s * torch.exp(log_s))
+    return lower, upper
+
+
+def reference_lu_weight(
+    P: Tensor, L: Tensor, U: Tensor, log_s: Tensor, sign_s: Tensor
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Pure-PyTorch :func:`lu_weight` (the specification; differentiable by autograd)."""
+    acc = B.acc_dtype(L.dtype)
+    Pa, La, Ua, la, sa = (t.to(acc) for t in (P, L, U, log_s, sign_s))
+    lower, upper = _lu_factors(La, Ua, la, sa)
+    W = Pa @ lower @ upper
+    eye = torch.eye(L.shape[0], dtype=acc, device=L.device)
+    lower_inv = torch.linalg.solve_triangular(lower, eye, upper=False, unitriangular=True)
+    upper_inv = torch.linalg.solve_triangular(upper, eye, upper=True)
+    W_inv = upper_inv @ lower_inv @ Pa.T
+    return W.to(L.dtype), W_inv.to(L.dtype), la.sum()
+
+
+def reference_channel_affine(x: Tensor, W: Tensor, b: Tensor | None = None) -> Tensor:
+    """Pure-PyTorch :func:`channel_affine` (the specification)."""
+    acc = B.acc_dtype(x.dtype)
+    xa = x.to(acc).reshape(x.shape[0], x.shape[1], -1)
+    y = torch.matmul(W.to(acc), xa)
+    if b is not None:
+        y = y + b.to(acc)[:, None]
+    return y.reshape(x.shape).to(x.dtype)
+
+
+def plain_weight(W: Tensor, inverse: bool = True) -> tuple[Tensor, Tensor | None, Tensor]:
+    """The non-LU 1x1 convolution: ``(W, W^-1, log|det W|)`` by ``torch.linalg``.
+
+    This is what pure-PyTorch Glow implementations compute on every call (``slogdet`` for the
+    log-det, ``inverse`` for sampling); :func:`lu_weight` avoids both. Computed in fp32 for
+    16-bit weights (``torch.linalg`` has no 16-bit kernels), differentiable by autograd.
+
+    Args:
+        W: ``[C, C]`` weight.
+        inverse: compute ``W_inv`` (else it is returned as None: the forward pass needs only the
+            log-det).
+
+    Returns:
+        ``(W, W_inv, logdet_per_pixel)`` with ``logdet_per_pixel`` a scalar (fp32, fp64 for fp64).
+
+    Raises:
+        ValueError: ``W`` not square, not finite, or singular (checked for CPU tensors outside
+            ``torch.compile``; on CUDA the check would cost a device sync and is skipped).
+
+    Example:
+        >>> W = torch.linalg.qr(torch.randn(4, 4))[0]
+        >>> W, W_inv, ld = plain_weight(W)
+        >>> torch.allclose(W @ W_inv, torch.eye(4), atol=1e-5) and abs(float(ld)) < 1e-5
+        True
+
+    Reference: Kingma & Dhariwal, "Glow", 2018 (section 3.2).
+    """
+    check_float_tensor("W", W, min_dim=2)
+    _check_square("W", W)
+    acc = B.acc_dtype(W.dtype)
+    Wa = W.to(acc)
+    sign, logabsdet = torch.linalg.slogdet(Wa)
+    if _eager_cpu(W):
+        if not bool(torch.isfinite(W).all()):
+            raise ValueError("W has non-finite entries")
+        if float(sign.detach()) == 0.0 or not math.isfinite(float(logabsdet.detach())):
+            raise ValueError(
+                "W is singular (log|det W| is -inf); the 1x1 convolution is not invertible"
+            )
+    W_inv = torch.linalg.inv(Wa).to(W.dtype) if inverse else None
+    return W, W_inv, logabsdet
+
+
+# ----------------------------------------------------------------------------------------------
+# Native ops. Inputs reaching these are validated and contiguous.
+
+
+def _run(name: str, t: Tensor, *args) -> None:
+    """Call ``_C.<name>_cpu(..., nthreads)`` or ``_C.<name>_cuda(..., stream)`` for ``t``."""
+    if t.device.type == "cuda":
+        getattr(B._C, name + "_cuda")(*args, B.stream_of(t))
+    else:
+        getattr(B._C, name + "_cpu")(*args, B.num_threads())
+
+
+def _sizes(x: Tensor) -> tuple[int, int, int]:
+    n, c = x.shape[0], x.shape[1]
+    p = x.numel() // (n * c) if n * c else 0
+    return n, c, p
+
+
+@torch.library.custom_op("fastflow::lu_weight", mutates_args=())
+def _lu_weight(
+    P: Tensor, L: Tensor, U: Tensor, log_s: Tensor, sign_s: Tensor
+) -> tuple[Tensor, Tensor, Tensor]:
+    c = L.shape[0]
+    W = torch.empty_like(L)
+    W_inv = torch.empty_like(L)
+    logdet = torch.empty((), dtype=B.acc_dtype(L.dtype), device=L.device)
+    nbytes = B._C.lu_weight_workspace_bytes(B.DTYPE_CODES[L.dtype], c)
+    ws = torch.empty(max(nbytes, 1), dtype=torch.uint8, device=L.device)
+    args = (
+        B.DTYPE_CODES[L.dtype],
+        c,
+        B.ptr(P),
+        B.ptr(L),
+        B.ptr(U),
+        B.ptr(log_s),
+        B.ptr(sign_s),
+        B.ptr(W),
+        B.ptr(W_inv),
+        B.ptr(logdet),
+        B.ptr(ws),
+    )
+    if L.device.type == "cuda":
+        B._C.lu_weight_cuda(*args, B.stream_of(L))
+    else:
+        B._C.lu_weight_cpu(*args)
+    return W, W_inv, logdet
+
+
+@_lu_weight.register_fake
+def _(P, L, U, log_s, sign_s):
+    return (torch.empty_like(L), torch.empty_like(L), L.new_empty((), dtype=B.acc_dtype(L.dtype)))
+
+
+def _setup_lu(ctx, inputs, output):
+    P, L, U, log_s, sign_s = inputs
+    ctx.save_for_backward(P, L, U, log_s, sign_s, output[1])
+
+
+def _backward_lu(ctx, grad_w, grad_w_inv, grad_logdet):
+    # O(C^3) once per step, in torch: W = P A, A = L~ U~. The W^-1 output contributes through
+    # d(W^-1) = -W^-1 dW W^-1, i.e. grad_W -= W^-T grad_W_inv W^-T.
+    P, L, U, log_s, sign_s, W_inv = ctx.saved_tensors
+    acc = B.acc_dtype(L.dtype)
+    Pa, La, Ua, la, sa, Wi = (t.to(acc) for t in (P, L, U, log_s, sign_s, W_inv))
+    lower, upper = _lu_factors(La, Ua, la, sa)
+    g = torch.zeros_like(La) if grad_w is None else grad_w.to(acc)
+    if grad_w_inv is not None:
+        g = g - Wi.T @ grad_w_inv.to(acc) @ Wi.T
+    g_a = Pa.T @ g
+    g_lower = g_a @ upper.T
+    g_upper = lower.T @ g_a
+    g_log_s = torch.diagonal(g_upper) * sa * torch.exp(la)
+    if grad_logdet is not None:
+        g_log_s = g_log_s + grad_logdet.to(acc)
+    dt = L.dtype
+    return (
+        None,
+        torch.tril(g_lower, -1).to(dt),
+        torch.triu(g_upper, 1).to(dt),
+        g_log_s.to(dt),
+        None,
+    )
+
+
+_lu_weight.register_autograd(_backward_lu, setup_context=_setup_lu)
+
+
+@torch.library.custom_op("fastflow::channel_affine", mutates_args=())
+def _channel_affine(x: Tensor, W: Tensor, b: Tensor | None) -> Tensor:
+    n, c, p = _sizes(x)
+    y = torch.empty_like(x)
+    _run(
+        "channel_affine", x, B.DTYPE_CODES[x.dtype], n, c, p, B.ptr(x), B.ptr(W), B.ptr(b), B.ptr(y)
+    )
+    return y
+
+
+@_channel_affine.register_fake
+def _(x, W, b):
+    return torch.empty_like(x)
+
+
+@torch.library.custom_op("fastflow::channel_affine_grad_params", mutates_args=())
+def _channel_affine_grad_params(x: Tensor, grad_y: Tensor) -> tuple[Tensor, Tensor]:
+    n, c, p = _sizes(x)
+    gw = x.new_empty((c, c))
+    gb = x.new_empty((c,))
+    code = B.DTYPE_CODES[x.dtype]
+    if x.device.type == "cuda":
+        nbytes = B._C.channel_affine_grad_workspace_bytes_cuda(code, n, c, p)
+    else:
+        nbytes = B._C.channel_affine_grad_workspace_bytes_cpu(code, c, B.num_threads())
+    ws = torch.empty(max(nbytes, 1), dtype=torch.uint8, device=x.device)
+    _run(
+        "channel_affine_grad_params",
+        x,
+        code,
+        n,
+        c,
+        p,
+        B.ptr(x),
+        B.ptr(grad_y),
+        B.ptr(gw),
+        B.ptr(gb),
+        B.ptr(ws),
+        nbytes,
+    )
+    return gw, gb
+
+
+@_channel_affine_grad_params.register_fake
+def _(x, grad_y):
+    c = x.shape[1]
+    return x.new_empty((c, c)), x.new_empty((c,))
+
+
+def _setup_affine(ctx, inputs, output):
+    x, W, b = inputs
+    ctx.save_for_backward(x, W)
+    ctx.has_bias = b is not None
+
+
+def _backward_affine(ctx, grad_y):
+    # y = W x + b per pixel: grad_x = W^T grad_y (the same kernel with W^T, no bias),
+    # grad_W = sum_{n,p} grad_y x^T and grad_b = sum_{n,p} grad_y (one reduction pass).
+    x, W = ctx.saved_tensors
+    grad_y = grad_y.contiguous()
+    need_x, need_w, need_b = ctx.needs_input_grad
+    gx = gw = gb = None
+    if need_x:
+        gx = _channel_affine(grad_y, W.t().contiguous(), None)
+    if need_w or (need_b and ctx.has_bias):
+        gw, gb = _channel_affine_grad_params(x, grad_y)
+    return gx, (gw if need_w else None), (gb if ctx.has_bias and need_b else None)
+
+
+_channel_affine.register_autograd(_backward_affine, setup_context=_setup_affine)
+
+
+# ----------------------------------------------------------------------------------------------
+# Public functions: validate, then run native or reference.
+
+
+def _eager_cpu(t: Tensor) -> bool:
+    """Data-dependent checks run for CPU tensors outside torch.compile (no device sync)."""
+    return t.device.type == "cpu" and not torch.compiler.is_compiling()
+
+
+def _check_square(name: str, W: Tensor) -> None:
+    if W.dim() != 2 or W.shape[0] != W.shape[1]:
+        raise ValueError(f"{name} must be a square [C, C] matrix, got shape {tuple(W.shape)}")
+
+
+def _check_param(name: str, t: object, ref: Tensor, shape: tuple[int, ...]) -> Tensor:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.device != ref.device:
+        raise ValueError(f"{name} is on {t.device} but L is on {ref.device}")
+    if t.dtype != ref.dtype:
+        raise TypeError(f"{name} has dtype {t.dtype} but L has dtype {ref.dtype}")
+    if tuple(t.shape) != shape:
+        raise ValueError(f"{name} must have shape {shape}, got {tuple(t.shape)}")
+    return t.contiguous()
+
+
+def _log_range(dtype: torch.dtype) -> float:
+    # exp(log_s) must be finite and nonzero (normal) in the accumulation dtype
+    acc = B.acc_dtype(dtype)
+    return math.log(torch.finfo(acc).max) - 1.0
+
+
+def lu_weight(
+    P: Tensor, L: Tensor, U: Tensor, log_s: Tensor, sign_s: Tensor
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Assemble the LU-parameterized 1x1 convolution weight, its inverse and its log-det.
+
+    ``W = P L (U + diag(sign_s * exp(log_s)))`` with ``L`` read only below its diagonal (unit
+    diagonal implied) and ``U`` only above it; ``W_inv`` by two triangular inversions;
+    ``logdet_per_pixel = sum(log_s)``. One O(C^3) call per step instead of ``slogdet`` and
+    ``inverse``. Differentiable with respect to ``L``, ``U`` and ``log_s`` (gradients outside
+    the strict triangles are zero) and through both ``W`` and ``W_inv``; ``P`` and ``sign_s``
+    are constants.
+
+    Args:
+        P: ``[C, C]`` permutation matrix.
+        L: ``[C, C]``, strictly lower part used.
+        U: ``[C, C]``, strictly upper part used.
+        log_s: ``[C]`` log of the absolute diagonal of the upper factor.
+        sign_s: ``[C]`` its signs (+1 or -1).
+
+    Returns:
+        ``(W, W_inv, logdet_per_pixel)``: ``[C, C]`` matrices like ``L`` and a scalar (fp32, or
+        fp64 for fp64 parameters). An image's log-det is ``H * W * logdet_per_pixel``.
+
+    Raises:
+        ValueError/TypeError: shape, dtype or device mismatches; for CPU tensors outside
+            ``torch.compile`` also non-finite parameters, ``P`` not a permutation matrix,
+            ``sign_s`` not +-1 and ``exp(log_s)`` out of range (a singular ``W``).
+
+    Example:
+        >>> C = 4
+        >>> P, L, U = torch.eye(C), torch.randn(C, C), torch.randn(C, C)
+        >>> log_s, sign_s = torch.randn(C) * 0.1, torch.ones(C)
+        >>> W, W_inv, ld = lu_weight(P, L, U, log_s, sign_s)
+        >>> torch.allclose(W @ W_inv, torch.eye(C), atol=1e-4)
+        True
+        >>> torch.allclose(ld, torch.linalg.slogdet(W)[1], atol=1e-4)
+        True
+
+    Reference: Kingma & Dhariwal, "Glow", 2018 (section 3.2, LU decomposition).
+    """
+    check_float_tensor("L", L, min_dim=2)
+    _check_square("L", L)
+    c = L.shape[0]
+    if c == 0:
+        raise ValueError("L must have at least one channel")
+    P = _check_param("P", P, L, (c, c))
+    U = _check_param("U", U, L, (c, c))
+    log_s = _check_param("log_s", log_s, L, (c,))
+    sign_s = _check_param("sign_s", sign_s, L, (c,))
+    L = L.contiguous()
+    if _eager_cpu(L):
+        for name, t in (("L", L), ("U", U), ("log_s", log_s)):
+            if not bool(torch.isfinite(t).all()):
+                raise ValueError(f"{name} has non-finite entries")
+        if not bool((log_s.abs() < _log_range(L.dtype)).all()):
+            raise ValueError(
+                "exp(log_s) overflows or underflows: W would be singular or infinite "
+                f"(|log_s| must be < {_log_range(L.dtype):.1f})"
+            )
+        if not bool((sign_s.abs() == 1).all()):
+            raise ValueError("sign_s must contain only +1 and -1")
+        Pd = P.detach()
+        if not (
+            bool(((Pd == 0) | (Pd == 1)).all())
+            and bool((Pd.sum(0) == 1).all())
+            and bool((Pd.sum(1) == 1).all())
+        ):
+            raise ValueError("P must be a permutation matrix (one 1 in every row and column)")
+    if B.use_native(L):
+        return _lu_weight(P, L, U, log_s, sign_s)
+    return reference_lu_weight(P, L, U, log_s, sign_s)
+
+
+def channel_affine(x: Tensor, W: Tensor, b: Tensor | None = None) -> Tensor:
+    """Per-pixel channel mixing ``y[n, :, ...] = W x[n, :, ...] + b`` (a 1x1 convolution).
+
+    One read of ``x`` and one write of ``y``; the backward gives gradients for ``x``, ``W`` and
+    ``b`` (the latter two by one reduction pass, no atomics). Combined with :func:`lu_weight`
+    it is Glow's invertible 1x1 convolution, and ActNorm folds into ``W`` and ``b`` (see the
+    module docstring for the algebra) so ActNorm + 1x1 convolution is a single pass.
+
+    Args:
+        x: ``[N, C]`` rows or ``[N, C, *spatial]`` (e.g. NCHW images).
+        W: ``[C, C]`` matrix, same dtype and device as ``x``.
+        b: optional ``[C]`` bias.
+
+    Returns:
+        ``y`` like ``x``. Sums accumulate in fp32 for 16-bit inputs.
+
+    Example:
+        >>> x, W, b = torch.randn(2, 3, 4, 4), torch.randn(3, 3), torch.randn(3)
+        >>> y = channel_affine(x, W, b)
+        >>> ref = torch.nn.functional.conv2d(x, W[:, :, None, None], b)
+        >>> torch.allclose(y, ref, atol=1e-5)
+        True
+
+    Reference: Kingma & Dhariwal, "Glow", 2018.
+    """
+    check_float_tensor("x", x, min_dim=2)
+    if not isinstance(W, torch.Tensor):
+        raise TypeError(f"W must be a torch.Tensor, got {type(W).__name__}")
+    if W.device != x.device:
+        raise ValueError(f"W is on {W.device} but x is on {x.device}")
+    if W.dtype != x.dtype:
+        raise TypeError(f"W has dtype {W.dtype} but x has dtype {x.dtype}")
+    _check_square("W", W)
+    c = x.shape[1]
+    if W.shape[0] != c:
+        raise ValueError(f"W is [{W.shape[0]}, {W.shape[1]}] but x has {c} channels (x.shape[1])")
+    if b is not None:
+        if not isinstance(b, torch.Tensor):
+            raise TypeError(f"b must be a torch.Tensor or None, got {type(b).__name__}")
+        if b.device != x.device:
+            raise ValueError(f"b is on {b.device} but x is on {x.device}")
+        if b.dtype != x.dtype:
+            raise TypeError(f"b has dtype {b.dtype} but x has dtype {x.dtype}")
+        if tuple(b.shape) != (c,):
+            raise ValueError(f"b must have shape ({c},), got {tuple(b.shape)}")
+        b = b.contiguous()
+    if x.numel() == 0 or not B.use_native(x):
+        return reference_channel_affine(x, W, b)
+    return _channel_affine(x.contiguous(), W.contiguous(), b)
