@@ -128,7 +128,8 @@ FF_HOST_DEVICE float ff_exp(float x) {
   // exp(x) = 2^n * exp(r), r = x - n ln2 in [-ln2/2, ln2/2]
   float xc = x > 88.3762626647949f ? 88.3762626647949f : x;
   xc = xc < -87.3365478515625f ? -87.3365478515625f : xc;
-  float n = floorf(xc * 1.44269504088896341f + 0.5f);
+  // round to nearest with the 1.5 * 2^23 trick: branch-free where floorf is a libm call
+  float n = (xc * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
   float r = xc - n * 0.693359375f;
   r = r - n * -2.12194440e-4f;
   float p = 1.9875691500E-4f;

@@ -20,13 +20,12 @@ void coupling_inverse_cpu(int dtype, int mode, double clamp, int64_t n, int64_t 
                           std::uintptr_t y, std::uintptr_t raw, std::uintptr_t shift,
                           std::uintptr_t mask, std::uintptr_t x, std::uintptr_t logdet,
                           int nthreads);
-// Backward of forward: from x, raw, grad_y, grad_logdet -> grad_x, grad_raw, and grad_shift
-// (grad_shift may be 0 when the caller uses grad_y itself, i.e. without a mask).
+// Backward of forward: from x, raw, grad_y, grad_logdet -> grad_x, grad_raw. (grad_shift is
+// grad_y itself, times the mask if there is one: the caller forms it without a kernel.)
 void coupling_backward_cpu(int dtype, int mode, double clamp, int64_t n, int64_t m,
                            std::uintptr_t x, std::uintptr_t raw, std::uintptr_t mask,
                            std::uintptr_t grad_y, std::uintptr_t grad_logdet,
-                           std::uintptr_t grad_x, std::uintptr_t grad_raw,
-                           std::uintptr_t grad_shift, int nthreads);
+                           std::uintptr_t grad_x, std::uintptr_t grad_raw, int nthreads);
 // Backward of inverse: from the inverse's output x, raw, grad_x, grad_logdet -> grad_y,
 // grad_raw, grad_shift.
 void coupling_inverse_backward_cpu(int dtype, int mode, double clamp, int64_t n, int64_t m,
@@ -51,7 +50,7 @@ void coupling_backward_cuda(int dtype, int mode, double clamp, int64_t n, int64_
                             std::uintptr_t x, std::uintptr_t raw, std::uintptr_t mask,
                             std::uintptr_t grad_y, std::uintptr_t grad_logdet,
                             std::uintptr_t grad_x, std::uintptr_t grad_raw,
-                            std::uintptr_t grad_shift, std::uintptr_t stream);
+                            std::uintptr_t stream);
 void coupling_inverse_backward_cuda(int dtype, int mode, double clamp, int64_t n, int64_t m,
                                     std::uintptr_t x, std::uintptr_t raw, std::uintptr_t mask,
                                     std::uintptr_t grad_x, std::uintptr_t grad_logdet,

@@ -5,6 +5,7 @@
 #include <cuda_runtime.h>
 
 #include <string>
+#include <type_traits>
 
 #include "coupling.h"
 
@@ -83,19 +84,18 @@ __global__ void __launch_bounds__(kThreads)
     backward_kernel(int64_t total, int64_t m, const T* __restrict__ x, const T* __restrict__ raw,
                     const uint8_t* __restrict__ mask, const T* __restrict__ gy,
                     const acc_t<T>* __restrict__ gl, T* __restrict__ gx, T* __restrict__ graw,
-                    T* __restrict__ gshift, acc_t<T> c) {
+                    acc_t<T> c) {
   using A = acc_t<T>;
   const A inv_c = A(1) / c;
   for (int64_t k = int64_t(blockIdx.x) * kThreads + threadIdx.x; k < total;
        k += int64_t(gridDim.x) * kThreads) {
     const int64_t b = k / m, i = k - b * m;
     const bool mk = Masked ? mask[i] != 0 : true;
-    const A g = load(gy[k]);
     A a_gx, a_graw;
-    coupling_backward_elem<Mode, A>(load(x[k]), load(raw[k]), g, gl[b], mk, c, inv_c, a_gx, a_graw);
+    coupling_backward_elem<Mode, A>(load(x[k]), load(raw[k]), load(gy[k]), gl[b], mk, c, inv_c,
+                                    a_gx, a_graw);
     gx[k] = store<T>(a_gx);
     graw[k] = store<T>(a_graw);
-    if (gshift != nullptr) gshift[k] = store<T>(mk ? g : A(0));
   }
 }
 
@@ -196,7 +196,7 @@ void coupling_backward_cuda(int dtype, int mode, double clamp, int64_t n, int64_
                             std::uintptr_t x, std::uintptr_t raw, std::uintptr_t mask,
                             std::uintptr_t grad_y, std::uintptr_t grad_logdet,
                             std::uintptr_t grad_x, std::uintptr_t grad_raw,
-                            std::uintptr_t grad_shift, std::uintptr_t stream) {
+                            std::uintptr_t stream) {
   const char* name = "coupling_backward_cuda";
   check(n >= 0 && m >= 0, std::string(name) + ": negative size");
   check(mode != kAdditive, std::string(name) + ": the additive coupling has no native backward");
@@ -218,8 +218,7 @@ void coupling_backward_cuda(int dtype, int mode, double clamp, int64_t n, int64_
             <<<elementwise_blocks(total), kThreads, 0, s>>>(
                 total, m, ptr<const scalar_t>(x), ptr<const scalar_t>(raw),
                 ptr<const uint8_t>(mask), ptr<const scalar_t>(grad_y), ptr<const A>(grad_logdet),
-                ptr<scalar_t>(grad_x), ptr<scalar_t>(grad_raw), ptr<scalar_t>(grad_shift),
-                A(clamp));
+                ptr<scalar_t>(grad_x), ptr<scalar_t>(grad_raw), A(clamp));
       };
       if (mask)
         launch(std::true_type{});

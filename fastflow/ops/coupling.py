@@ -235,7 +235,6 @@ def _affine_bwd(
         B.ptr(grad_logdet),
         B.ptr(gx),
         B.ptr(graw),
-        0,
     )
     return gx, graw
 

@@ -1,0 +1,161 @@
+"""Benchmark the fused affine coupling op against the pure-PyTorch reference.
+
+Compares, in one run: the native kernel (``fastflow.ops.coupling.affine_coupling``), the
+reference in eager mode, and ``torch.compile`` of the reference, for forward, inverse and
+forward+backward, plus peak memory of forward+backward. Cases: a coupling layer on an image
+batch of N=64, C=32, 32x32 (the transformed half and the conditioner's scale and shift are
+[64, 16, 32, 32]) and on vectors N=4096, D=64 ([4096, 32] halves). fp32.
+
+    python bench/coupling.py [--reps 20] [--scale-fn softclamp]
+
+Writes bench/results/coupling.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _common import peak_memory_mb, table, timeit, write_results  # noqa: E402
+
+import fastflow  # noqa: E402
+from fastflow.ops import coupling as C  # noqa: E402
+
+CASES = {"image": (64, 16, 32, 32), "vector": (4096, 32)}
+
+
+def make_variants(scale_fn: str):
+    def native(x, raw, t):
+        return C.affine_coupling(x, raw, t, scale_fn=scale_fn)
+
+    def native_inv(y, raw, t):
+        return C.affine_coupling_inverse(y, raw, t, scale_fn=scale_fn)
+
+    def eager(x, raw, t):
+        return C.reference_affine_coupling(x, raw, t, scale_fn=scale_fn)
+
+    def eager_inv(y, raw, t):
+        return C.reference_affine_coupling_inverse(y, raw, t, scale_fn=scale_fn)
+
+    return {
+        "native": (native, native_inv),
+        "reference": (eager, eager_inv),
+        "compiled_reference": (torch.compile(eager), torch.compile(eager_inv)),
+    }
+
+
+def measure(case: str, shape, variants, reps: int) -> list[dict]:
+    torch.manual_seed(0)
+    x, raw, t = (torch.randn(shape) for _ in range(3))
+    gy, gl = torch.randn(shape), torch.randn(shape[0])
+    leaves = [v.clone().requires_grad_() for v in (x, raw, t)]
+    rows = []
+    for name, (fwd, inv) in variants.items():
+
+        def forward(fwd=fwd):
+            with torch.no_grad():
+                return fwd(x, raw, t)
+
+        def inverse(inv=inv):
+            with torch.no_grad():
+                return inv(x, raw, t)
+
+        def fwd_bwd(fwd=fwd):
+            for v in leaves:
+                v.grad = None
+            y, ld = fwd(*leaves)
+            torch.autograd.backward((y, ld), (gy, gl))
+
+        row = {"case": case, "variant": name}
+        row["forward_ms"] = 1e3 * timeit(forward, warmup=3, reps=reps)
+        row["inverse_ms"] = 1e3 * timeit(inverse, warmup=3, reps=reps)
+        row["fwd_bwd_ms"] = 1e3 * timeit(fwd_bwd, warmup=3, reps=reps)
+        row["fwd_bwd_peak_mb"] = peak_memory_mb(fwd_bwd)
+        rows.append(row)
+        print(
+            f"  {case:6s} {name:18s} fwd {row['forward_ms']:7.2f} ms  inv "
+            f"{row['inverse_ms']:7.2f} ms  fwd+bwd {row['fwd_bwd_ms']:7.2f} ms  peak "
+            f"{row['fwd_bwd_peak_mb']:6.1f} MiB",
+            flush=True,
+        )
+    return rows
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--reps", type=int, default=20)
+    p.add_argument("--scale-fn", default="softclamp", choices=sorted(C.SCALE_FNS))
+    args = p.parse_args(argv)
+    if not fastflow.native_available("cpu"):
+        raise SystemExit("fastflow._C is not built: the benchmark needs the native kernels")
+    variants = make_variants(args.scale_fn)
+    rows = []
+    for case, shape in CASES.items():
+        rows += measure(case, shape, variants, args.reps)
+    ratios = []
+    for case in CASES:
+        by = {r["variant"]: r for r in rows if r["case"] == case}
+        nat = by["native"]
+        for base in ("reference", "compiled_reference"):
+            b = by[base]
+            ratios.append(
+                {
+                    "case": case,
+                    "baseline": base,
+                    "forward_speedup": b["forward_ms"] / nat["forward_ms"],
+                    "inverse_speedup": b["inverse_ms"] / nat["inverse_ms"],
+                    "fwd_bwd_speedup": b["fwd_bwd_ms"] / nat["fwd_bwd_ms"],
+                    "peak_mem_ratio": nat["fwd_bwd_peak_mb"] / b["fwd_bwd_peak_mb"],
+                }
+            )
+    print()
+    print(
+        table(
+            rows, ["case", "variant", "forward_ms", "inverse_ms", "fwd_bwd_ms", "fwd_bwd_peak_mb"]
+        )
+    )
+    print()
+    print("speedup = baseline time / native time; peak_mem_ratio = native / baseline")
+    print(
+        table(
+            ratios,
+            [
+                "case",
+                "baseline",
+                "forward_speedup",
+                "inverse_speedup",
+                "fwd_bwd_speedup",
+                "peak_mem_ratio",
+            ],
+        )
+    )
+    targets = {
+        "fwd_bwd >= 3x eager reference": all(
+            r["fwd_bwd_speedup"] >= 3 for r in ratios if r["baseline"] == "reference"
+        ),
+        "fwd_bwd >= 1.5x compiled reference": all(
+            r["fwd_bwd_speedup"] >= 1.5 for r in ratios if r["baseline"] == "compiled_reference"
+        ),
+        "peak memory <= 0.5x eager reference": all(
+            r["peak_mem_ratio"] <= 0.5 for r in ratios if r["baseline"] == "reference"
+        ),
+    }
+    for k, v in targets.items():
+        print(f"target {k}: {'met' if v else 'NOT met'}")
+    result = {
+        "scale_fn": args.scale_fn,
+        "cases": {k: list(v) for k, v in CASES.items()},
+        "rows": rows,
+        "ratios": ratios,
+        "targets": targets,
+    }
+    print("wrote", write_results("coupling", result))
+    return result
+
+
+if __name__ == "__main__":
+    main()
