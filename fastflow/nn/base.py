@@ -129,10 +129,16 @@ class Compose(Transform):
                 from the end. Where missing, factored-out parts are sampled from their priors.
             temperature: scales the standard deviation of sampled factored-out parts.
         """
-        logdet = zero_logdet(z)
         pending = None if latents is None else list(latents)
+        return self._inverse(z, context, pending, temperature)
+
+    def _inverse(self, z, context, pending, temperature):
+        # ``pending`` is shared with nested compositions: each Split pops its latent from the end
+        logdet = zero_logdet(z)
         for t in reversed(self.transforms):
-            if _is_split(t) or isinstance(t, Compose):
+            if isinstance(t, Compose):
+                z, ld = t._inverse(z, context, pending, temperature)
+            elif _is_split(t):
                 z, ld = t.inverse(z, context, latents=pending, temperature=temperature)
             else:
                 z, ld = t.inverse(z, context)
