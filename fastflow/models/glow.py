@@ -3,95 +3,18 @@ coupling steps."""
 
 from __future__ import annotations
 
-import torch
-import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import nn
 
 from fastflow.distributions import DiagonalGaussian, StandardNormal
 from fastflow.flow import Flow
-from fastflow.nn.base import Compose, Transform
+from fastflow.nn.actnorm import ActNorm
+from fastflow.nn.base import Compose
 from fastflow.nn.coupling import AdditiveCoupling, AffineCoupling, conv_subnet
+from fastflow.nn.glow_step import GlowStep
+from fastflow.nn.invconv import InvConv1x1
 from fastflow.nn.shape import Split, Squeeze
 
 __all__ = ["Glow", "glow_step"]
-
-
-# ----------------------------------------------------------------------------------------------
-# Pure-torch ActNorm / 1x1 conv, used only while fastflow.nn.actnorm / fastflow.nn.invconv (the
-# fused kernels) are not available.
-
-
-class _ActNorm(Transform):
-    def __init__(self, channels: int):
-        super().__init__()
-        self.loc = nn.Parameter(torch.zeros(1, channels, 1, 1))
-        self.log_scale = nn.Parameter(torch.zeros(1, channels, 1, 1))
-        self.register_buffer("initialized", torch.tensor(False))
-
-    def _logdet(self, x: Tensor, sign: float) -> Tensor:
-        acc = torch.float64 if x.dtype == torch.float64 else torch.float32
-        ld = sign * x.shape[2] * x.shape[3] * self.log_scale.to(acc).sum()
-        return ld.expand(x.shape[0])
-
-    def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        if self.training and not bool(self.initialized):
-            with torch.no_grad():  # data-dependent init: unit variance, zero mean per channel
-                self.loc.copy_(-x.mean((0, 2, 3)).view_as(self.loc))
-                std = x.std((0, 2, 3)) if x.shape[0] * x.shape[2] * x.shape[3] > 1 else None
-                if std is not None:
-                    self.log_scale.copy_(-torch.log(std + 1e-6).view_as(self.log_scale))
-                self.initialized.fill_(True)
-        return (x + self.loc) * torch.exp(self.log_scale), self._logdet(x, 1.0)
-
-    def inverse(self, z: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        return z * torch.exp(-self.log_scale) - self.loc, self._logdet(z, -1.0)
-
-
-class _InvConv1x1(Transform):
-    def __init__(self, channels: int, lu: bool = True):
-        super().__init__()
-        w = torch.linalg.qr(torch.randn(channels, channels))[0]
-        self.lu = lu
-        if lu:
-            p, low, up = torch.linalg.lu(w)
-            s = torch.diagonal(up)
-            self.register_buffer("p", p)
-            self.register_buffer("sign_s", torch.sign(s))
-            self.lower = nn.Parameter(torch.tril(low, -1))
-            self.upper = nn.Parameter(torch.triu(up, 1))
-            self.log_s = nn.Parameter(torch.log(s.abs()))
-        else:
-            self.weight = nn.Parameter(w)
-
-    def _weight(self) -> tuple[Tensor, Tensor]:
-        if self.lu:
-            eye = torch.eye(self.p.shape[0], dtype=self.p.dtype, device=self.p.device)
-            low = torch.tril(self.lower, -1) + eye
-            up = torch.triu(self.upper, 1) + torch.diag(self.sign_s * torch.exp(self.log_s))
-            return self.p @ low @ up, self.log_s.sum()
-        return self.weight, torch.linalg.slogdet(self.weight)[1]
-
-    def _logdet(self, x: Tensor, ld: Tensor, sign: float) -> Tensor:
-        acc = torch.float64 if x.dtype == torch.float64 else torch.float32
-        return (sign * x.shape[2] * x.shape[3] * ld.to(acc)).expand(x.shape[0])
-
-    def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        w, ld = self._weight()
-        return F.conv2d(x, w[:, :, None, None]), self._logdet(x, ld, 1.0)
-
-    def inverse(self, z: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        w, ld = self._weight()
-        return F.conv2d(z, torch.linalg.inv(w)[:, :, None, None]), self._logdet(z, ld, -1.0)
-
-
-def _norm_and_mix(channels: int, lu: bool) -> list[nn.Module]:
-    """ActNorm and the 1x1 conv: the fused-kernel modules when they exist, else the fallback."""
-    try:
-        from fastflow.nn.actnorm import ActNorm
-        from fastflow.nn.invconv import InvConv1x1
-    except ImportError:
-        return [_ActNorm(channels), _InvConv1x1(channels, lu=lu)]
-    return [ActNorm(channels), InvConv1x1(channels, lu=lu)]
 
 
 def glow_step(
@@ -102,9 +25,14 @@ def glow_step(
     context_features: int | None = None,
     scale_fn: str = "glow",
     clamp: float = 2.0,
-) -> Compose:
-    """One step of Glow on ``(C, H, W)`` inputs: ActNorm -> invertible 1x1 conv -> coupling
-    (channel split, Glow's conv conditioner), as a :class:`~fastflow.nn.Compose`.
+) -> nn.Module:
+    """One step of Glow on ``(C, H, W)`` inputs: ActNorm -> invertible 1x1 conv -> coupling.
+
+    Unconditional steps are :class:`~fastflow.nn.glow_step.GlowStep` (ActNorm folded into the
+    1x1 convolution, one fused pass). With ``context_features`` the step is a
+    :class:`~fastflow.nn.Compose` of :class:`~fastflow.nn.ActNorm`,
+    :class:`~fastflow.nn.InvConv1x1` and a channel-split coupling whose conditioner also reads
+    the context (broadcast over pixels).
 
     Example:
         >>> step = glow_step((4, 8, 8), hidden=8)
@@ -114,7 +42,11 @@ def glow_step(
 
     Reference: Kingma & Dhariwal, "Glow: Generative Flow with Invertible 1x1 Convolutions", 2018.
     """
+    if coupling not in ("affine", "additive"):
+        raise ValueError(f"coupling must be 'affine' or 'additive', got {coupling!r}")
     c = shape[0]
+    if context_features is None:
+        return GlowStep(c, hidden, coupling=coupling, lu=lu, scale_fn=scale_fn, clamp=clamp)
     subnet = conv_subnet(hidden)
     if coupling == "affine":
         cp: nn.Module = AffineCoupling(
@@ -125,11 +57,9 @@ def glow_step(
             scale_fn=scale_fn,
             clamp=clamp,
         )
-    elif coupling == "additive":
-        cp = AdditiveCoupling(shape, "channel", subnet=subnet, context_features=context_features)
     else:
-        raise ValueError(f"coupling must be 'affine' or 'additive', got {coupling!r}")
-    return Compose([*_norm_and_mix(c, lu), cp])
+        cp = AdditiveCoupling(shape, "channel", subnet=subnet, context_features=context_features)
+    return Compose([ActNorm(c), InvConv1x1(c, lu=lu), cp])
 
 
 class Glow(Flow):
