@@ -7,6 +7,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from fastflow import _backend as B
+from fastflow.nn.base import Transform
 from fastflow.ops._checks import check_float_tensor
 
 __all__ = ["ActNorm"]
@@ -20,11 +21,12 @@ def _pixels(x: Tensor) -> int:
     return p
 
 
-class ActNorm(nn.Module):
+class ActNorm(Transform):
     """Per-channel affine map ``y = x * exp(log_scale) + bias`` (Glow's ActNorm).
 
-    With ``data_init=True`` the first :meth:`forward` call sets ``log_scale`` and ``bias`` so
-    that its output has zero mean and unit variance per channel on that batch (the statistics
+    With ``data_init=True`` the first :meth:`forward` call in training mode sets ``log_scale``
+    and ``bias`` so that its output has zero mean and unit variance per channel on that batch
+    (with a single value per channel only the mean is used; the statistics
     are all-reduced across ranks when ``torch.distributed`` is initialised, so every rank gets
     the same initialisation). The ``initialized`` flag is a buffer, so a ``state_dict`` round
     trip keeps an initialised layer initialised.
@@ -100,6 +102,8 @@ class ActNorm(nn.Module):
             dist.all_reduce(sq)
         std = (sq / count).sqrt()
         log_scale = -torch.log(std + self.eps)
+        if float(count) < 2:  # one value per channel: no variance to normalise
+            log_scale = torch.zeros_like(log_scale)
         self.log_scale.copy_(log_scale.to(self.log_scale.dtype))
         self.bias.copy_((-mean * torch.exp(log_scale)).to(self.bias.dtype))
         self.initialized.fill_(True)
@@ -108,7 +112,7 @@ class ActNorm(nn.Module):
     def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """``(x * exp(log_scale) + bias, logdet)`` with ``logdet`` of shape ``[N]``."""
         self._check("x", x)
-        if not self._initialized:
+        if not self._initialized and self.training:
             self.initialize(x)
         shape = (1, self.channels) + (1,) * (x.dim() - 2)
         ls = self.log_scale.to(x.dtype)

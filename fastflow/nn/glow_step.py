@@ -7,6 +7,7 @@ from torch import Tensor, nn
 
 from fastflow import _backend as B
 from fastflow.nn.actnorm import ActNorm
+from fastflow.nn.base import Transform
 from fastflow.nn.invconv import InvConv1x1
 from fastflow.ops._checks import check_finite_scalar, check_float_tensor
 from fastflow.ops.coupling import (
@@ -56,7 +57,7 @@ class GlowConditioner(nn.Module):
         return self.net(x)
 
 
-class GlowStep(nn.Module):
+class GlowStep(Transform):
     """One step of Glow: ActNorm, invertible 1x1 convolution, then a coupling layer.
 
     ActNorm and the 1x1 convolution are folded into a single per-pixel affine map
@@ -130,7 +131,7 @@ class GlowStep(nn.Module):
         return f"{self.channels}, coupling={self.coupling!r}, fused={self.fused}"
 
     def _check(self, name: str, x: Tensor, context: Tensor | None) -> None:
-        check_float_tensor(name, x, min_dim=4)
+        check_float_tensor(name, x, min_dim=1)
         if x.dim() != 4:
             raise ValueError(f"{name} must be an image [N, C, H, W], got shape {tuple(x.shape)}")
         if x.shape[1] != self.channels:
@@ -148,7 +149,7 @@ class GlowStep(nn.Module):
         self._check("x", x, context)
         acc = B.acc_dtype(x.dtype)
         if self.fused:
-            if not self.actnorm._initialized:
+            if not self.actnorm._initialized and self.actnorm.training:
                 self.actnorm.initialize(x)
             w, _, ld_pp = self.invconv.weight_and_inverse(x.dtype, inverse=False)
             ls = self.actnorm.log_scale.to(x.dtype)

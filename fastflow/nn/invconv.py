@@ -6,13 +6,14 @@ import torch
 from torch import Tensor, nn
 
 from fastflow import _backend as B
+from fastflow.nn.base import Transform
 from fastflow.ops._checks import check_float_tensor
 from fastflow.ops.invconv import channel_affine, lu_weight, plain_weight
 
 __all__ = ["InvConv1x1"]
 
 
-class InvConv1x1(nn.Module):
+class InvConv1x1(Transform):
     """Invertible 1x1 convolution ``y[n, :, h, w] = W x[n, :, h, w]`` (Glow).
 
     With ``lu=True`` (default) ``W = P L (U + diag(sign_s * exp(log_s)))``: ``P`` (a fixed

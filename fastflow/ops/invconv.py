@@ -12,8 +12,9 @@
 The 1x1 convolution's log-det for an image is ``H * W * logdet_per_pixel``.
 
 Folding ActNorm into the convolution (what :class:`fastflow.nn.GlowStep` does): with ActNorm
-``a(x) = exp(log_scale) * x + bias`` per channel, i.e. ``diag(e) x + t`` with ``e = exp(log_scale)``,
-the pair ``W a(x) + b`` is ``(W diag(e)) x + (W t + b)``: one :func:`channel_affine` call with
+``a(x) = exp(log_scale) * x + bias`` per channel, i.e. ``diag(e) x + t`` with
+``e = exp(log_scale)`` and ``t = bias``, the pair ``W a(x) + b`` is
+``(W diag(e)) x + (W t + b)``: one :func:`channel_affine` call with
 ``W' = W * e[None, :]`` (scale column ``j`` of ``W`` by ``e_j``) and ``b' = W t + b``. Its inverse
 is ``x = diag(1/e) W^-1 (y - b')`` = ``(diag(1/e) W^-1) y - (t / e)`` when ``b = 0`` (since
 ``W^-1 b' = t``): again one call, with ``W'^-1 = W^-1 / e[:, None]`` (scale row ``i`` by
@@ -71,7 +72,10 @@ def reference_lu_weight(
 def reference_channel_affine(x: Tensor, W: Tensor, b: Tensor | None = None) -> Tensor:
     """Pure-PyTorch :func:`channel_affine` (the specification)."""
     acc = B.acc_dtype(x.dtype)
-    xa = x.to(acc).reshape(x.shape[0], x.shape[1], -1)
+    pixels = 1
+    for s in x.shape[2:]:
+        pixels *= s
+    xa = x.to(acc).reshape(x.shape[0], x.shape[1], pixels)
     y = torch.matmul(W.to(acc), xa)
     if b is not None:
         y = y + b.to(acc)[:, None]
