@@ -35,6 +35,7 @@ def glow_step(
     the context (broadcast over pixels).
 
     Example:
+        >>> import torch
         >>> step = glow_step((4, 8, 8), hidden=8)
         >>> z, logdet = step(torch.randn(2, 4, 8, 8))
         >>> z.shape
@@ -85,6 +86,7 @@ class Glow(Flow):
             with ``steps``.
 
     Example:
+        >>> import torch
         >>> model = Glow((3, 8, 8), levels=2, steps=2, hidden=8)
         >>> x = torch.rand(4, 3, 8, 8)
         >>> model.log_prob(x).shape, model.sample(2, temperature=0.7).shape

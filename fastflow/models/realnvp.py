@@ -35,6 +35,7 @@ class RealNVP(Flow):
         invertible_recompute: see :class:`~fastflow.Flow`.
 
     Example:
+        >>> import torch
         >>> model = RealNVP((1, 8, 8), levels=2, hidden=8)
         >>> model.sample(2).shape
         torch.Size([2, 1, 8, 8])
