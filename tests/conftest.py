@@ -26,3 +26,15 @@ def fp64_default():
     torch.set_default_dtype(torch.float64)
     yield
     torch.set_default_dtype(old)
+
+
+def pytest_sessionstart(session):
+    # In CI the native module must load: a broken build must fail the run, not skip the tests.
+    import os
+
+    from fastflow import _backend
+
+    if os.environ.get("FASTFLOW_REQUIRE_NATIVE") == "1" and _backend._C is None:
+        raise pytest.UsageError(
+            f"FASTFLOW_REQUIRE_NATIVE=1 but fastflow._C failed to import: {_backend._IMPORT_ERROR}"
+        )
