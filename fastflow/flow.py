@@ -190,10 +190,9 @@ class Flow(nn.Module):
 
     @property
     def event_shape(self) -> tuple[int, ...]:
-        """Shape of one data point (inferred from one sample on first use if not given)."""
-        if self._event_shape is None:
-            raise AttributeError("event_shape is unknown; call .distribution() or pass event_shape")
-        return self._event_shape
+        """Shape of one data point (inferred from one sample on first use if not given; a
+        conditional flow needs :meth:`distribution` with a context for that)."""
+        return self._infer_event_shape(None)
 
     def _infer_event_shape(self, context: Tensor | None) -> tuple[int, ...]:
         if self._event_shape is None:

@@ -132,6 +132,7 @@ def test_distribution_view():
     assert r.requires_grad
     # event shape inferred for a flow built without one
     plain = Flow([Flatten((2, 2))], StandardNormal(4))
+    assert plain.event_shape == (2, 2)
     assert plain.distribution().event_shape == (2, 2)
 
 
