@@ -1,6 +1,6 @@
 // CPU coupling kernels: OpenMP over the batch, one vectorizable pass per sample. The loops live in
-// coupling_cpu_kernels.inc, compiled here for the baseline ISA and (x86-64 GCC) for AVX2+FMA,
-// chosen at run time. This file checks arguments and dispatches.
+// coupling_cpu_kernels.inc, compiled here for the baseline ISA and (x86-64 GCC) for AVX2+FMA and
+// AVX-512, chosen at run time. This file checks arguments and dispatches.
 #include <string>
 #include <type_traits>
 
@@ -19,21 +19,38 @@ namespace avx2 {
 #include "coupling_cpu_kernels.inc"
 }  // namespace avx2
 #pragma GCC pop_options
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512dq,avx512vl,avx512bw,avx2,fma,prefer-vector-width=512")
+namespace avx512 {
+#include "coupling_cpu_kernels.inc"
+}  // namespace avx512
+#pragma GCC pop_options
 #endif
 
 namespace {
 
-bool use_avx2() {
+// 2: AVX-512 (F, DQ, VL, BW), 1: AVX2 + FMA, 0: baseline.
+int isa_level() {
 #if defined(FF_HAVE_AVX2_CLONE)
-  static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  return ok;
+  static const int level = [] {
+    __builtin_cpu_init();
+    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq") &&
+        __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512bw"))
+      return 2;
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return 1;
+    return 0;
+  }();
+  return level;
 #else
-  return false;
+  return 0;
 #endif
 }
 
 #if defined(FF_HAVE_AVX2_CLONE)
-#define FF_ISA_CALL(FN, ...) (use_avx2() ? avx2::FN(__VA_ARGS__) : base::FN(__VA_ARGS__))
+#define FF_ISA_CALL(FN, ...)                                                  \
+  (isa_level() == 2   ? avx512::FN(__VA_ARGS__)                               \
+   : isa_level() == 1 ? avx2::FN(__VA_ARGS__)                                 \
+                      : base::FN(__VA_ARGS__))
 #else
 #define FF_ISA_CALL(FN, ...) base::FN(__VA_ARGS__)
 #endif

@@ -62,7 +62,7 @@ def _ref_scale(raw: Tensor, scale_fn: str, clamp: float) -> Tensor:
 
 
 def _ref_mask(mask: Tensor | None, like: Tensor) -> Tensor | None:
-    return None if mask is None else mask.to(like.dtype)
+    return None if mask is None else (mask != 0).to(like.dtype)
 
 
 def reference_affine_coupling(
@@ -393,7 +393,9 @@ def _prepare(x: Tensor, others: dict, mask: Tensor | None, xname: str):
                 f"mask of shape {tuple(mask.shape)} does not broadcast to {xname}.shape[1:] = "
                 f"{tuple(x.shape[1:])}"
             ) from None
-        mask = (mask != 0).to(torch.uint8).contiguous()
+        if mask.dtype != torch.uint8 or not mask.is_contiguous():
+            # kernels read one byte per element, nonzero = transformed; modules cache this form
+            mask = (mask != 0).to(torch.uint8).contiguous()
     return x.contiguous(), out, mask
 
 
