@@ -308,9 +308,39 @@ def test_glow_step_compiles_fullgraph():
     torch.testing.assert_close(xr.grad, xe.grad, rtol=1e-4, atol=1e-4)
 
 
-def test_glow_conditioner_starts_at_zero():
-    net = GlowConditioner(2, 6, hidden=5)
-    assert net(torch.randn(3, 2, 4, 4)).abs().max() == 0
+def test_glow_conditioner_starts_at_zero_and_splits_like_glow():
+    net = GlowConditioner(2, 3, hidden=5)
+    raw, shift = net(torch.randn(3, 2, 4, 4))
+    assert raw.shape == shift.shape == (3, 3, 4, 4)
+    assert raw.abs().max() == 0 and shift.abs().max() == 0
+    assert raw.is_contiguous() and shift.is_contiguous()
+    with torch.no_grad():
+        for p in net.parameters():
+            p.normal_()
+    x = torch.randn(3, 2, 4, 4)
+    raw, shift = net(x)
+    h = net.net(x)  # one convolution with Glow's interleaved output channels
+    torch.testing.assert_close(raw, h[:, 1::2], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(shift, h[:, 0::2], rtol=1e-5, atol=1e-5)
+    assert GlowConditioner(2, 3, hidden=5, affine=False)(x).shape == (3, 3, 4, 4)
+
+
+@pytest.mark.parametrize("form", ["tuple", "interleaved"])
+def test_glow_step_custom_conditioner_outputs(form):
+    class Cond(torch.nn.Module):
+        def forward(self, xa):
+            raw, shift = torch.sin(xa), 0.5 * xa
+            if form == "tuple":
+                return raw, shift
+            return torch.stack([shift, raw], 2).flatten(1, 2)  # even: shift, odd: raw
+
+    step = GlowStep(4, conditioner=Cond()).double()
+    x = torch.randn(2, 4, 3, 3, dtype=torch.float64)
+    z, ld = step(x)
+    y = step.invconv(step.actnorm(x)[0])[0]
+    expected = y[:, 2:] * torch.sigmoid(torch.sin(y[:, :2]) + 2) + 0.5 * y[:, :2]
+    torch.testing.assert_close(z[:, 2:], expected)
+    torch.testing.assert_close(step.inverse(z)[0], x)
 
 
 def test_glow_step_bad_inputs():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fastflow import _backend as B
@@ -26,35 +27,50 @@ class GlowConditioner(nn.Module):
     """Glow's coupling network: 3x3 conv -> ReLU -> 1x1 conv -> ReLU -> zero-initialised 3x3 conv.
 
     The last convolution starts at zero (weights and bias), so a fresh coupling is the identity
-    map (for ``scale_fn="glow"`` up to the constant scale ``sigmoid(2)``).
+    map (for ``scale_fn="glow"`` up to the constant scale ``sigmoid(2)``). Its output channels
+    follow Glow's interleaved layout (even: shift, odd: raw scale); with ``affine=True`` the
+    forward pass returns them as two contiguous tensors ``(raw_scale, shift)``, computed by two
+    convolutions over the even and odd filters, so the fused coupling needs no strided copies.
 
     Args:
         in_channels: channels of the untouched half.
-        out_channels: channels produced (``2 * C_b`` for an affine coupling, ``C_b`` for additive).
+        out_channels: channels of the transformed half ``C_b``.
         hidden: width of the hidden layers (Glow uses 512).
+        affine: return ``(raw_scale, shift)`` (each ``C_b`` channels); else only ``shift``.
 
     Example:
-        >>> net = GlowConditioner(2, 4, hidden=8)
-        >>> net(torch.randn(1, 2, 5, 5)).abs().max().item()
-        0.0
+        >>> net = GlowConditioner(2, 2, hidden=8)
+        >>> raw, shift = net(torch.randn(1, 2, 5, 5))
+        >>> raw.shape, float(shift.abs().max())
+        (torch.Size([1, 2, 5, 5]), 0.0)
 
     Reference: Kingma & Dhariwal, "Glow", 2018 (section 3.3).
     """
 
-    def __init__(self, in_channels: int, out_channels: int, hidden: int = 512) -> None:
+    def __init__(
+        self, in_channels: int, out_channels: int, hidden: int = 512, affine: bool = True
+    ) -> None:
         super().__init__()
+        self.affine = bool(affine)
         self.net = nn.Sequential(
             nn.Conv2d(in_channels, hidden, 3, padding=1),
             nn.ReLU(),
             nn.Conv2d(hidden, hidden, 1),
             nn.ReLU(),
-            nn.Conv2d(hidden, out_channels, 3, padding=1),
+            nn.Conv2d(hidden, (2 if affine else 1) * out_channels, 3, padding=1),
         )
         nn.init.zeros_(self.net[-1].weight)
         nn.init.zeros_(self.net[-1].bias)
 
-    def forward(self, x: Tensor) -> Tensor:
-        return self.net(x)
+    def forward(self, x: Tensor) -> Tensor | tuple[Tensor, Tensor]:
+        h = self.net[:-1](x)
+        last = self.net[-1]
+        if not self.affine:
+            return last(h)
+        w, b = last.weight, last.bias
+        raw = F.conv2d(h, w[1::2], b[1::2], padding=1)
+        shift = F.conv2d(h, w[0::2], b[0::2], padding=1)
+        return raw, shift
 
 
 class GlowStep(Transform):
@@ -65,8 +81,9 @@ class GlowStep(Transform):
     :func:`~fastflow.ops.invconv.channel_affine` pass, both forward and inverse; with the LU
     parameterization no ``slogdet`` or matrix inverse is computed per call. The coupling splits
     the channels into ``x_a = x[:, :C // 2]`` (untouched) and ``x_b = x[:, C // 2:]``; the
-    conditioner maps ``x_a`` to ``h`` with ``shift = h[:, 0::2]`` and ``raw_scale = h[:, 1::2]``
-    (Glow's interleaved split) for the fused :func:`~fastflow.ops.coupling.affine_coupling`
+    conditioner maps ``x_a`` to ``raw_scale`` and ``shift`` (Glow's interleaved output channels:
+    ``shift = h[:, 0::2]``, ``raw_scale = h[:, 1::2]``) for the fused
+    :func:`~fastflow.ops.coupling.affine_coupling`
     (``y_b = x_b * exp(s) + shift``, ``s = log sigmoid(raw_scale + 2)`` by default), or
     ``shift = h`` for the additive coupling.
 
@@ -80,8 +97,10 @@ class GlowStep(Transform):
         data_init: ActNorm's data-dependent initialisation on the first forward call.
         fused: fold ActNorm into the convolution (one pass); ``False`` runs the two layers one
             after the other (same result, for testing and comparison).
-        conditioner: replaces the default :class:`GlowConditioner`; must map
-            ``[N, C // 2, H, W]`` to ``[N, k * (C - C // 2), H, W]`` (``k = 2`` affine, 1 additive).
+        conditioner: replaces the default :class:`GlowConditioner`; maps ``[N, C // 2, H, W]`` to
+            a tuple ``(raw_scale, shift)`` of ``[N, C - C // 2, H, W]`` tensors, or to one tensor
+            ``h`` of ``2 * (C - C // 2)`` channels split as Glow does (``shift = h[:, 0::2]``,
+            ``raw_scale = h[:, 1::2]``); for the additive coupling to ``shift`` alone.
 
     Example:
         >>> step = GlowStep(4, hidden=16)
@@ -122,9 +141,10 @@ class GlowStep(Transform):
         self.actnorm = ActNorm(self.channels, data_init=data_init)
         self.invconv = InvConv1x1(self.channels, lu=lu)
         c_b = self.channels - self.split
-        out = 2 * c_b if coupling == "affine" else c_b
         self.conditioner = (
-            conditioner if conditioner is not None else GlowConditioner(self.split, out, hidden)
+            conditioner
+            if conditioner is not None
+            else GlowConditioner(self.split, c_b, hidden, affine=coupling == "affine")
         )
 
     def extra_repr(self) -> str:
@@ -141,8 +161,10 @@ class GlowStep(Transform):
         if context is not None:
             raise ValueError("GlowStep is unconditional: context must be None")
 
-    def _params(self, h: Tensor) -> tuple[Tensor, Tensor]:
-        return h[:, 1::2], h[:, 0::2]  # raw_scale, shift
+    def _params(self, h: Tensor | tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
+        if isinstance(h, (tuple, list)):
+            return h[0], h[1]
+        return h[:, 1::2], h[:, 0::2]  # Glow's interleaved layout: raw_scale, shift
 
     def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """``(z, logdet)`` with ``logdet`` of shape ``[N]`` (fp32, fp64 for fp64 input)."""
@@ -163,7 +185,8 @@ class GlowStep(Transform):
             y, ld1 = self.actnorm(x)
             y, ld2 = self.invconv(y)
             logdet = ld1 + ld2
-        xa, xb = y[:, : self.split], y[:, self.split :]
+        # split (not slicing): its backward is one cat instead of two zero-filled scatters
+        xa, xb = y.split([self.split, self.channels - self.split], 1)
         h = self.conditioner(xa)
         if self.coupling == "affine":
             raw, shift = self._params(h)
@@ -176,7 +199,7 @@ class GlowStep(Transform):
         """``(x, logdet)`` of the inverse map (``logdet`` is minus the forward's)."""
         self._check("z", z, context)
         acc = B.acc_dtype(z.dtype)
-        za, zb = z[:, : self.split], z[:, self.split :]
+        za, zb = z.split([self.split, self.channels - self.split], 1)
         h = self.conditioner(za)
         if self.coupling == "affine":
             raw, shift = self._params(h)

@@ -59,6 +59,13 @@ class InvConv1x1(Transform):
             self.log_s = nn.Parameter(torch.log(d.abs()).float())
         else:
             self.weight = nn.Parameter(q.float())
+        # P and sign_s are fixed buffers: lu_weight checks them on the first call only (and again
+        # after a state_dict load)
+        self._constants_checked = False
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        super()._load_from_state_dict(*args, **kwargs)
+        self._constants_checked = False
 
     def extra_repr(self) -> str:
         return f"{self.channels}, lu={self.lu}"
@@ -75,7 +82,10 @@ class InvConv1x1(Transform):
             ps = (self.P, self.L, self.U, self.log_s, self.sign_s)
             if dtype is not None:
                 ps = tuple(t.to(dtype) for t in ps)
-            return lu_weight(*ps)
+            check = not self._constants_checked
+            out = lu_weight(*ps, check_constants=check)
+            self._constants_checked = True
+            return out
         w = self.weight if dtype is None else self.weight.to(dtype)
         return plain_weight(w, inverse=inverse)
 

@@ -316,8 +316,42 @@ def _log_range(dtype: torch.dtype) -> float:
     return math.log(torch.finfo(acc).max) - 1.0
 
 
+def _check_lu_values(L: Tensor, U: Tensor, log_s: Tensor) -> None:
+    bound = _log_range(L.dtype)
+    with torch.no_grad():  # one sync on the fast path; the detailed checks only on failure
+        ok = torch.isfinite(L.sum() + U.sum()) & (log_s.abs().max() < bound)
+        if bool(ok):
+            return
+        for name, t in (("L", L), ("U", U), ("log_s", log_s)):
+            if not bool(torch.isfinite(t).all()):
+                raise ValueError(f"{name} has non-finite entries")
+        if not bool((log_s.abs() < bound).all()):
+            raise ValueError(
+                "exp(log_s) overflows or underflows: W would be singular or infinite "
+                f"(|log_s| must be < {bound:.1f})"
+            )
+    # finite entries whose sum overflowed: nothing wrong
+
+
+def _check_lu_constants(P: Tensor, sign_s: Tensor) -> None:
+    with torch.no_grad():
+        if not bool((sign_s.abs() == 1).all()):
+            raise ValueError("sign_s must contain only +1 and -1")
+        if not (
+            bool(((P == 0) | (P == 1)).all())
+            and bool((P.sum(0) == 1).all())
+            and bool((P.sum(1) == 1).all())
+        ):
+            raise ValueError("P must be a permutation matrix (one 1 in every row and column)")
+
+
 def lu_weight(
-    P: Tensor, L: Tensor, U: Tensor, log_s: Tensor, sign_s: Tensor
+    P: Tensor,
+    L: Tensor,
+    U: Tensor,
+    log_s: Tensor,
+    sign_s: Tensor,
+    check_constants: bool = True,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Assemble the LU-parameterized 1x1 convolution weight, its inverse and its log-det.
 
@@ -334,6 +368,8 @@ def lu_weight(
         U: ``[C, C]``, strictly upper part used.
         log_s: ``[C]`` log of the absolute diagonal of the upper factor.
         sign_s: ``[C]`` its signs (+1 or -1).
+        check_constants: check that ``P`` is a permutation matrix and ``sign_s`` is +-1 (a
+            module holding them as fixed buffers checks them once and passes False).
 
     Returns:
         ``(W, W_inv, logdet_per_pixel)``: ``[C, C]`` matrices like ``L`` and a scalar (fp32, or
@@ -367,23 +403,9 @@ def lu_weight(
     sign_s = _check_param("sign_s", sign_s, L, (c,))
     L = L.contiguous()
     if _eager_cpu(L):
-        for name, t in (("L", L), ("U", U), ("log_s", log_s)):
-            if not bool(torch.isfinite(t).all()):
-                raise ValueError(f"{name} has non-finite entries")
-        if not bool((log_s.abs() < _log_range(L.dtype)).all()):
-            raise ValueError(
-                "exp(log_s) overflows or underflows: W would be singular or infinite "
-                f"(|log_s| must be < {_log_range(L.dtype):.1f})"
-            )
-        if not bool((sign_s.abs() == 1).all()):
-            raise ValueError("sign_s must contain only +1 and -1")
-        Pd = P.detach()
-        if not (
-            bool(((Pd == 0) | (Pd == 1)).all())
-            and bool((Pd.sum(0) == 1).all())
-            and bool((Pd.sum(1) == 1).all())
-        ):
-            raise ValueError("P must be a permutation matrix (one 1 in every row and column)")
+        _check_lu_values(L, U, log_s)
+        if check_constants:
+            _check_lu_constants(P, sign_s)
     if B.use_native(L):
         return _lu_weight(P, L, U, log_s, sign_s)
     return reference_lu_weight(P, L, U, log_s, sign_s)
