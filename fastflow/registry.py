@@ -1,0 +1,210 @@
+"""Model registry of the ``fastflow`` command: a name -> a builder from (data shape, options).
+
+A new model plugs in with one entry::
+
+    @register_model("spline", kinds=("vector",), defaults={"hidden": 64, "depth": 8})
+    def _spline(shape, opts):
+        return MySplineFlow(shape[0], layers=opts["depth"], hidden=opts["hidden"])
+
+Options every builder receives (``None`` in the call means the entry's default): ``hidden``
+(conditioner width), ``depth`` (steps per scale / number of layers), ``scales`` (levels of a
+multi-scale image flow). Models that take vectors only are fed flattened images.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from torch import nn
+
+__all__ = ["ModelSpec", "MODELS", "register_model", "build_model", "model_input_shape"]
+
+OPTION_KEYS = ("hidden", "depth", "scales")
+
+
+@dataclass
+class ModelSpec:
+    """One registry entry: ``build(shape, options) -> Flow``; ``kinds`` are the data kinds it
+    takes natively (``"image"`` = ``(C, H, W)``, ``"vector"`` = ``(D,)``)."""
+
+    name: str
+    build: Callable[[tuple[int, ...], dict], nn.Module]
+    kinds: tuple[str, ...]
+    defaults: dict = field(default_factory=dict)
+    description: str = ""
+    available: Callable[[], str | None] = lambda: None  # None if usable, else why not
+
+
+MODELS: dict[str, ModelSpec] = {}
+
+
+def register_model(
+    name: str,
+    kinds: tuple[str, ...] = ("vector",),
+    defaults: dict | None = None,
+    description: str = "",
+    available: Callable[[], str | None] | None = None,
+):
+    """Decorator: register ``fn(shape, options) -> Flow`` as model ``name``.
+
+    Example:
+        >>> from fastflow.models.nice import NICE
+        >>> @register_model("tiny-nice", defaults={"hidden": 8, "depth": 2})
+        ... def _tiny(shape, o):
+        ...     return NICE(shape[0], layers=o["depth"], hidden=o["hidden"], hidden_layers=1)
+        >>> build_model("tiny-nice", (4,)).log_prob(__import__("torch").zeros(1, 4)).shape
+        torch.Size([1])
+        >>> _ = MODELS.pop("tiny-nice")
+    """
+
+    def deco(fn):
+        MODELS[name] = ModelSpec(
+            name, fn, tuple(kinds), dict(defaults or {}), description, available or (lambda: None)
+        )
+        return fn
+
+    return deco
+
+
+def model_input_shape(name: str, data_shape: tuple[int, ...]) -> tuple[int, ...]:
+    """The shape the model consumes: the data shape, or the flattened image for vector-only
+    models.
+
+    Raises:
+        ValueError: unknown model, or a model that cannot take this kind of data.
+
+    Example:
+        >>> model_input_shape("nice", (1, 8, 8)), model_input_shape("glow", (1, 8, 8))
+        ((64,), (1, 8, 8))
+    """
+    spec = _spec(name)
+    kind = "image" if len(data_shape) == 3 else "vector"
+    if kind in spec.kinds:
+        return tuple(data_shape)
+    if kind == "image" and "vector" in spec.kinds:
+        return (math.prod(data_shape),)
+    raise ValueError(
+        f"model {name!r} needs {' or '.join(spec.kinds)} data, but the data has shape "
+        f"{tuple(data_shape)}; for vectors use one of: "
+        + ", ".join(n for n, s in MODELS.items() if "vector" in s.kinds)
+    )
+
+
+def _spec(name: str) -> ModelSpec:
+    if name not in MODELS:
+        raise ValueError(f"unknown model {name!r}; choose from {', '.join(MODELS)}")
+    spec = MODELS[name]
+    why = spec.available()
+    if why:
+        raise ValueError(f"model {name!r} is not available: {why}")
+    return spec
+
+
+def resolve_options(name: str, options: dict | None = None) -> dict:
+    """The entry's defaults updated with the non-``None`` values of ``options``."""
+    opts = dict(_spec(name).defaults)
+    for k, v in (options or {}).items():
+        if v is not None:
+            opts[k] = v
+    for k in ("hidden", "depth", "scales"):
+        if k in opts and (not isinstance(opts[k], int) or opts[k] < 1):
+            raise ValueError(f"--{k} must be a positive int, got {opts[k]!r}")
+    return opts
+
+
+def build_model(name: str, data_shape: tuple[int, ...], options: dict | None = None) -> nn.Module:
+    """Build registered model ``name`` for data of ``data_shape`` (see
+    :func:`model_input_shape`) with ``options`` over the entry's defaults.
+
+    Example:
+        >>> flow = build_model("realnvp", (2,), {"hidden": 16, "depth": 4})
+        >>> flow.sample(3).shape
+        torch.Size([3, 2])
+    """
+    shape = model_input_shape(name, data_shape)
+    return MODELS[name].build(shape, resolve_options(name, options))
+
+
+def _call_accepting(cls, *args, **kwargs):
+    """Call ``cls`` with only the keyword arguments its signature takes (for models whose exact
+    options vary, e.g. MAF/IAF)."""
+    params = inspect.signature(cls).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return cls(*args, **kwargs)
+    return cls(*args, **{k: v for k, v in kwargs.items() if k in params})
+
+
+# -- built-in entries ------------------------------------------------------------------------------
+
+
+@register_model(
+    "glow",
+    kinds=("image",),
+    defaults={"hidden": 64, "depth": 4, "scales": 2},
+    description="Glow (Kingma & Dhariwal 2018): multi-scale ActNorm/1x1 conv/affine coupling",
+)
+def _glow(shape, o):
+    from fastflow.models.glow import Glow
+
+    return Glow(shape, levels=o["scales"], steps=o["depth"], hidden=o["hidden"])
+
+
+@register_model(
+    "realnvp",
+    kinds=("image", "vector"),
+    defaults={"hidden": 64, "depth": 8, "scales": 2},
+    description="RealNVP (Dinh et al. 2017): affine couplings, multi-scale for images",
+)
+def _realnvp(shape, o):
+    from fastflow.models.realnvp import RealNVP
+
+    if len(shape) == 1:
+        return RealNVP(shape[0], hidden=o["hidden"], layers=o["depth"])
+    return RealNVP(shape, levels=o["scales"], hidden=o["hidden"])
+
+
+@register_model(
+    "nice",
+    kinds=("vector",),
+    defaults={"hidden": 128, "depth": 4},
+    description="NICE (Dinh et al. 2015): additive couplings and a diagonal scaling",
+)
+def _nice(shape, o):
+    from fastflow.models.nice import NICE
+
+    return NICE(shape[0], layers=o["depth"], hidden=o["hidden"], hidden_layers=2)
+
+
+def _maf_missing() -> str | None:
+    try:
+        import fastflow.models.maf  # noqa: F401
+    except ImportError as e:
+        return f"fastflow.models.maf cannot be imported ({e})"
+    return None
+
+
+def _autoregressive(cls_name: str):
+    def build(shape, o):
+        import fastflow.models.maf as maf
+
+        cls = getattr(maf, cls_name)
+        # MADE hidden sizes: two hidden layers of width `hidden`
+        return _call_accepting(cls, shape[0], layers=o["depth"], hidden=(o["hidden"],) * 2)
+
+    return build
+
+
+for _name, _cls, _desc in (
+    ("maf", "MAF", "MAF (Papamakarios et al. 2017): masked autoregressive flow"),
+    ("iaf", "IAF", "IAF (Kingma et al. 2016): inverse autoregressive flow"),
+):
+    register_model(
+        _name,
+        kinds=("vector",),
+        defaults={"hidden": 64, "depth": 5},
+        description=_desc,
+        available=_maf_missing,
+    )(_autoregressive(_cls))
