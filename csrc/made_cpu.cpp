@@ -1,3 +1,4 @@
+#ifndef FF_MADE_CPU_BODY
 // CPU MAF inverse: the degree walk of made.h over blocks of samples, OpenMP over blocks.
 //
 // Each thread owns a block state in the workspace: one 128-byte row (32 fp32 / 16 fp64 samples)
@@ -7,8 +8,10 @@
 // The micro-kernel is written once with GCC/Clang vector extensions and compiled three times
 // (AVX-512, AVX2+FMA, baseline SSE2), picked at run time: the project builds without -march.
 #include <algorithm>
+#include <cstdlib>
 #include <cstring>
 #include <string>
+#include <utility>
 
 #include "made.h"
 
@@ -16,10 +19,9 @@
 #include <omp.h>
 #endif
 
-#pragma GCC diagnostic ignored "-Wpsabi"
 
 namespace ff {
-namespace {
+namespace made_cpu_detail {
 
 #define FF_MADE_INLINE inline __attribute__((always_inline))
 
@@ -39,31 +41,272 @@ struct Walk {
   T* logdet;
 };
 
-// acc[i][:] = sum_{k < K} w[i][k] * prev[k][:], for R rows, BS = NV * W samples.
-template <typename T, int W, int NV, int R>
+}  // namespace made_cpu_detail
+}  // namespace ff
+
+// The walk, compiled once per instruction set: this file includes itself with FF_MADE_CPU_BODY
+// set, under a target pragma, so that every function of the walk (templates included) is an
+// AVX-512 (AVX2+FMA, baseline) function and the vector-extension code uses that ISA's registers.
+#define FF_MADE_CPU_BODY 1
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#if defined(__clang__)
+#pragma clang attribute push(__attribute__((target("avx512f"))), apply_to = function)
+#else
+#pragma GCC push_options
+#pragma GCC target("avx512f")
+#endif
+#define FF_MADE_ISA avx512
+#define FF_MADE_VBYTES 64
+#define FF_MADE_NV 2
+#define FF_MADE_R 8
+#include "made_cpu.cpp"  // NOLINT(build/include): deliberate self-inclusion
+#undef FF_MADE_ISA
+#undef FF_MADE_VBYTES
+#undef FF_MADE_NV
+#undef FF_MADE_R
+#if defined(__clang__)
+#pragma clang attribute pop
+#pragma clang attribute push(__attribute__((target("avx2,fma"))), apply_to = function)
+#else
+#pragma GCC pop_options
+#pragma GCC push_options
+#pragma GCC target("avx2,fma")
+#endif
+#define FF_MADE_ISA avx2
+#define FF_MADE_VBYTES 32
+#define FF_MADE_NV 4
+#define FF_MADE_R 2
+#include "made_cpu.cpp"  // NOLINT(build/include)
+#undef FF_MADE_ISA
+#undef FF_MADE_VBYTES
+#undef FF_MADE_NV
+#undef FF_MADE_R
+#if defined(__clang__)
+#pragma clang attribute pop
+#else
+#pragma GCC pop_options
+#endif
+#define FF_MADE_HAVE_X86 1
+#endif
+#define FF_MADE_ISA generic
+#define FF_MADE_VBYTES 16
+#define FF_MADE_NV 8
+#define FF_MADE_R 1
+#include "made_cpu.cpp"  // NOLINT(build/include)
+#undef FF_MADE_ISA
+#undef FF_MADE_VBYTES
+#undef FF_MADE_NV
+#undef FF_MADE_R
+#undef FF_MADE_CPU_BODY
+
+namespace ff {
+namespace made_cpu_detail {
+
+template <typename T>
+using BlockFn = void (*)(const Walk<T>&, int64_t, int64_t, T*);
+
+// The widest ISA the CPU has; FASTFLOW_MADE_ISA=avx2|generic picks a narrower one (for tests).
+template <typename T>
+BlockFn<T> pick_block_fn() {
+  const char* env = std::getenv("FASTFLOW_MADE_ISA");
+  const std::string want = env ? env : "";
+#if defined(FF_MADE_HAVE_X86)
+  __builtin_cpu_init();
+  if (want.empty() || want == "avx512")
+    if (__builtin_cpu_supports("avx512f")) return &avx512::block<T>;
+  if (want.empty() || want == "avx512" || want == "avx2")
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return &avx2::block<T>;
+#endif
+  return &generic::block<T>;
+}
+
+int64_t state_rows(int64_t d, const std::vector<int64_t>& hidden) {
+  int64_t r = d;
+  for (int64_t h : hidden) r += h;
+  return r;
+}
+
+template <typename P>
+P* ptr(std::uintptr_t p) {
+  return reinterpret_cast<P*>(p);
+}
+
+template <typename T>
+void run_walk(int act, int mode, double clamp, int64_t n, int64_t d,
+              const std::vector<int64_t>& hidden, std::uintptr_t u, std::uintptr_t init,
+              const std::vector<std::uintptr_t>& weights, const std::vector<std::uintptr_t>& biases,
+              const std::vector<int64_t>& bounds, std::uintptr_t x, std::uintptr_t logdet,
+              std::uintptr_t workspace, int nthreads) {
+  constexpr int BS = made_block_samples<T>();
+  const int64_t L = int64_t(hidden.size());
+  std::vector<int64_t> offs(L);
+  int64_t o = 0;
+  for (int64_t l = 0; l < L; ++l) {
+    offs[l] = o;
+    o += hidden[l];
+  }
+  std::vector<const T*> w(L + 1), b(L + 1);
+  for (int64_t l = 0; l <= L; ++l) {
+    w[l] = ptr<const T>(weights[l]);
+    b[l] = ptr<const T>(biases[l]);
+  }
+  Walk<T> P{act,          mode,        T(clamp), T(1) / T(clamp), n,          d,
+            L,            hidden.data(), offs.data(), ptr<const T>(u), ptr<const T>(init), w.data(),
+            b.data(),     bounds.data(), ptr<T>(x), ptr<T>(logdet)};
+  const BlockFn<T> fn = pick_block_fn<T>();
+  const int64_t rows = state_rows(d, hidden);
+  const int64_t nblocks = (n + BS - 1) / BS;
+  T* ws = ptr<T>(workspace);
+  const int nt = int(std::max<int64_t>(1, std::min<int64_t>(nthreads, nblocks)));
+#pragma omp parallel num_threads(nt) if (nt > 1)
+  {
+#if defined(FF_WITH_OPENMP)
+    const int tid = omp_get_thread_num();
+#else
+    const int tid = 0;
+#endif
+    T* mine = ws + int64_t(tid) * rows * BS;
+#pragma omp for schedule(static)
+    for (int64_t blk = 0; blk < nblocks; ++blk) {
+      const int64_t b0 = blk * BS;
+      fn(P, b0, std::min<int64_t>(BS, n - b0), mine);
+    }
+  }
+}
+
+}  // namespace made_cpu_detail
+
+using namespace made_cpu_detail;
+
+int64_t made_workspace_bytes(int dtype, int64_t d, const std::vector<int64_t>& hidden,
+                             int nthreads) {
+  check(d >= 0 && nthreads >= 1, "made_workspace_bytes: bad sizes");
+  for (int64_t h : hidden) check(h >= 0, "made_workspace_bytes: negative hidden size");
+  // 128 bytes per state row and thread, whatever the dtype
+  return int64_t(nthreads) * state_rows(d, hidden) * 128;
+}
+
+void made_affine_inverse_cpu(int dtype, int act, int mode, double clamp, int64_t n, int64_t d,
+                             const std::vector<int64_t>& hidden, std::uintptr_t u,
+                             std::uintptr_t init, const std::vector<std::uintptr_t>& weights,
+                             const std::vector<std::uintptr_t>& biases,
+                             const std::vector<int64_t>& bounds, std::uintptr_t x, std::uintptr_t logdet, std::uintptr_t workspace,
+                             int64_t workspace_bytes, int nthreads) {
+  const char* name = "made_affine_inverse_cpu";
+  made_check_sizes(name, act, mode, clamp, n, d, hidden, weights, biases);
+  check(dtype == kFloat32 || dtype == kFloat64,
+        std::string(name) + ": dtype must be float32 or float64 (cast 16-bit inputs first)");
+  check(nthreads >= 1, std::string(name) + ": nthreads must be >= 1");
+  const int64_t L = int64_t(hidden.size());
+  check(int64_t(bounds.size()) == L * (d + 1), std::string(name) + ": bounds must have L * (d + 1) entries");
+  made_check_bounds(name, d, hidden, bounds.data());
+  for (int64_t l = 0; l <= L; ++l) {
+    const int64_t rows = l == L ? 2 * d : hidden[l];
+    const int64_t cols = l == 0 ? d : hidden[l - 1];
+    check_ptr(weights[l], rows * cols, "weights");
+    check_ptr(biases[l], rows, "biases");
+  }
+  if (n == 0) return;
+  check_ptr(u, n * d, "u");
+  check_ptr(x, n * d, "x");
+  check_ptr(logdet, n, "logdet");
+  check_ptr(init, init ? n * hidden[0] : 0, "init");
+  check_ptr(workspace, 1, "workspace");
+  check(workspace_bytes >= made_workspace_bytes(dtype, d, hidden, nthreads),
+        std::string(name) + ": workspace too small (see made_workspace_bytes)");
+  if (dtype == kFloat32)
+    run_walk<float>(act, mode, clamp, n, d, hidden, u, init, weights, biases, bounds, x, logdet,
+                    workspace, nthreads);
+  else
+    run_walk<double>(act, mode, clamp, n, d, hidden, u, init, weights, biases, bounds, x, logdet,
+                     workspace, nthreads);
+}
+
+}  // namespace ff
+
+#else  // FF_MADE_CPU_BODY: one instruction set's copy of the walk
+
+#pragma GCC diagnostic ignored "-Wpsabi"
+
+namespace ff {
+namespace made_cpu_detail {
+namespace FF_MADE_ISA {
+
+// All lanes = *s: one broadcast load.
+template <typename V, typename T, int W>
+FF_MADE_INLINE V splat(const T* s) {
+  return *s + (-V{});  // adding -0.0 is an identity the compiler drops (adding +0.0 is not)
+}
+
+// out[i][:] = sum_{k < K} w[i][k] * prev[k][:] for R rows, BS = NV * W samples. KS independent
+// accumulator sets over interleaved k keep enough FMA chains in flight when R * NV is small.
+template <typename T, int W, int NV, int R, int KS>
 FF_MADE_INLINE void micro(const T* const* w, int64_t K, const T* prev, T* out) {
   typedef T V __attribute__((vector_size(W * sizeof(T))));
   constexpr int BS = NV * W;
-  V acc[R][NV];
+  V acc[KS][R][NV];
+#pragma GCC unroll 16
+  for (int q = 0; q < KS; ++q)
+#pragma GCC unroll 16
+    for (int i = 0; i < R; ++i)
 #pragma GCC unroll 8
-  for (int i = 0; i < R; ++i)
+      for (int v = 0; v < NV; ++v) acc[q][i][v] = V{} + T(0);
+  int64_t k = 0;
+  for (; k + KS <= K; k += KS) {
 #pragma GCC unroll 8
-    for (int v = 0; v < NV; ++v) acc[i][v] = V{} + T(0);
-  for (int64_t k = 0; k < K; ++k) {
+    for (int q = 0; q < KS; ++q) {
+      V p[NV];
+#pragma GCC unroll 8
+      for (int v = 0; v < NV; ++v) std::memcpy(&p[v], prev + (k + q) * BS + v * W, sizeof(V));
+#pragma GCC unroll 16
+      for (int i = 0; i < R; ++i) {
+        const V wv = splat<V, T, W>(w[i] + k + q);
+#pragma GCC unroll 8
+        for (int v = 0; v < NV; ++v) acc[q][i][v] += wv * p[v];
+      }
+    }
+  }
+  for (; k < K; ++k) {
     V p[NV];
 #pragma GCC unroll 8
     for (int v = 0; v < NV; ++v) std::memcpy(&p[v], prev + k * BS + v * W, sizeof(V));
-#pragma GCC unroll 8
+#pragma GCC unroll 16
     for (int i = 0; i < R; ++i) {
-      const V wv = V{} + w[i][k];
+      const V wv = splat<V, T, W>(w[i] + k);
 #pragma GCC unroll 8
-      for (int v = 0; v < NV; ++v) acc[i][v] += wv * p[v];
+      for (int v = 0; v < NV; ++v) acc[0][i][v] += wv * p[v];
     }
   }
-#pragma GCC unroll 8
+#pragma GCC unroll 16
   for (int i = 0; i < R; ++i)
 #pragma GCC unroll 8
-    for (int v = 0; v < NV; ++v) std::memcpy(out + i * BS + v * W, &acc[i][v], sizeof(V));
+    for (int v = 0; v < NV; ++v) {
+      V a = acc[0][i][v];
+#pragma GCC unroll 8
+      for (int q = 1; q < KS; ++q) a += acc[q][i][v];
+      std::memcpy(out + i * BS + v * W, &a, sizeof(V));
+    }
+}
+
+// Accumulator sets so that R * NV * KS >= 8 vectors are in flight.
+template <int R, int NV>
+constexpr int ksplit() {
+  return R * NV >= 6 ? 1 : (R * NV >= 4 ? 2 : (R * NV >= 2 ? 4 : 8));
+}
+
+// Rows r, r + 1, ... r + rem - 1 (rem < R) with the widest micro-kernel that fits.
+template <typename T, int W, int NV, int R>
+FF_MADE_INLINE void rows_tail(const T* wl, int64_t ldw, int64_t r, int64_t rem, int64_t K,
+                              const T* prev, T* out) {
+  if constexpr (R >= 1) {
+    if (rem == R) {
+      const T* ptrs[R];
+      for (int i = 0; i < R; ++i) ptrs[i] = wl + (r + i) * ldw;
+      micro<T, W, NV, R, ksplit<R, NV>()>(ptrs, K, prev, out + r * NV * W);
+    } else {
+      rows_tail<T, W, NV, R - 1>(wl, ldw, r, rem, K, prev, out);
+    }
+  }
 }
 
 // Rows [r0, r1) of layer weights `wl` (leading dim ldw) over prefix K of `prev`, into out rows.
@@ -75,12 +318,9 @@ FF_MADE_INLINE void rows_product(const T* wl, int64_t ldw, int64_t r0, int64_t r
   const T* ptrs[R];
   for (; r + R <= r1; r += R) {
     for (int i = 0; i < R; ++i) ptrs[i] = wl + (r + i) * ldw;
-    micro<T, W, NV, R>(ptrs, K, prev, out + r * BS);
+    micro<T, W, NV, R, 1>(ptrs, K, prev, out + r * BS);
   }
-  for (; r < r1; ++r) {
-    ptrs[0] = wl + r * ldw;
-    micro<T, W, NV, 1>(ptrs, K, prev, out + r * BS);
-  }
+  if (r < r1) rows_tail<T, W, NV, R - 1>(wl, ldw, r, r1 - r, K, prev, out);
 }
 
 // x = u * exp(s) + t for one input over the block; ts holds BS shifts then BS raw scales.
@@ -141,7 +381,7 @@ FF_MADE_INLINE void walk_block(const Walk<T>& P, int64_t b0, int64_t nb, T* ws) 
   T ts[2 * BS];
   for (int64_t k = 0; k < d; ++k) {
     const T* rows[2] = {wout + k * hl, wout + (d + k) * hl};
-    micro<T, W, NV, 2>(rows, bL[k], last, ts);
+    micro<T, W, NV, 2, ksplit<2, NV>()>(rows, bL[k], last, ts);
     const T bt = bout[k], br = bout[d + k];
     T us[BS];
     for (int s = 0; s < BS; ++s) us[s] = s < nb ? P.u[(b0 + s) * d + k] : T(0);
@@ -160,136 +400,16 @@ FF_MADE_INLINE void walk_block(const Walk<T>& P, int64_t b0, int64_t nb, T* ws) 
   }
 }
 
+// One block of samples with this ISA's vector width: R * NV accumulator vectors (16 of the 32
+// zmm registers on AVX-512, 8 of the 16 ymm on AVX2); BS = 128 bytes of samples in every variant.
 template <typename T>
-using BlockFn = void (*)(const Walk<T>&, int64_t, int64_t, T*);
-
-// R * NV = 8 accumulator vectors in every variant; BS = 128 bytes of samples.
-template <typename T>
-__attribute__((target("avx512f"))) void block_avx512(const Walk<T>& P, int64_t b0, int64_t nb,
-                                                     T* ws) {
-  constexpr int W = 64 / sizeof(T);
-  walk_block<T, W, 2, 4>(P, b0, nb, ws);
-}
-template <typename T>
-__attribute__((target("avx2,fma"))) void block_avx2(const Walk<T>& P, int64_t b0, int64_t nb,
-                                                    T* ws) {
-  constexpr int W = 32 / sizeof(T);
-  walk_block<T, W, 4, 2>(P, b0, nb, ws);
-}
-template <typename T>
-void block_generic(const Walk<T>& P, int64_t b0, int64_t nb, T* ws) {
-  constexpr int W = 16 / sizeof(T);
-  walk_block<T, W, 8, 1>(P, b0, nb, ws);
+void block(const Walk<T>& P, int64_t b0, int64_t nb, T* ws) {
+  constexpr int W = FF_MADE_VBYTES / int(sizeof(T));
+  walk_block<T, W, FF_MADE_NV, FF_MADE_R>(P, b0, nb, ws);
 }
 
-template <typename T>
-BlockFn<T> pick_block_fn() {
-#if defined(__x86_64__) || defined(__i386__)
-  __builtin_cpu_init();
-  if (__builtin_cpu_supports("avx512f")) return &block_avx512<T>;
-  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return &block_avx2<T>;
-#endif
-  return &block_generic<T>;
-}
-
-int64_t state_rows(int64_t d, const std::vector<int64_t>& hidden) {
-  int64_t r = d;
-  for (int64_t h : hidden) r += h;
-  return r;
-}
-
-template <typename P>
-P* ptr(std::uintptr_t p) {
-  return reinterpret_cast<P*>(p);
-}
-
-template <typename T>
-void run_walk(int act, int mode, double clamp, int64_t n, int64_t d,
-              const std::vector<int64_t>& hidden, std::uintptr_t u, std::uintptr_t init,
-              const std::vector<std::uintptr_t>& weights, const std::vector<std::uintptr_t>& biases,
-              const std::vector<int64_t>& bounds, std::uintptr_t x, std::uintptr_t logdet,
-              std::uintptr_t workspace, int nthreads) {
-  constexpr int BS = made_block_samples<T>();
-  const int64_t L = int64_t(hidden.size());
-  std::vector<int64_t> offs(L);
-  int64_t o = 0;
-  for (int64_t l = 0; l < L; ++l) {
-    offs[l] = o;
-    o += hidden[l];
-  }
-  std::vector<const T*> w(L + 1), b(L + 1);
-  for (int64_t l = 0; l <= L; ++l) {
-    w[l] = ptr<const T>(weights[l]);
-    b[l] = ptr<const T>(biases[l]);
-  }
-  Walk<T> P{act,          mode,        T(clamp), T(1) / T(clamp), n,          d,
-            L,            hidden.data(), offs.data(), ptr<const T>(u), ptr<const T>(init), w.data(),
-            b.data(),     bounds.data(), ptr<T>(x), ptr<T>(logdet)};
-  const BlockFn<T> fn = pick_block_fn<T>();
-  const int64_t rows = state_rows(d, hidden);
-  const int64_t nblocks = (n + BS - 1) / BS;
-  T* ws = ptr<T>(workspace);
-  const int nt = int(std::max<int64_t>(1, std::min<int64_t>(nthreads, nblocks)));
-#pragma omp parallel num_threads(nt) if (nt > 1)
-  {
-#if defined(FF_WITH_OPENMP)
-    const int tid = omp_get_thread_num();
-#else
-    const int tid = 0;
-#endif
-    T* mine = ws + int64_t(tid) * rows * BS;
-#pragma omp for schedule(static)
-    for (int64_t blk = 0; blk < nblocks; ++blk) {
-      const int64_t b0 = blk * BS;
-      fn(P, b0, std::min<int64_t>(BS, n - b0), mine);
-    }
-  }
-}
-
-}  // namespace
-
-int64_t made_workspace_bytes(int dtype, int64_t d, const std::vector<int64_t>& hidden,
-                             int nthreads) {
-  check(d >= 0 && nthreads >= 1, "made_workspace_bytes: bad sizes");
-  for (int64_t h : hidden) check(h >= 0, "made_workspace_bytes: negative hidden size");
-  // 128 bytes per state row and thread, whatever the dtype
-  return int64_t(nthreads) * state_rows(d, hidden) * 128;
-}
-
-void made_affine_inverse_cpu(int dtype, int act, int mode, double clamp, int64_t n, int64_t d,
-                             const std::vector<int64_t>& hidden, std::uintptr_t u,
-                             std::uintptr_t init, const std::vector<std::uintptr_t>& weights,
-                             const std::vector<std::uintptr_t>& biases,
-                             const std::vector<int64_t>& bounds, std::uintptr_t x, std::uintptr_t logdet, std::uintptr_t workspace,
-                             int64_t workspace_bytes, int nthreads) {
-  const char* name = "made_affine_inverse_cpu";
-  made_check_sizes(name, act, mode, clamp, n, d, hidden, weights, biases);
-  check(dtype == kFloat32 || dtype == kFloat64,
-        std::string(name) + ": dtype must be float32 or float64 (cast 16-bit inputs first)");
-  check(nthreads >= 1, std::string(name) + ": nthreads must be >= 1");
-  const int64_t L = int64_t(hidden.size());
-  check(int64_t(bounds.size()) == L * (d + 1), std::string(name) + ": bounds must have L * (d + 1) entries");
-  made_check_bounds(name, d, hidden, bounds.data());
-  for (int64_t l = 0; l <= L; ++l) {
-    const int64_t rows = l == L ? 2 * d : hidden[l];
-    const int64_t cols = l == 0 ? d : hidden[l - 1];
-    check_ptr(weights[l], rows * cols, "weights");
-    check_ptr(biases[l], rows, "biases");
-  }
-  if (n == 0) return;
-  check_ptr(u, n * d, "u");
-  check_ptr(x, n * d, "x");
-  check_ptr(logdet, n, "logdet");
-  check_ptr(init, init ? n * hidden[0] : 0, "init");
-  check_ptr(workspace, 1, "workspace");
-  check(workspace_bytes >= made_workspace_bytes(dtype, d, hidden, nthreads),
-        std::string(name) + ": workspace too small (see made_workspace_bytes)");
-  if (dtype == kFloat32)
-    run_walk<float>(act, mode, clamp, n, d, hidden, u, init, weights, biases, bounds, x, logdet,
-                    workspace, nthreads);
-  else
-    run_walk<double>(act, mode, clamp, n, d, hidden, u, init, weights, biases, bounds, x, logdet,
-                     workspace, nthreads);
-}
-
+}  // namespace FF_MADE_ISA
+}  // namespace made_cpu_detail
 }  // namespace ff
+
+#endif  // FF_MADE_CPU_BODY

@@ -369,3 +369,29 @@ def test_cuda_walk_matches_cpu():
             u.cuda().float(), pf, None if ctx is None else ctx.cuda().float()
         )
         torch.testing.assert_close(x2.cpu().double(), x0, rtol=1e-3, atol=1e-3)
+
+
+@native
+@pytest.mark.parametrize("isa", ["avx2", "generic"])
+def test_narrower_cpu_kernels(isa, monkeypatch):
+    """The AVX2 and baseline copies of the walk (picked at run time) agree with the reference."""
+    monkeypatch.setenv("FASTFLOW_MADE_ISA", isa)
+    gen = torch.Generator().manual_seed(9)
+    for d, hidden, c in [(1, (3,), 0), (17, (13, 9), 3), (40, (70,), 0)]:
+        p = random_pack(d, hidden, c, gen)
+        u = torch.randn(45, d, generator=gen, dtype=torch.float64)
+        ctx = torch.randn(45, c, generator=gen, dtype=torch.float64) if c else None
+        x0, l0 = M.reference_made_affine_inverse(u, p, ctx)
+        x1, l1 = M.made_affine_inverse(u, p, ctx)
+        torch.testing.assert_close(x1, x0, rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(l1, l0, rtol=1e-10, atol=1e-10)
+        p32 = M.PackedMADE(
+            p.order,
+            [w.float() for w in p.weights],
+            [b.float() for b in p.biases],
+            None if c == 0 else p.context_weight.float(),
+            p.bounds,
+            p.bounds_list,
+        )
+        x2, _ = M.made_affine_inverse(u.float(), p32, None if ctx is None else ctx.float())
+        torch.testing.assert_close(x2.double(), x0, rtol=1e-4, atol=1e-4)
