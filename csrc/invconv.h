@@ -16,10 +16,15 @@
 // workspace and summed at the end: no atomics, deterministic.
 #pragma once
 #include <cstdint>
+#include <string>
 
 #include "common.h"
 
 namespace ff {
+
+// The instruction set the CPU channel_affine kernels run with: "avx512", "avx2" or "base" (the
+// widest the CPU supports, capped by the environment variable FASTFLOW_CPU_ISA=base|avx2).
+std::string invconv_cpu_isa();
 
 // Bytes of scratch lu_weight_* needs for C channels.
 int64_t lu_weight_workspace_bytes(int dtype, int64_t c);

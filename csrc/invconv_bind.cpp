@@ -1,8 +1,11 @@
+#include <pybind11/stl.h>
+
 #include "bindings.h"
 #include "invconv.h"
 
 namespace ff {
 void bind_invconv(pybind11::module_& m) {
+  m.def("invconv_cpu_isa", &invconv_cpu_isa);
   m.def("lu_weight_workspace_bytes", &lu_weight_workspace_bytes);
   m.def("lu_weight_cpu", &lu_weight_cpu);
   m.def("channel_affine_cpu", &channel_affine_cpu);

@@ -1,6 +1,7 @@
 // CPU invertible 1x1 convolution kernels: LU assembly (once per step) and the per-pixel affine
 // map with its parameter gradients. OpenMP over the batch; inner loops run over contiguous pixels.
 #include <algorithm>
+#include <cstdlib>
 #include <string>
 #include <type_traits>
 
@@ -293,16 +294,22 @@ FF_ISA_VARIANTS(grad_params_row, grad_params_row_body,
 
 enum Isa { kBase = 0, kAvx2 = 1, kAvx512 = 2 };
 
+// FASTFLOW_CPU_ISA=base|avx2 caps the choice (read once), so tests can run every variant.
 Isa detect_isa() {
   static const Isa isa = [] {
+    Isa best = kBase;
 #if defined(__x86_64__) && defined(__GNUC__)
     __builtin_cpu_init();
     if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
         __builtin_cpu_supports("avx512vl"))
-      return kAvx512;
-    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return kAvx2;
+      best = kAvx512;
+    else if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"))
+      best = kAvx2;
 #endif
-    return kBase;
+    const char* cap = std::getenv("FASTFLOW_CPU_ISA");
+    if (cap && std::string(cap) == "base") best = kBase;
+    if (cap && std::string(cap) == "avx2" && best > kAvx2) best = kAvx2;
+    return best;
   }();
   return isa;
 }
@@ -411,6 +418,11 @@ void lu_weight_kernel(int64_t c, const T* pm, const T* l, const T* u, const T* l
 int64_t acc_size(int dtype) { return dtype == kFloat64 ? 8 : 4; }
 
 }  // namespace
+
+std::string invconv_cpu_isa() {
+  const Isa isa = detect_isa();
+  return isa == kAvx512 ? "avx512" : isa == kAvx2 ? "avx2" : "base";
+}
 
 int64_t lu_weight_workspace_bytes(int dtype, int64_t c) {
   check(c >= 0, "lu_weight_workspace_bytes: negative size");
