@@ -37,6 +37,7 @@ struct Walk {
   const T* const* w;  // [L + 1]
   const T* const* b;  // [L + 1]
   const int64_t* bounds;
+  int64_t lookahead;  // degrees per lookahead block (1: none), <= 32
   T* x;
   T* logdet;
 };
@@ -120,6 +121,20 @@ BlockFn<T> pick_block_fn() {
   return &generic::block<T>;
 }
 
+// Degrees per lookahead block: 1 (none) when every degree has >= 32 units per layer, else enough
+// degrees for about 64 units per layer and block (at most 32 degrees; measured on AVX-512). FASTFLOW_MADE_LOOKAHEAD overrides (for tests).
+int64_t lookahead_for(int64_t d, const std::vector<int64_t>& hidden) {
+  int64_t B = 1;
+  if (const char* env = std::getenv("FASTFLOW_MADE_LOOKAHEAD")) {
+    B = std::atoll(env);
+  } else if (d > 1) {
+    const int64_t hmin = *std::min_element(hidden.begin(), hidden.end());
+    const double per_degree = double(hmin) / double(d - 1);
+    if (per_degree < 32) B = int64_t(64.0 / std::max(per_degree, 2.0));
+  }
+  return std::max<int64_t>(1, std::min<int64_t>(32, B));
+}
+
 int64_t state_rows(int64_t d, const std::vector<int64_t>& hidden) {
   int64_t r = d;
   for (int64_t h : hidden) r += h;
@@ -152,7 +167,7 @@ void run_walk(int act, int mode, double clamp, int64_t n, int64_t d,
   }
   Walk<T> P{act,          mode,        T(clamp), T(1) / T(clamp), n,          d,
             L,            hidden.data(), offs.data(), ptr<const T>(u), ptr<const T>(init), w.data(),
-            b.data(),     bounds.data(), ptr<T>(x), ptr<T>(logdet)};
+            b.data(),     bounds.data(), lookahead_for(d, hidden), ptr<T>(x), ptr<T>(logdet)};
   const BlockFn<T> fn = pick_block_fn<T>();
   const int64_t rows = state_rows(d, hidden);
   const int64_t nblocks = (n + BS - 1) / BS;
@@ -238,10 +253,11 @@ FF_MADE_INLINE V splat(const T* s) {
   return *s + (-V{});  // adding -0.0 is an identity the compiler drops (adding +0.0 is not)
 }
 
-// out[i][:] = sum_{k < K} w[i][k] * prev[k][:] for R rows, BS = NV * W samples. KS independent
-// accumulator sets over interleaved k keep enough FMA chains in flight when R * NV is small.
-template <typename T, int W, int NV, int R, int KS>
-FF_MADE_INLINE void micro(const T* const* w, int64_t K, const T* prev, T* out) {
+// out[i * ostride + :] (+)= sum_{k < K} w[i][k] * prev[k][:] for R rows, BS = NV * W samples
+// (ACC: add to what out holds). KS accumulator sets over interleaved k keep enough FMA chains in
+// flight when R * NV is small.
+template <typename T, int W, int NV, int R, int KS, bool ACC>
+FF_MADE_INLINE void micro(const T* const* w, int64_t K, const T* prev, T* out, int64_t ostride) {
   typedef T V __attribute__((vector_size(W * sizeof(T))));
   constexpr int BS = NV * W;
   V acc[KS][R][NV];
@@ -284,7 +300,13 @@ FF_MADE_INLINE void micro(const T* const* w, int64_t K, const T* prev, T* out) {
       V a = acc[0][i][v];
 #pragma GCC unroll 8
       for (int q = 1; q < KS; ++q) a += acc[q][i][v];
-      std::memcpy(out + i * BS + v * W, &a, sizeof(V));
+      T* o = out + i * ostride + v * W;
+      if (ACC) {
+        V old;
+        std::memcpy(&old, o, sizeof(V));
+        a += old;
+      }
+      std::memcpy(o, &a, sizeof(V));
     }
 }
 
@@ -294,62 +316,76 @@ constexpr int ksplit() {
   return R * NV >= 6 ? 1 : (R * NV >= 4 ? 2 : (R * NV >= 2 ? 4 : 8));
 }
 
-// Rows r, r + 1, ... r + rem - 1 (rem < R) with the widest micro-kernel that fits.
-template <typename T, int W, int NV, int R>
-FF_MADE_INLINE void rows_tail(const T* wl, int64_t ldw, int64_t r, int64_t rem, int64_t K,
-                              const T* prev, T* out) {
+// Rows r .. r + rem - 1 (rem < R) into out rows 0 .. rem - 1, with the widest micro-kernel that fits.
+template <typename T, int W, int NV, int R, bool ACC>
+FF_MADE_INLINE void rows_tail(const T* wl, int64_t ldw, int64_t r, int64_t rem, int64_t k0,
+                              int64_t K, const T* prev, T* out) {
   if constexpr (R >= 1) {
+    constexpr int BS = NV * W;
     if (rem == R) {
       const T* ptrs[R];
-      for (int i = 0; i < R; ++i) ptrs[i] = wl + (r + i) * ldw;
-      micro<T, W, NV, R, ksplit<R, NV>()>(ptrs, K, prev, out + r * NV * W);
+      for (int i = 0; i < R; ++i) ptrs[i] = wl + (r + i) * ldw + k0;
+      micro<T, W, NV, R, ksplit<R, NV>(), ACC>(ptrs, K - k0, prev + k0 * BS, out, BS);
     } else {
-      rows_tail<T, W, NV, R - 1>(wl, ldw, r, rem, K, prev, out);
+      rows_tail<T, W, NV, R - 1, ACC>(wl, ldw, r, rem, k0, K, prev, out);
     }
   }
 }
 
-// Rows [r0, r1) of layer weights `wl` (leading dim ldw) over prefix K of `prev`, into out rows.
-template <typename T, int W, int NV, int R>
-FF_MADE_INLINE void rows_product(const T* wl, int64_t ldw, int64_t r0, int64_t r1, int64_t K,
-                                 const T* prev, T* out) {
+// Rows [r0, r1) of the layer weights `wl` (leading dim ldw) over prefix entries [k0, K) of `prev`,
+// into (ACC: added to) rows 0, 1, ... of `out`.
+template <typename T, int W, int NV, int R, bool ACC>
+FF_MADE_INLINE void rows_product(const T* wl, int64_t ldw, int64_t r0, int64_t r1, int64_t k0,
+                                 int64_t K, const T* prev, T* out) {
   constexpr int BS = NV * W;
+  if (r1 <= r0) return;
+  if (K <= k0 && ACC) return;
   int64_t r = r0;
   const T* ptrs[R];
   for (; r + R <= r1; r += R) {
-    for (int i = 0; i < R; ++i) ptrs[i] = wl + (r + i) * ldw;
-    micro<T, W, NV, R, 1>(ptrs, K, prev, out + r * BS);
+    for (int i = 0; i < R; ++i) ptrs[i] = wl + (r + i) * ldw + k0;
+    micro<T, W, NV, R, 1, ACC>(ptrs, K - k0, prev + k0 * BS, out + (r - r0) * BS, BS);
   }
-  if (r < r1) rows_tail<T, W, NV, R - 1>(wl, ldw, r, r1 - r, K, prev, out);
+  if (r < r1) rows_tail<T, W, NV, R - 1, ACC>(wl, ldw, r, r1 - r, k0, K, prev, out + (r - r0) * BS);
 }
 
-// x = u * exp(s) + t for one input over the block; ts holds BS shifts then BS raw scales.
+// x = u * exp(s) + t for one input over the block, from the shift and raw-scale sums.
 template <typename T, int Mode, int BS>
-FF_MADE_INLINE void affine_step(const T* ts, const T* us, T bt, T br, T c, T inv_c, T* xk, T* ld) {
+FF_MADE_INLINE void affine_step(const T* ts, const T* tr, const T* us, T bt, T br, T c, T inv_c,
+                                T* xk, T* ld) {
 #pragma omp simd
   for (int s = 0; s < BS; ++s) {
     T e, ds;
-    const T sv = scale_fn<Mode, T>(ts[BS + s] + br, c, inv_c, e, ds);
+    const T sv = scale_fn<Mode, T>(tr[s] + br, c, inv_c, e, ds);
     xk[s] = us[s] * e + (ts[s] + bt);
     ld[s] += sv;
   }
 }
 
-// Hidden units of degree m, every layer in turn (block state `ws`, samples [b0, b0 + nb)).
+// Hidden units of degree m, every layer in turn (block state `ws`, samples [b0, b0 + nb)). With
+// kb >= 0 the units' sums over the prefix known at degree kb are already in place (lookahead) and
+// only the rest is added.
 template <typename T, int W, int NV, int R>
-FF_MADE_INLINE void hidden_groups(const Walk<T>& P, int64_t m, int64_t b0, int64_t nb, T* ws) {
+FF_MADE_INLINE void hidden_groups(const Walk<T>& P, int64_t m, int64_t kb, int64_t b0, int64_t nb,
+                                  T* ws) {
   constexpr int BS = NV * W;
   const int64_t d = P.d, L = P.L;
   const T* xs = ws;
-    for (int64_t l = 0; l < L; ++l) {
+  for (int64_t l = 0; l < L; ++l) {
     const int64_t* bl = P.bounds + l * (d + 1);
     const int64_t r0 = m == 0 ? 0 : bl[m - 1], r1 = bl[m];
     if (r1 <= r0) continue;
-    const int64_t K = l == 0 ? m : P.bounds[(l - 1) * (d + 1) + m];
+    const int64_t* bp = P.bounds + (l - 1) * (d + 1);
+    const int64_t K = l == 0 ? m : bp[m];
     const int64_t ldw = l == 0 ? d : P.hidden[l - 1];
     const T* prev = l == 0 ? xs : ws + (d + P.offs[l - 1]) * BS;
     T* out = ws + (d + P.offs[l]) * BS;
-    rows_product<T, W, NV, R>(P.w[l], ldw, r0, r1, K, prev, out);
+    if (kb < 0) {
+      rows_product<T, W, NV, R, false>(P.w[l], ldw, r0, r1, 0, K, prev, out + r0 * BS);
+    } else {
+      const int64_t k0 = l == 0 ? kb : bp[kb];
+      rows_product<T, W, NV, R, true>(P.w[l], ldw, r0, r1, k0, K, prev, out + r0 * BS);
+    }
     const T* bias = P.b[l];
     for (int64_t r = r0; r < r1; ++r) {
       T* o = out + r * BS;
@@ -364,35 +400,89 @@ FF_MADE_INLINE void hidden_groups(const Walk<T>& P, int64_t m, int64_t b0, int64
   }
 }
 
+// Lookahead at degree kb (before input kb is known): the sums of the outputs of inputs
+// [kb, kb + B) and of the hidden units of degrees [kb + 1, kb + B] over everything already final,
+// as a few wide products instead of many narrow ones (small degree groups, i.e. large D).
+template <typename T, int W, int NV, int R>
+FF_MADE_INLINE void lookahead(const Walk<T>& P, int64_t kb, int64_t B, T* ws, T* tsb) {
+  constexpr int BS = NV * W;
+  const int64_t d = P.d, L = P.L;
+  const int64_t ke = kb + B < d ? kb + B : d;  // inputs [kb, ke)
+  const int64_t hl = P.hidden[L - 1];
+  const T* last = ws + (d + P.offs[L - 1]) * BS;
+  const int64_t c0 = P.bounds[(L - 1) * (d + 1) + kb];
+  rows_product<T, W, NV, R, false>(P.w[L], hl, kb, ke, 0, c0, last, tsb);
+  rows_product<T, W, NV, R, false>(P.w[L], hl, d + kb, d + ke, 0, c0, last, tsb + B * BS);
+  for (int64_t l = 0; l < L; ++l) {
+    const int64_t* bl = P.bounds + l * (d + 1);
+    const int64_t* bp = P.bounds + (l - 1) * (d + 1);
+    const int64_t K0 = l == 0 ? kb : bp[kb];
+    const int64_t ldw = l == 0 ? d : P.hidden[l - 1];
+    const T* prev = l == 0 ? ws : ws + (d + P.offs[l - 1]) * BS;
+    T* out = ws + (d + P.offs[l]) * BS;
+    rows_product<T, W, NV, R, false>(P.w[l], ldw, bl[kb], bl[ke], 0, K0, prev, out + bl[kb] * BS);
+  }
+}
+
 template <typename T, int W, int NV, int R>
 FF_MADE_INLINE void walk_block(const Walk<T>& P, int64_t b0, int64_t nb, T* ws) {
   constexpr int BS = NV * W;
+  constexpr int kMaxB = 32;
   const int64_t d = P.d, L = P.L;
+  const int64_t B = P.lookahead;
   T* xs = ws;  // [d][BS]
   T ld[BS];
   for (int s = 0; s < BS; ++s) ld[s] = T(0);
+  // B > 1: output sums of the lookahead block (B shift rows, then B raw-scale rows)
+  alignas(64) T tsb[2 * kMaxB * BS];
 
-  hidden_groups<T, W, NV, R>(P, 0, b0, nb, ws);
+  hidden_groups<T, W, NV, R>(P, 0, -1, b0, nb, ws);
   const T* wout = P.w[L];
   const T* bout = P.b[L];
   const int64_t hl = P.hidden[L - 1];
   const T* last = ws + (d + P.offs[L - 1]) * BS;
   const int64_t* bL = P.bounds + (L - 1) * (d + 1);
-  T ts[2 * BS];
+  int64_t kb = 0;
   for (int64_t k = 0; k < d; ++k) {
-    const T* rows[2] = {wout + k * hl, wout + (d + k) * hl};
-    micro<T, W, NV, 2, ksplit<2, NV>()>(rows, bL[k], last, ts);
+    const T *ts, *tr;
+    if (B > 1) {
+      if (k % B == 0) {
+        kb = k;
+        lookahead<T, W, NV, R>(P, kb, B, ws, tsb);
+      }
+      const int64_t j = k - kb, c0 = bL[kb];
+      if (bL[k] > c0) {
+        const T* rows[2] = {wout + k * hl + c0, wout + (d + k) * hl + c0};
+        micro<T, W, NV, 2, ksplit<2, NV>(), true>(rows, bL[k] - c0, last + c0 * BS,
+                                                   tsb + j * BS, B * BS);
+      }
+      ts = tsb + j * BS;
+      tr = tsb + (B + j) * BS;
+    } else {
+      const T* rows[2] = {wout + k * hl, wout + (d + k) * hl};
+      micro<T, W, NV, 2, ksplit<2, NV>(), false>(rows, bL[k], last, tsb, BS);
+      ts = tsb;
+      tr = tsb + BS;
+    }
     const T bt = bout[k], br = bout[d + k];
     T us[BS];
     for (int s = 0; s < BS; ++s) us[s] = s < nb ? P.u[(b0 + s) * d + k] : T(0);
     T* xk = xs + k * BS;
     switch (P.mode) {
-      case kSoftClamp: affine_step<T, kSoftClamp, BS>(ts, us, bt, br, P.c, P.inv_c, xk, ld); break;
-      case kGlowSigmoid: affine_step<T, kGlowSigmoid, BS>(ts, us, bt, br, P.c, P.inv_c, xk, ld); break;
-      case kIdentity: affine_step<T, kIdentity, BS>(ts, us, bt, br, P.c, P.inv_c, xk, ld); break;
-      default: affine_step<T, kAdditive, BS>(ts, us, bt, br, P.c, P.inv_c, xk, ld); break;
+      case kSoftClamp:
+        affine_step<T, kSoftClamp, BS>(ts, tr, us, bt, br, P.c, P.inv_c, xk, ld);
+        break;
+      case kGlowSigmoid:
+        affine_step<T, kGlowSigmoid, BS>(ts, tr, us, bt, br, P.c, P.inv_c, xk, ld);
+        break;
+      case kIdentity:
+        affine_step<T, kIdentity, BS>(ts, tr, us, bt, br, P.c, P.inv_c, xk, ld);
+        break;
+      default:
+        affine_step<T, kAdditive, BS>(ts, tr, us, bt, br, P.c, P.inv_c, xk, ld);
+        break;
     }
-    if (k + 1 < d) hidden_groups<T, W, NV, R>(P, k + 1, b0, nb, ws);
+    if (k + 1 < d) hidden_groups<T, W, NV, R>(P, k + 1, B > 1 ? kb : -1, b0, nb, ws);
   }
   for (int64_t s = 0; s < nb; ++s) {
     for (int64_t k = 0; k < d; ++k) P.x[(b0 + s) * d + k] = xs[k * BS + s];

@@ -395,3 +395,19 @@ def test_narrower_cpu_kernels(isa, monkeypatch):
         )
         x2, _ = M.made_affine_inverse(u.float(), p32, None if ctx is None else ctx.float())
         torch.testing.assert_close(x2.double(), x0, rtol=1e-4, atol=1e-4)
+
+
+@native
+@pytest.mark.parametrize("lookahead", ["1", "5", "32"])
+def test_lookahead_blocks(lookahead, monkeypatch):
+    """The walk with and without lookahead blocks agrees with the reference."""
+    monkeypatch.setenv("FASTFLOW_MADE_LOOKAHEAD", lookahead)
+    gen = torch.Generator().manual_seed(10)
+    for d, hidden, c in [(2, (9,), 1), (23, (40, 17, 30), 2), (65, (64,), 0)]:
+        p = random_pack(d, hidden, c, gen)
+        u = torch.randn(50, d, generator=gen, dtype=torch.float64)
+        ctx = torch.randn(50, c, generator=gen, dtype=torch.float64) if c else None
+        x0, l0 = M.reference_made_affine_inverse(u, p, ctx)
+        x1, l1 = M.made_affine_inverse(u, p, ctx)
+        torch.testing.assert_close(x1, x0, rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(l1, l0, rtol=1e-10, atol=1e-10)
