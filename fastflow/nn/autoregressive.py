@@ -43,6 +43,7 @@ class MaskedAffineAutoregressive(nn.Module):
         clamp: the soft-clamp bound.
 
     Example:
+        >>> import torch
         >>> layer = MaskedAffineAutoregressive(4, hidden=(16, 16))
         >>> x = torch.randn(8, 4)
         >>> u, logdet = layer(x)
@@ -117,6 +118,7 @@ class InverseAutoregressive(MaskedAffineAutoregressive):
     Arguments as in :class:`MaskedAffineAutoregressive`.
 
     Example:
+        >>> import torch
         >>> layer = InverseAutoregressive(3, hidden=(8,))
         >>> z = torch.randn(5, 3)
         >>> x, ld = layer.inverse(z)
