@@ -4,6 +4,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <stdexcept>
 #include <string>
@@ -30,6 +31,31 @@ inline void check_ptr(std::uintptr_t p, int64_t count, const char* name) {
   check(count >= 0, std::string(name) + ": negative size");
   check(count == 0 || p != 0, std::string(name) + ": null pointer for a non-empty buffer");
 }
+
+#if !defined(__CUDACC__)
+// Host SIMD level for kernels compiled per ISA (see coupling_cpu.cpp): 2 = AVX-512 (F, DQ, VL,
+// BW), 1 = AVX2 + FMA, 0 = baseline. FASTFLOW_CPU_ISA=base|avx2 caps it (read once), so tests
+// can run every variant on one machine.
+enum CpuIsa : int { kIsaBase = 0, kIsaAvx2 = 1, kIsaAvx512 = 2 };
+inline int cpu_isa_level() {
+  static const int level = [] {
+    int best = kIsaBase;
+#if defined(__x86_64__) && defined(__GNUC__)
+    __builtin_cpu_init();
+    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq") &&
+        __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512bw"))
+      best = kIsaAvx512;
+    else if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"))
+      best = kIsaAvx2;
+#endif
+    const char* cap = std::getenv("FASTFLOW_CPU_ISA");
+    if (cap && std::string(cap) == "base") best = kIsaBase;
+    if (cap && std::string(cap) == "avx2" && best > kIsaAvx2) best = kIsaAvx2;
+    return best;
+  }();
+  return level;
+}
+#endif
 
 // ---------------------------------------------------------------------------------------------
 // Storage types for 16-bit floats on the host. Arithmetic always happens in float.

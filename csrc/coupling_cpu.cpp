@@ -29,28 +29,11 @@ namespace avx512 {
 
 namespace {
 
-// 2: AVX-512 (F, DQ, VL, BW), 1: AVX2 + FMA, 0: baseline.
-int isa_level() {
 #if defined(FF_HAVE_AVX2_CLONE)
-  static const int level = [] {
-    __builtin_cpu_init();
-    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq") &&
-        __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512bw"))
-      return 2;
-    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return 1;
-    return 0;
-  }();
-  return level;
-#else
-  return 0;
-#endif
-}
-
-#if defined(FF_HAVE_AVX2_CLONE)
-#define FF_ISA_CALL(FN, ...)                                                  \
-  (isa_level() == 2   ? avx512::FN(__VA_ARGS__)                               \
-   : isa_level() == 1 ? avx2::FN(__VA_ARGS__)                                 \
-                      : base::FN(__VA_ARGS__))
+#define FF_ISA_CALL(FN, ...)                                \
+  (cpu_isa_level() == kIsaAvx512 ? avx512::FN(__VA_ARGS__)  \
+   : cpu_isa_level() == kIsaAvx2 ? avx2::FN(__VA_ARGS__)    \
+                                 : base::FN(__VA_ARGS__))
 #else
 #define FF_ISA_CALL(FN, ...) base::FN(__VA_ARGS__)
 #endif

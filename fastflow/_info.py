@@ -12,8 +12,9 @@ def info() -> dict:
 
     Returns:
         A dict with ``version``, ``torch``, ``cpu_kernels`` (bool), ``cuda_kernels`` (bool),
-        ``cuda_architectures``, ``openmp``, ``cuda_device`` (name or None), ``threads`` and
-        ``backend`` (what ops run on CPU tensors: ``native`` or ``reference``).
+        ``cuda_architectures``, ``openmp``, ``cpu_isa`` (SIMD variant of the CPU kernels),
+        ``cuda_device`` (name or None), ``threads`` and ``backend`` (what ops run on CPU
+        tensors: ``native`` or ``reference``).
 
     Example:
         >>> import fastflow
@@ -33,6 +34,7 @@ def info() -> dict:
         "cuda_kernels": bool(built.get("cuda", False)),
         "cuda_architectures": built.get("cuda_architectures", ""),
         "openmp": bool(built.get("openmp", False)),
+        "cpu_isa": B._C.cpu_isa() if B._C is not None else "",
         "compiler": built.get("compiler", ""),
         "cuda_device": cuda_dev,
         "threads": B.num_threads(),
