@@ -187,28 +187,28 @@ class GlowStep(Transform):
             logdet = ld1 + ld2
         # split (not slicing): its backward is one cat instead of two zero-filled scatters
         xa, xb = y.split([self.split, self.channels - self.split], 1)
+        yb, ldc = self._couple(xa, xb, inverse=False)
+        return torch.cat([xa, yb], 1), logdet + ldc
+
+    def _couple(self, xa: Tensor, xb: Tensor, inverse: bool) -> tuple[Tensor, Tensor]:
+        # A separate frame: the conditioner's outputs that autograd does not save (the shift)
+        # are freed before the caller allocates the concatenated output, lowering peak memory.
         h = self.conditioner(xa)
         if self.coupling == "affine":
             raw, shift = self._params(h)
-            yb, ldc = affine_coupling(xb, raw, shift, scale_fn=self.scale_fn, clamp=self.clamp)
-        else:
-            yb, ldc = additive_coupling(xb, h)
-        return torch.cat([xa, yb], 1), logdet + ldc
+            fn = affine_coupling_inverse if inverse else affine_coupling
+            return fn(xb, raw, shift, scale_fn=self.scale_fn, clamp=self.clamp)
+        fn = additive_coupling_inverse if inverse else additive_coupling
+        return fn(xb, h)
 
     def inverse(self, z: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """``(x, logdet)`` of the inverse map (``logdet`` is minus the forward's)."""
         self._check("z", z, context)
         acc = B.acc_dtype(z.dtype)
         za, zb = z.split([self.split, self.channels - self.split], 1)
-        h = self.conditioner(za)
-        if self.coupling == "affine":
-            raw, shift = self._params(h)
-            xb, ldc = affine_coupling_inverse(
-                zb, raw, shift, scale_fn=self.scale_fn, clamp=self.clamp
-            )
-        else:
-            xb, ldc = additive_coupling_inverse(zb, h)
+        xb, ldc = self._couple(za, zb, inverse=True)
         y = torch.cat([za, xb], 1)
+        del xb
         if self.fused:
             _, w_inv, ld_pp = self.invconv.weight_and_inverse(z.dtype)
             ls = self.actnorm.log_scale.to(z.dtype)
