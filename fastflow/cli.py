@@ -98,6 +98,13 @@ def _configure_train(p: argparse.ArgumentParser) -> None:
     g.add_argument("--skip-nonfinite", action="store_true", help="skip batches with NaN/inf loss")
     g = p.add_argument_group("run")
     g.add_argument("--device", default=d.device, help="auto, cpu, cuda, cuda:N (auto)")
+    g.add_argument(
+        "--threads",
+        type=int,
+        default=d.threads,
+        help="CPU threads per process (1: small flows train fastest and do not fight other "
+        "processes for cores; 0: torch's default, all cores)",
+    )
     g.add_argument("--dtype", default=d.dtype, choices=["float32", "float64"])
     g.add_argument("--autocast", default=d.autocast, choices=["off", "bf16", "fp16"])
     g.add_argument("--seed", type=int, default=d.seed)

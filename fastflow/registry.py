@@ -143,7 +143,7 @@ def _call_accepting(cls, *args, **kwargs):
 @register_model(
     "glow",
     kinds=("image",),
-    defaults={"hidden": 64, "depth": 4, "scales": 2},
+    defaults={"hidden": 64, "depth": 8, "scales": 2},
     description="Glow (Kingma & Dhariwal 2018): multi-scale ActNorm/1x1 conv/affine coupling",
 )
 def _glow(shape, o):

@@ -72,12 +72,12 @@ class TrainConfig:
     n_data: int | None = None
     val: float = 0.1
     test: float = 0.1
-    epochs: int = 10
+    epochs: int = 50
     max_steps: int | None = None
     batch_size: int = 64
     lr: float = 2e-3
     warmup: int = 100
-    schedule: str = "constant"
+    schedule: str = "cosine"
     clip_grad: float = 50.0
     weight_decay: float = 0.0
     device: str = "auto"
@@ -93,6 +93,7 @@ class TrainConfig:
     sample_n: int = 64
     temperature: float = 0.8
     eval_batch_size: int = 512
+    threads: int = 1
     inject_nan_at: int | None = None  # testing aid: make the loss NaN at this step
 
 
@@ -374,9 +375,7 @@ def sample(
         with torch.random.fork_rng(devices=devices), torch.no_grad():
             torch.manual_seed(seed)
             for i in range(0, n, batch_size):
-                out.append(
-                    pre.from_model(flow.sample(min(batch_size, n - i), temperature=temperature))
-                )
+                out.append(pre.from_model(_draw(flow, min(batch_size, n - i), temperature)))
     finally:
         flow.train(was_training)
     if not out:
@@ -493,8 +492,8 @@ def _check_config(cfg: TrainConfig) -> None:
     positive("max_steps", cfg.max_steps, allow_none=True)
     if not (cfg.lr > 0 and math.isfinite(cfg.lr)):
         raise ValueError(f"--lr must be a positive number, got {cfg.lr}")
-    if cfg.warmup < 0 or cfg.save_every < 0 or cfg.clip_grad < 0:
-        raise ValueError("--warmup, --save-every and --clip-grad must be >= 0")
+    if cfg.warmup < 0 or cfg.save_every < 0 or cfg.clip_grad < 0 or cfg.threads < 0:
+        raise ValueError("--warmup, --save-every, --clip-grad and --threads must be >= 0")
     if cfg.dtype not in _DTYPES:
         raise ValueError(f"--dtype must be one of {', '.join(_DTYPES)}, got {cfg.dtype!r}")
     if cfg.autocast not in _AUTOCAST:
@@ -584,9 +583,10 @@ def train(cfg: TrainConfig) -> dict:
 def _train(cfg: TrainConfig) -> dict:
     rank, world, _ = _dist_info()
     is_main = rank == 0
-    if is_main:
-        _need_extras(cfg)
+    _need_extras(cfg)  # on every rank: all fail alike, none is left waiting in a collective
     device = _resolve_device(cfg.device)
+    if device.type == "cpu" and cfg.threads > 0:
+        torch.set_num_threads(cfg.threads)
     dtype = _DTYPES[cfg.dtype]
     ac_dtype = _AUTOCAST[cfg.autocast]
     out = cfg.out or default_out_dir(cfg.data, cfg.model)
@@ -788,7 +788,7 @@ def _train(cfg: TrainConfig) -> dict:
             metrics_len += 1
         save(improved)
         _rank0_print(
-            f"epoch {rec['epoch']:g}/{cfg.epochs}  step {step}  train {train_bpd:.4f} bpd  "
+            f"epoch {rec['epoch']:.4g}/{cfg.epochs}  step {step}  train {train_bpd:.4f} bpd  "
             f"val {val_bpd:.4f} bpd  {rec['samples_per_s']:.0f} samples/s"
             + ("  *best*" if improved else "")
             + (f"  ({int(s_skip)} non-finite batches skipped)" if s_skip else "")

@@ -14,6 +14,7 @@ import torch
 from fastflow.cli import main
 
 TINY = ["--model", "realnvp", "--hidden", "8", "--depth", "2", "--no-progress", "--warmup", "2"]
+TINY += ["--schedule", "constant"]
 
 
 def _train(tmp_path, *extra, name="run"):

@@ -37,6 +37,7 @@ def _cfg(tmp_path, **kw) -> TrainConfig:
         progress=False,
         plots=False,
         warmup=3,
+        schedule="constant",
     )
     base.update(kw)
     return TrainConfig(**base)
@@ -170,6 +171,10 @@ def test_resume_incompatible_and_missing(tmp_path):
         train(_cfg(tmp_path, model="nice", resume="auto"))
     with pytest.raises(TrainError, match="--hidden 8"):
         train(_cfg(tmp_path, hidden=9, resume="auto"))
+    # a cosine schedule's length is part of the run: changing --epochs on resume is refused
+    train(_cfg(tmp_path, out=str(tmp_path / "cos"), schedule="cosine"))
+    with pytest.raises(TrainError, match="--epochs 1 vs 2"):
+        train(_cfg(tmp_path, out=str(tmp_path / "cos"), schedule="cosine", epochs=2, resume="auto"))
     with pytest.raises(CheckpointError, match="no checkpoint to resume"):
         train(_cfg(tmp_path, out=str(tmp_path / "empty"), resume="auto"))
 
