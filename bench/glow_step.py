@@ -41,6 +41,7 @@ import torch.nn.functional as F
 from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _common  # noqa: E402
 from _common import peak_memory_mb, table, timeit, write_results  # noqa: E402
 
 from fastflow.nn.glow_step import GlowConditioner, GlowStep  # noqa: E402
@@ -227,10 +228,28 @@ def closures(m, x):
 METRICS = ("forward", "fwd_bwd", "inverse")
 
 
+def _malloc_for_timing(timing: bool) -> None:
+    """_common fixes glibc's mmap threshold at 64 KiB so that peak memory can be read from the
+    resident set; then every tensor allocation is a fresh mapping and pays page faults, which a
+    normal process (dynamic threshold, memory reused from the heap) does not. Timings run with
+    heap reuse; the peak-memory measurement with _common's setting."""
+    libc = _common._libc
+    if libc is None:
+        return
+    if timing:
+        libc.mallopt(-3, 64 * 2**20)  # M_MMAP_THRESHOLD
+        libc.mallopt(-1, 1024 * 2**20)  # M_TRIM_THRESHOLD
+    else:
+        libc.mallopt(-3, 64 * 1024)
+        libc.mallopt(-1, 128 * 1024)
+        libc.malloc_trim(0)
+
+
 def run_config(impls, x, samples):
     """Single-call timings, interleaved across implementations and repeated ``samples`` times:
     on a shared machine the minimum is the least disturbed measurement, so ratios use it (the
     median is reported too)."""
+    _malloc_for_timing(True)
     fns = {name: closures(m, x) for name, m in impls.items()}
     times = {name: {k: [] for k in METRICS} for name in impls}
     for name in impls:  # warm-up
@@ -240,6 +259,7 @@ def run_config(impls, x, samples):
         for name in impls:
             for k in METRICS:
                 times[name][k].append(timeit(fns[name][k], warmup=0, reps=1))
+    _malloc_for_timing(False)
     out = {}
     for name in impls:
         r = {}

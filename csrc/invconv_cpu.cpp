@@ -224,6 +224,79 @@ FF_INLINE void grad_params_body(const T* x, const T* g, int64_t c, int64_t p,
   }
 }
 
+// Register-blocked W gradient for fp32/fp64: RO x RC vector accumulators (VB bytes each) over the
+// pixels, summed horizontally at the end; RO + RC loads feed RO * RC multiply-adds. Rows and
+// columns past the last full block go through the simple dot products below.
+template <typename T>
+FF_INLINE void grad_params_range(const T* x, const T* g, int64_t c, int64_t p, int64_t co_lo,
+                                 int64_t co_hi, int64_t ci_lo, int64_t ci_hi, acc_t<T>* acc_w) {
+  using A = acc_t<T>;
+  for (int64_t co = co_lo; co < co_hi; ++co)
+    for (int64_t ci = ci_lo; ci < ci_hi; ++ci) {
+      const T* g0 = g + co * p;
+      const T* x0 = x + ci * p;
+      A s = 0;
+#pragma omp simd reduction(+ : s)
+      for (int64_t v = 0; v < p; ++v) s += A(load(g0[v])) * A(load(x0[v]));
+      acc_w[co * c + ci] += s;
+    }
+}
+
+template <typename T, int VB, int RO, int RC>
+FF_INLINE void grad_params_vec(const T* x, const T* g, int64_t c, int64_t p, T* acc_w,
+                               T* acc_b) {
+  typedef T V __attribute__((vector_size(VB)));
+  constexpr int64_t L = VB / sizeof(T);
+  const int64_t pv = p - p % L;
+  const int64_t co_full = c - c % RO, ci_full = c - c % RC;
+  for (int64_t co0 = 0; co0 < co_full; co0 += RO)
+    for (int64_t ci0 = 0; ci0 < ci_full; ci0 += RC) {
+      V acc[RO][RC];
+#pragma GCC unroll 16
+      for (int r = 0; r < RO; ++r)
+#pragma GCC unroll 16
+        for (int q = 0; q < RC; ++q) acc[r][q] = V{};
+      for (int64_t v = 0; v < pv; v += L) {
+        V gv[RO], xv[RC];
+#pragma GCC unroll 16
+        for (int r = 0; r < RO; ++r) memcpy(&gv[r], g + (co0 + r) * p + v, VB);
+#pragma GCC unroll 16
+        for (int q = 0; q < RC; ++q) memcpy(&xv[q], x + (ci0 + q) * p + v, VB);
+#pragma GCC unroll 16
+        for (int r = 0; r < RO; ++r)
+#pragma GCC unroll 16
+          for (int q = 0; q < RC; ++q) acc[r][q] += gv[r] * xv[q];
+      }
+      for (int r = 0; r < RO; ++r)
+        for (int q = 0; q < RC; ++q) {
+          T sum = 0;
+          for (int e = 0; e < L; ++e) sum += acc[r][q][e];
+          const T* g0 = g + (co0 + r) * p;
+          const T* x0 = x + (ci0 + q) * p;
+          for (int64_t v = pv; v < p; ++v) sum += g0[v] * x0[v];
+          acc_w[(co0 + r) * c + ci0 + q] += sum;
+        }
+    }
+  if (ci_full < c) grad_params_range<T>(x, g, c, p, 0, c, ci_full, c, acc_w);
+  if (co_full < c) grad_params_range<T>(x, g, c, p, co_full, c, 0, ci_full, acc_w);
+  for (int64_t co = 0; co < c; ++co) {
+    const T* g0 = g + co * p;
+    T sb = 0;
+#pragma omp simd reduction(+ : sb)
+    for (int64_t v = 0; v < p; ++v) sb += g0[v];
+    acc_b[co] += sb;
+  }
+}
+
+template <typename T, int VB, int RO, int RC>
+FF_INLINE void grad_params_dispatch(const T* x, const T* g, int64_t c, int64_t p,
+                                    acc_t<T>* acc_w, acc_t<T>* acc_b) {
+  if constexpr (VB > 0 && (std::is_same_v<T, float> || std::is_same_v<T, double>))
+    grad_params_vec<T, VB, RO, RC>(x, g, c, p, acc_w, acc_b);
+  else
+    grad_params_body<T>(x, g, c, p, acc_w, acc_b);
+}
+
 // Row layout [N, C] (P = 1): y[n, co] = b[co] + sum_ci W[co, ci] x[n, ci], a dot product over
 // contiguous channels; and the outer-product update of the W gradient for one row.
 template <typename T>
@@ -283,9 +356,21 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx2,fma"))) void affine_item_a
     const T* x, const T* w, const T* b, T* y, int64_t c, int64_t p, int64_t co0) {
   affine_item_body<T, 64, 8, 2>(x, w, b, y, c, p, co0);  // 16 of 32 zmm registers accumulate
 }
-FF_ISA_VARIANTS(grad_params, grad_params_body,
-                (const T* x, const T* g, int64_t c, int64_t p, acc_t<T>* aw, acc_t<T>* ab),
-                (x, g, c, p, aw, ab))
+template <typename T>
+void grad_params_base(const T* x, const T* g, int64_t c, int64_t p, acc_t<T>* aw, acc_t<T>* ab) {
+  grad_params_dispatch<T, 0, 1, 1>(x, g, c, p, aw, ab);
+}
+template <typename T>
+__attribute__((target("avx2,fma"))) void grad_params_avx2(const T* x, const T* g, int64_t c,
+                                                          int64_t p, acc_t<T>* aw,
+                                                          acc_t<T>* ab) {
+  grad_params_dispatch<T, 32, 2, 4>(x, g, c, p, aw, ab);  // 8 + 6 of 16 ymm registers
+}
+template <typename T>
+__attribute__((target("avx512f,avx512bw,avx512vl,avx2,fma"))) void grad_params_avx512(
+    const T* x, const T* g, int64_t c, int64_t p, acc_t<T>* aw, acc_t<T>* ab) {
+  grad_params_dispatch<T, 64, 4, 4>(x, g, c, p, aw, ab);  // 16 + 8 of 32 zmm registers
+}
 FF_ISA_VARIANTS(affine_row, affine_row_body,
                 (const T* x, const T* w, const T* b, T* y, int64_t c), (x, w, b, y, c))
 FF_ISA_VARIANTS(grad_params_row, grad_params_row_body,
@@ -379,37 +464,100 @@ void grad_params_kernel(int64_t n, int64_t c, int64_t p, const T* x, const T* g,
 template <typename T>
 void lu_weight_kernel(int64_t c, const T* pm, const T* l, const T* u, const T* log_s,
                       const T* sign_s, T* w, T* w_inv, acc_t<T>* logdet, acc_t<T>* ws) {
+  // Same formulas as the CUDA kernel (and invconv.h's column helpers), organised as row axpys
+  // over contiguous memory so that the O(C^3) loops vectorize.
   using A = acc_t<T>;
   A* prod = ws;              // L U~, later U~^-1 L^-1
-  A* linv = ws + c * c;      // L^-1
+  A* linv = ws + c * c;      // U~ first, then L^-1
   A* uinv = ws + 2 * c * c;  // U~^-1
+  A* uf = linv;
   for (int64_t i = 0; i < c; ++i)
-    for (int64_t j = 0; j < c; ++j) prod[i * c + j] = lu_product<T, A>(l, u, log_s, sign_s, c, i, j);
-  // W = P (L U~); P is a permutation matrix but is applied as a matrix (O(C^3) once per step).
-  for (int64_t i = 0; i < c; ++i)
-    for (int64_t j = 0; j < c; ++j) {
-      A s = 0;
-      for (int64_t k = 0; k < c; ++k) s += A(load(pm[i * c + k])) * prod[k * c + j];
-      w[i * c + j] = store<T>(s);
+    for (int64_t j = 0; j < c; ++j) uf[i * c + j] = lu_upper<T, A>(u, log_s, sign_s, c, i, j);
+  // prod[i, :] = U~[i, :] + sum_{k < i} L[i, k] U~[k, :]   (U~[k, j] = 0 for j < k)
+  for (int64_t i = 0; i < c; ++i) {
+    A* row = prod + i * c;
+    for (int64_t j = 0; j < c; ++j) row[j] = uf[i * c + j];
+    for (int64_t k = 0; k < i; ++k) {
+      const A lk = load(l[i * c + k]);
+      const A* ur = uf + k * c;
+#pragma omp simd
+      for (int64_t j = k; j < c; ++j) row[j] += lk * ur[j];
     }
-  for (int64_t j = 0; j < c; ++j) {
-    lower_inverse_column<T, A>(l, c, j, linv);
-    upper_inverse_column<T, A>(u, log_s, sign_s, c, j, uinv);
   }
-  // U~^-1 L^-1 (upper times unit lower: k runs from max(i, j) to c - 1)
-  for (int64_t i = 0; i < c; ++i)
-    for (int64_t j = 0; j < c; ++j) {
-      A s = 0;
-      for (int64_t k = std::max(i, j); k < c; ++k) s += uinv[i * c + k] * linv[k * c + j];
-      prod[i * c + j] = s;
+  // U~^-1 by rows, bottom up: uinv[i, :] = (e_i - sum_{k > i} U[i, k] uinv[k, :]) / d_i
+  for (int64_t i = c - 1; i >= 0; --i) {
+    A* row = uinv + i * c;
+    for (int64_t j = 0; j < c; ++j) row[j] = j == i ? A(1) : A(0);
+    for (int64_t k = i + 1; k < c; ++k) {
+      const A uk = uf[i * c + k];
+      const A* r = uinv + k * c;
+#pragma omp simd
+      for (int64_t j = k; j < c; ++j) row[j] -= uk * r[j];
     }
-  // W^-1 = U~^-1 L^-1 P^T
-  for (int64_t i = 0; i < c; ++i)
-    for (int64_t j = 0; j < c; ++j) {
-      A s = 0;
-      for (int64_t k = 0; k < c; ++k) s += prod[i * c + k] * A(load(pm[j * c + k]));
-      w_inv[i * c + j] = store<T>(s);
+    const A inv_d = A(1) / uf[i * c + i];
+#pragma omp simd
+    for (int64_t j = i; j < c; ++j) row[j] *= inv_d;
+  }
+  // L^-1 by rows, top down: linv[i, :] = e_i - sum_{k < i} L[i, k] linv[k, :] (overwrites U~)
+  for (int64_t i = 0; i < c; ++i) {
+    A* row = linv + i * c;
+    for (int64_t j = 0; j < c; ++j) row[j] = j == i ? A(1) : A(0);
+    for (int64_t k = 0; k < i; ++k) {
+      const A lk = load(l[i * c + k]);
+      const A* r = linv + k * c;
+#pragma omp simd
+      for (int64_t j = 0; j <= k; ++j) row[j] -= lk * r[j];
     }
+  }
+  // W = P prod, using only P's nonzero entries (a permutation gathers rows; exact for any P)
+  for (int64_t i = 0; i < c; ++i) {
+    T* wr = w + i * c;
+    int64_t nnz = 0, only = 0;
+    for (int64_t k = 0; k < c; ++k)
+      if (A(load(pm[i * c + k])) != A(0)) {
+        ++nnz;
+        only = k;
+      }
+    if (nnz == 1 && A(load(pm[i * c + only])) == A(1)) {
+      for (int64_t j = 0; j < c; ++j) wr[j] = store<T>(prod[only * c + j]);
+    } else {
+      for (int64_t j = 0; j < c; ++j) {
+        A sum = 0;
+        for (int64_t k = 0; k < c; ++k) sum += A(load(pm[i * c + k])) * prod[k * c + j];
+        wr[j] = store<T>(sum);
+      }
+    }
+  }
+  // M = U~^-1 L^-1 into prod: M[i, :] = sum_{k >= i} uinv[i, k] linv[k, 0..k]
+  for (int64_t i = 0; i < c; ++i) {
+    A* row = prod + i * c;
+    for (int64_t j = 0; j < c; ++j) row[j] = A(0);
+    for (int64_t k = i; k < c; ++k) {
+      const A uk = uinv[i * c + k];
+      const A* r = linv + k * c;
+#pragma omp simd
+      for (int64_t j = 0; j <= k; ++j) row[j] += uk * r[j];
+    }
+  }
+  // W^-1 = M P^T: column j of W^-1 is M P[j, :]^T (a permutation scatters columns)
+  for (int64_t j = 0; j < c; ++j) {
+    int64_t nnz = 0, only = 0;
+    for (int64_t k = 0; k < c; ++k)
+      if (A(load(pm[j * c + k])) != A(0)) {
+        ++nnz;
+        only = k;
+      }
+    const bool gather = nnz == 1 && A(load(pm[j * c + only])) == A(1);
+    for (int64_t i = 0; i < c; ++i) {
+      A sum = 0;
+      if (gather) {
+        sum = prod[i * c + only];
+      } else {
+        for (int64_t k = 0; k < c; ++k) sum += prod[i * c + k] * A(load(pm[j * c + k]));
+      }
+      w_inv[i * c + j] = store<T>(sum);
+    }
+  }
   A ld = 0;
   for (int64_t i = 0; i < c; ++i) ld += A(load(log_s[i]));
   *logdet = ld;

@@ -379,3 +379,16 @@ def test_cuda_channel_affine_forward_backward(dtype, shape):
     rtol, atol = TOL[dtype]
     for a, w in zip(got, want):
         torch.testing.assert_close(a, w, rtol=rtol, atol=atol * max(1.0, w.abs().max().item()))
+
+
+@needs_native
+def test_lu_weight_op_with_a_general_p_matrix():
+    # The public function insists on a permutation; the kernel itself applies any P as a matrix
+    # (W = P L U~, W_inv = U~^-1 L^-1 P^T), with a gather fast path for permutation rows.
+    P, L, U, log_s, sign_s = lu_params(7, seed=4)
+    P = P.clone()
+    P[2] = torch.randn(7, dtype=torch.float64)
+    W, W_inv, ld = torch.ops.fastflow.lu_weight(P, L, U, log_s, sign_s)
+    rW, rW_inv, rld = reference_lu_weight(P, L, U, log_s, sign_s)
+    torch.testing.assert_close(W, rW, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(W_inv, rW_inv, rtol=1e-12, atol=1e-12)
