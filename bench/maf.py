@@ -7,7 +7,8 @@ one native kernel call per layer (one pass of work). The torch-walk baseline is 
 sampled with :func:`fastflow.ops.made.torch_degree_walk` (the kernel's algorithm written with
 torch slicing and matmuls).
 
-Run: ``python bench/maf.py`` (about 3-5 minutes on 2 cores; ``--quick`` for a smoke run).
+Run: ``python bench/maf.py`` (about 5-9 minutes on 2 cores, most of it nflows and zuko sampling
+at D=256; ``--quick`` for a smoke run, ``--threads 1`` for one thread).
 Writes ``bench/results/maf.json``.
 """
 
@@ -54,29 +55,31 @@ def sample_torch_walk(flow: MAF, n: int) -> torch.Tensor:
     return z
 
 
+def interleaved(fns: dict, rounds: int, reps: int) -> dict:
+    """Min over ``rounds`` of the median of ``reps`` calls, the functions taking turns.
+
+    Taking turns exposes every function to the same background load; the min over rounds keeps
+    the quietest round (the 2-core machine is shared, and multi-threaded small ops suffer badly
+    from oversubscription)."""
+    best = dict.fromkeys(fns, float("inf"))
+    for _ in range(rounds):
+        for k, f in fns.items():
+            best[k] = min(best[k], 1e3 * timeit(f, 1, reps))
+    return best
+
+
 def bench_dim(d: int, quick: bool) -> dict:
     torch.manual_seed(0)
-    reps_fast = 3 if quick else 15
+    rounds, reps = (1, 2) if quick else (5, 5)
     row: dict = {"D": d}
     x = torch.randn(BATCH, d)
     ff = MAF(d, layers=LAYERS, hidden=(HIDDEN, HIDDEN)).eval()
     row["params_fastflow"] = n_params(ff)
-    with torch.no_grad():
-        # same seed: the kernel and the torch walk must produce the same samples
-        torch.manual_seed(1)
-        a = ff.sample(BATCH)
-        torch.manual_seed(1)
-        b = sample_torch_walk(ff, BATCH)
-        row["max_abs_diff_kernel_vs_torch_walk"] = float((a - b).abs().max())
-        row["fastflow_log_prob_ms"] = 1e3 * timeit(lambda: ff.log_prob(x), 3, reps_fast)
-        row["fastflow_sample_ms"] = 1e3 * timeit(lambda: ff.sample(BATCH), 3, reps_fast)
-        walk_reps = 1 if (quick or d >= 256) else 3
-        row["torch_walk_sample_ms"] = 1e3 * timeit(
-            lambda: sample_torch_walk(ff, BATCH), 1, walk_reps
-        )
-
-    slow_reps = 1
-    slow_warm = 0 if (quick or d >= 256) else 1
+    nf = zf = None
+    fast = {
+        "fastflow_log_prob_ms": lambda: ff.log_prob(x),
+        "fastflow_sample_ms": lambda: ff.sample(BATCH),
+    }
     if NflowsMAF is not None:
         nf = NflowsMAF(
             d,
@@ -86,17 +89,31 @@ def bench_dim(d: int, quick: bool) -> dict:
             use_residual_blocks=False,
         ).eval()
         row["params_nflows"] = n_params(nf)
-        with torch.no_grad():
-            row["nflows_log_prob_ms"] = 1e3 * timeit(lambda: nf.log_prob(x), 2, reps_fast)
-            row["nflows_sample_ms"] = 1e3 * timeit(lambda: nf.sample(BATCH), slow_warm, slow_reps)
+        fast["nflows_log_prob_ms"] = lambda: nf.log_prob(x)
     if zuko is not None:
         zf = zuko.flows.MAF(d, 0, transforms=LAYERS, hidden_features=(HIDDEN, HIDDEN)).eval()
         row["params_zuko"] = n_params(zf)
-        with torch.no_grad():
-            row["zuko_log_prob_ms"] = 1e3 * timeit(lambda: zf().log_prob(x), 2, reps_fast)
-            row["zuko_sample_ms"] = 1e3 * timeit(
-                lambda: zf().sample((BATCH,)), slow_warm, slow_reps
-            )
+        fast["zuko_log_prob_ms"] = lambda: zf().log_prob(x)
+    with torch.no_grad():
+        # same seed: the kernel and the torch walk must produce the same samples
+        torch.manual_seed(1)
+        a = ff.sample(BATCH)
+        torch.manual_seed(1)
+        b = sample_torch_walk(ff, BATCH)
+        row["max_abs_diff_kernel_vs_torch_walk"] = float((a - b).abs().max())
+        if d <= 64:
+            fast["torch_walk_sample_ms"] = lambda: sample_torch_walk(ff, BATCH)
+        row.update(interleaved(fast, rounds, reps))
+        if d > 64:  # seconds per call: a few single calls
+            walk = {"torch_walk_sample_ms": lambda: sample_torch_walk(ff, BATCH)}
+            row.update(interleaved(walk, 1 if quick else 2, 1))
+        # nflows and zuko sample with D network passes per layer: seconds to minutes per call,
+        # so one call each (after one warm-up call where that is affordable)
+        slow_warm = 0 if (quick or d >= 256) else 1
+        if nf is not None:
+            row["nflows_sample_ms"] = 1e3 * timeit(lambda: nf.sample(BATCH), slow_warm, 1)
+        if zf is not None:
+            row["zuko_sample_ms"] = 1e3 * timeit(lambda: zf().sample((BATCH,)), slow_warm, 1)
 
     s, lp = row["fastflow_sample_ms"], row["fastflow_log_prob_ms"]
     row["sample_over_own_log_prob"] = s / lp
@@ -114,7 +131,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--dims", type=int, nargs="*", default=[16, 64, 256])
     ap.add_argument("--quick", action="store_true", help="one repetition of everything")
+    ap.add_argument("--threads", type=int, default=0, help="torch/kernel threads (0: default)")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if NflowsMAF is None or zuko is None:
         print("note: nflows and/or zuko are not installed; their columns are skipped")
     rows = []

@@ -57,6 +57,13 @@ ACTIVATIONS = {"relu": 0, "tanh": 1, "elu": 2}
 
 
 def _act(h: Tensor, activation: str) -> Tensor:
+    if not (torch.is_grad_enabled() and h.requires_grad):
+        # no autograd graph: in place, saving an allocation (and its page faults) per layer
+        if activation == "relu":
+            return h.relu_()
+        if activation == "tanh":
+            return h.tanh_()
+        return F.elu_(h)
     if activation == "relu":
         return F.relu(h)
     if activation == "tanh":
