@@ -248,9 +248,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     traceback.
 
     Example:
-        >>> main(["info"]) == 0  # doctest: +ELLIPSIS
-        fastflow ...
-        True
+        >>> main(["evaluate", "missing.pt"])  # stderr: fastflow evaluate: error: checkpoint ...
+        1
     """
     parser = argparse.ArgumentParser(prog="fastflow", description="Normalizing flows, fast.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")

@@ -563,8 +563,12 @@ def train(cfg: TrainConfig) -> dict:
 
     Example:
         >>> import tempfile
-        >>> r = train(TrainConfig(data="moons", model="realnvp", hidden=8, depth=2, n_data=200,
-        ...                       epochs=1, out=tempfile.mkdtemp(), progress=False, plots=False))
+        >>> cfg = TrainConfig(data="moons", model="realnvp", hidden=8, depth=2, n_data=200,
+        ...                   epochs=1, out=tempfile.mkdtemp(), progress=False, plots=False)
+        >>> r = train(cfg)  # doctest: +ELLIPSIS
+        fastflow train: realnvp on moons (2,) ...
+        epoch 1/1 ...
+        test bits/dim (differential): ...
         >>> sorted(k for k in r if k.startswith("test"))
         ['test_bpd', 'test_nll']
 
@@ -573,9 +577,11 @@ def train(cfg: TrainConfig) -> dict:
     """
     _check_config(cfg)
     started_dist = _maybe_init_distributed(cfg.device)
+    threads = torch.get_num_threads()
     try:
         return _train(cfg)
     finally:
+        torch.set_num_threads(threads)
         if started_dist:
             dist.destroy_process_group()
 

@@ -128,3 +128,46 @@ def test_subprocess_no_traceback(tmp_path):
     assert p.returncode == 1
     assert p.stderr.strip().startswith("fastflow evaluate: error: checkpoint not found")
     assert "Traceback" not in p.stderr
+
+
+def test_resume_after_sigkill_matches_straight_run(tmp_path):
+    # a real kill (SIGKILL, no cleanup) mid-run: last.pt is intact (atomic writes) and --resume
+    # reaches exactly the parameters of an uninterrupted run
+    import signal
+    import time
+
+    from fastflow.train import TrainConfig, train
+
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 60, (240, 1, 4, 4))
+    x[np.arange(240), 0, rng.integers(0, 4, 240)] = 230
+    data = str(tmp_path / "img.npy")
+    np.save(data, x.astype(np.uint8))
+    opts = dict(data=data, model="glow", hidden=8, depth=2, scales=2, epochs=2, batch_size=16)
+    straight = train(TrainConfig(**opts, out=str(tmp_path / "a"), progress=False, plots=False))
+
+    out = str(tmp_path / "b")
+    argv = ["--data", data, "--model", "glow", "--hidden", "8", "--depth", "2", "--scales", "2"]
+    argv += ["--epochs", "2", "--batch-size", "16", "--out", out, "--no-progress", "--no-plots"]
+    env = {**os.environ, "PYTHONPATH": os.getcwd()}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "fastflow", "train", *argv, "--save-every", "1"],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    last = os.path.join(out, "last.pt")
+    deadline = time.time() + 60
+    while not os.path.exists(last) and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.005)
+    time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    step = torch.load(last, weights_only=True)["step"]
+    assert 0 < step < straight["steps"], (step, straight["steps"])
+    assert main(["train", *argv, "--resume"]) == 0
+    a = straight["flow"].state_dict()
+    b = torch.load(last, weights_only=True)["state_dict"]
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
