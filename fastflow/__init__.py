@@ -3,8 +3,8 @@
 Example:
     >>> import fastflow
     >>> info = fastflow.info()
-    >>> sorted(info)[:3]
-    ['backend', 'cpu_kernels', 'cuda_architectures']
+    >>> info["backend"] in ("native", "reference")
+    True
 """
 
 from __future__ import annotations
