@@ -716,7 +716,15 @@ def _train(cfg: TrainConfig) -> dict:
             xm = pre.to_model(x_tr[idx], g, dtype).to(device)
             for group in opt.param_groups:
                 group["lr"] = _lr_at(cfg, step, total_steps)
-            logp = _forward_logp(wrapped, xm, ac_dtype, device)
+            try:
+                logp = _forward_logp(wrapped, xm, ac_dtype, device)
+            except (TypeError, RuntimeError) as e:
+                if ac_dtype is None:
+                    raise
+                raise TrainError(
+                    f"--autocast {cfg.autocast}: model {cfg.model!r} fails under autocast "
+                    f"({' '.join(str(e).split())[:160]}); train without --autocast"
+                ) from None
             loss = -(logp.mean() + pre.offset) / (pre.dims * LN2)  # bits/dim of the batch
             if cfg.inject_nan_at is not None and step == cfg.inject_nan_at:
                 loss = loss * float("nan")
