@@ -245,11 +245,10 @@ def _malloc_for_timing(timing: bool) -> None:
         libc.malloc_trim(0)
 
 
-def run_config(impls, x, samples):
+def time_config(impls, x, samples):
     """Single-call timings, interleaved across implementations and repeated ``samples`` times:
     on a shared machine the minimum is the least disturbed measurement, so ratios use it (the
     median is reported too)."""
-    _malloc_for_timing(True)
     fns = {name: closures(m, x) for name, m in impls.items()}
     times = {name: {k: [] for k in METRICS} for name in impls}
     for name in impls:  # warm-up
@@ -259,15 +258,12 @@ def run_config(impls, x, samples):
         for name in impls:
             for k in METRICS:
                 times[name][k].append(timeit(fns[name][k], warmup=0, reps=1))
-    _malloc_for_timing(False)
     out = {}
     for name in impls:
-        r = {}
+        out[name] = {}
         for k in METRICS:
-            r[f"{k}_ms"] = 1e3 * min(times[name][k])
-            r[f"{k}_median_ms"] = 1e3 * statistics.median(times[name][k])
-        r["peak_mb"] = peak_memory_mb(fns[name]["fwd_bwd"])
-        out[name] = r
+            out[name][f"{k}_ms"] = 1e3 * min(times[name][k])
+            out[name][f"{k}_median_ms"] = 1e3 * statistics.median(times[name][k])
     return out
 
 
@@ -275,30 +271,44 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="fewer samples")
     ap.add_argument("--samples", type=int, default=0, help="timed calls per measurement")
+    ap.add_argument("--threads", type=int, default=0, help="torch/kernel threads (0: default)")
+    ap.add_argument("--parts", default="flow,step", help="comma-separated: flow, step")
+    ap.add_argument("--name", default="glow_step", help="results file name (bench/results/)")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    parts = [p for p in args.parts.split(",") if p]
+    configs = [(part, c) for part in parts for c in (32, 96)]
+    # Phase 1, peak memory (with _common's allocator setting), before any timing.
+    memory = {}
+    for part, c in configs:
+        impls, x = build(c, part)
+        check_agree(impls, x)
+        memory[part, c] = {n: peak_memory_mb(closures(m, x)["fwd_bwd"]) for n, m in impls.items()}
+    # Phase 2, time with heap reuse.
+    _malloc_for_timing(True)
     rows = []
     cols = ["part", "C", "impl", "forward_ms", "fwd_bwd_ms", "inverse_ms", "peak_mb"]
-    for part in ("flow", "step"):
-        for c in (32, 96):
-            impls, x = build(c, part)
-            check_agree(impls, x)
-            samples = args.samples or ((40 if part == "flow" else 8) // (4 if args.quick else 1))
-            best = run_config(impls, x, samples)
-            for name in impls:
-                rows.append({"part": part, "C": c, "impl": name, **best[name]})
-            ref = best["fastflow"]
-            for name in impls:
-                if name != "fastflow":
-                    rows.append(
-                        {
-                            "part": part,
-                            "C": c,
-                            "impl": f"ratio {name}/fastflow",
-                            **{k: best[name][k] / ref[k] for k in ref},
-                        }
-                    )
-            print(table([r for r in rows if r["part"] == part and r["C"] == c], cols), flush=True)
-            print()
+    for part, c in configs:
+        impls, x = build(c, part)
+        samples = args.samples or ((40 if part == "flow" else 8) // (4 if args.quick else 1))
+        best = time_config(impls, x, samples)
+        for name in impls:
+            best[name]["peak_mb"] = memory[part, c][name]
+            rows.append({"part": part, "C": c, "impl": name, **best[name]})
+        ref = best["fastflow"]
+        for name in impls:
+            if name != "fastflow":
+                rows.append(
+                    {
+                        "part": part,
+                        "C": c,
+                        "impl": f"ratio {name}/fastflow",
+                        **{k: best[name][k] / ref[k] for k in ref},
+                    }
+                )
+        print(table([r for r in rows if r["part"] == part and r["C"] == c], cols), flush=True)
+        print()
     config = {
         "batch": 64,
         "image": [16, 16],
@@ -307,11 +317,13 @@ def main():
         "hidden": 512,
         "normflows": getattr(nf, "__version__", None),
         "timing": "*_ms: minimum over single-call samples interleaved across implementations; "
-        "*_median_ms: their median",
+        "*_median_ms: their median; glibc heap reuse during timing (see _malloc_for_timing)",
         "ratio": "baseline / fastflow (above 1: fastflow faster or smaller); peak_mb is the "
-        "peak memory of forward+backward",
+        "peak memory of forward+backward (backward from given upstream gradients)",
     }
-    path = write_results("glow_step", {"config": config, "rows": rows})
+    config["threads"] = torch.get_num_threads()
+    config["load_average_at_end"] = os.getloadavg()
+    path = write_results(args.name, {"config": config, "rows": rows})
     print("wrote", path)
 
 

@@ -84,7 +84,8 @@ class GlowStep(Transform):
     conditioner maps ``x_a`` to ``raw_scale`` and ``shift`` (Glow's interleaved output channels:
     ``shift = h[:, 0::2]``, ``raw_scale = h[:, 1::2]``) for the fused
     :func:`~fastflow.ops.coupling.affine_coupling`
-    (``y_b = x_b * exp(s) + shift``, ``s = log sigmoid(raw_scale + 2)`` by default), or
+    (``y_b = x_b * exp(s) + shift``, ``s = log sigmoid(raw_scale + 2)`` by default; Glow's code
+    writes ``(x_b + shift) * sigmoid(raw_scale + 2)``, the same family with the shift scaled), or
     ``shift = h`` for the additive coupling.
 
     Args:
@@ -94,7 +95,8 @@ class GlowStep(Transform):
         lu: LU-parameterized 1x1 convolution (else the plain weight with ``slogdet``).
         scale_fn, clamp: the affine coupling's scale function (see
             :func:`~fastflow.ops.coupling.affine_coupling`).
-        data_init: ActNorm's data-dependent initialisation on the first forward call.
+        data_init: ActNorm's data-dependent initialisation on the first forward call in
+            training mode.
         fused: fold ActNorm into the convolution (one pass); ``False`` runs the two layers one
             after the other (same result, for testing and comparison).
         conditioner: replaces the default :class:`GlowConditioner`; maps ``[N, C // 2, H, W]`` to
