@@ -118,7 +118,7 @@ def test_user_errors_are_one_line(tmp_path, capsys):
 
 
 def test_subprocess_no_traceback(tmp_path):
-    env = {**os.environ, "PYTHONPATH": os.getcwd()}
+    env = dict(os.environ)
     p = subprocess.run(
         [sys.executable, "-m", "fastflow", "evaluate", str(tmp_path / "missing.pt")],
         capture_output=True,
@@ -149,7 +149,7 @@ def test_resume_after_sigkill_matches_straight_run(tmp_path):
     out = str(tmp_path / "b")
     argv = ["--data", data, "--model", "glow", "--hidden", "8", "--depth", "2", "--scales", "2"]
     argv += ["--epochs", "2", "--batch-size", "16", "--out", out, "--no-progress", "--no-plots"]
-    env = {**os.environ, "PYTHONPATH": os.getcwd()}
+    env = dict(os.environ)
     proc = subprocess.Popen(
         [sys.executable, "-m", "fastflow", "train", *argv, "--save-every", "1"],
         env=env,

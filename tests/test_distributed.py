@@ -104,7 +104,7 @@ def test_two_processes_identical_parameters(tmp_path, images):
 
 def test_torchrun_cli(tmp_path, images):
     out = str(tmp_path / "tr")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.getcwd()}
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
     cmd += ["-m", "fastflow", "train", "--data", images, "--model", "glow", "--hidden", "4"]
     cmd += ["--depth", "1", "--scales", "1", "--max-steps", "2", "--batch-size", "8"]
