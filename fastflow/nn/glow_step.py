@@ -40,7 +40,8 @@ class GlowConditioner(nn.Module):
 
     Example:
         >>> net = GlowConditioner(2, 2, hidden=8)
-        >>> raw, shift = net(torch.randn(1, 2, 5, 5))
+        >>> with torch.no_grad():
+        ...     raw, shift = net(torch.randn(1, 2, 5, 5))
         >>> raw.shape, float(shift.abs().max())
         (torch.Size([1, 2, 5, 5]), 0.0)
 
