@@ -1,6 +1,8 @@
 // Fused coupling kernels (NICE additive, RealNVP/Glow affine). See DESIGN.md, kernel family 1.
 //
-// All tensors are contiguous, `n` samples of `m` elements each. `mask` (may be 0) is `m` bytes,
+// `n` samples of `m` elements each. Inputs marked (strided) may have any batch stride `s_* >= m`
+// (sample b starts at p + b * s_*, its m elements contiguous), so the halves of a conditioner's
+// output are read in place; every other buffer is contiguous. `mask` (may be 0) is `m` bytes,
 // broadcast over the batch: where it is 0 the element passes through unchanged and adds nothing
 // to the log-det. `logdet` and `grad_logdet` are fp32, or fp64 when dtype is fp64.
 //   forward:  y = x * exp(s) + t,   logdet[n] = sum_i s[n, i],   s = scale_fn(raw)
@@ -12,51 +14,66 @@
 
 namespace ff {
 
+// forward: x, raw, shift strided
 void coupling_forward_cpu(int dtype, int mode, double clamp, int64_t n, int64_t m,
-                          std::uintptr_t x, std::uintptr_t raw, std::uintptr_t shift,
-                          std::uintptr_t mask, std::uintptr_t y, std::uintptr_t logdet,
-                          int nthreads);
+                          std::uintptr_t x, int64_t s_x, std::uintptr_t raw, int64_t s_raw,
+                          std::uintptr_t shift, int64_t s_shift, std::uintptr_t mask,
+                          std::uintptr_t y, std::uintptr_t logdet, int nthreads);
+// inverse: y, raw, shift strided
 void coupling_inverse_cpu(int dtype, int mode, double clamp, int64_t n, int64_t m,
-                          std::uintptr_t y, std::uintptr_t raw, std::uintptr_t shift,
-                          std::uintptr_t mask, std::uintptr_t x, std::uintptr_t logdet,
-                          int nthreads);
-// Backward of forward: from x, raw, grad_y, grad_logdet -> grad_x, grad_raw. (grad_shift is
-// grad_y itself, times the mask if there is one: the caller forms it without a kernel.)
+                          std::uintptr_t y, int64_t s_y, std::uintptr_t raw, int64_t s_raw,
+                          std::uintptr_t shift, int64_t s_shift, std::uintptr_t mask,
+                          std::uintptr_t x, std::uintptr_t logdet, int nthreads);
+// Backward of forward: from x, raw (strided), grad_y, grad_logdet -> grad_x, grad_raw. (grad_shift
+// is grad_y itself, times the mask if there is one: the caller forms it without a kernel.)
 void coupling_backward_cpu(int dtype, int mode, double clamp, int64_t n, int64_t m,
-                           std::uintptr_t x, std::uintptr_t raw, std::uintptr_t mask,
-                           std::uintptr_t grad_y, std::uintptr_t grad_logdet,
+                           std::uintptr_t x, int64_t s_x, std::uintptr_t raw, int64_t s_raw,
+                           std::uintptr_t mask, std::uintptr_t grad_y, std::uintptr_t grad_logdet,
                            std::uintptr_t grad_x, std::uintptr_t grad_raw, int nthreads);
-// Backward of inverse: from the inverse's output x, raw, grad_x, grad_logdet -> grad_y,
+// Backward of inverse: from the inverse's output x, raw (strided), grad_x, grad_logdet -> grad_y,
 // grad_raw, grad_shift.
 void coupling_inverse_backward_cpu(int dtype, int mode, double clamp, int64_t n, int64_t m,
-                                   std::uintptr_t x, std::uintptr_t raw, std::uintptr_t mask,
-                                   std::uintptr_t grad_x, std::uintptr_t grad_logdet,
-                                   std::uintptr_t grad_y, std::uintptr_t grad_raw,
-                                   std::uintptr_t grad_shift, int nthreads);
+                                   std::uintptr_t x, std::uintptr_t raw, int64_t s_raw,
+                                   std::uintptr_t mask, std::uintptr_t grad_x,
+                                   std::uintptr_t grad_logdet, std::uintptr_t grad_y,
+                                   std::uintptr_t grad_raw, std::uintptr_t grad_shift,
+                                   int nthreads);
 
 #if defined(FF_WITH_CUDA)
 // Same contracts on device pointers; `workspace` holds coupling_workspace_bytes(...) bytes;
 // everything runs on `stream` (a cudaStream_t passed as an integer).
 int64_t coupling_workspace_bytes(int dtype, int64_t n, int64_t m);
 void coupling_forward_cuda(int dtype, int mode, double clamp, int64_t n, int64_t m,
-                           std::uintptr_t x, std::uintptr_t raw, std::uintptr_t shift,
-                           std::uintptr_t mask, std::uintptr_t y, std::uintptr_t logdet,
-                           std::uintptr_t workspace, std::uintptr_t stream);
+                           std::uintptr_t x, int64_t s_x, std::uintptr_t raw, int64_t s_raw,
+                           std::uintptr_t shift, int64_t s_shift, std::uintptr_t mask,
+                           std::uintptr_t y, std::uintptr_t logdet, std::uintptr_t workspace,
+                           std::uintptr_t stream);
 void coupling_inverse_cuda(int dtype, int mode, double clamp, int64_t n, int64_t m,
-                           std::uintptr_t y, std::uintptr_t raw, std::uintptr_t shift,
-                           std::uintptr_t mask, std::uintptr_t x, std::uintptr_t logdet,
-                           std::uintptr_t workspace, std::uintptr_t stream);
+                           std::uintptr_t y, int64_t s_y, std::uintptr_t raw, int64_t s_raw,
+                           std::uintptr_t shift, int64_t s_shift, std::uintptr_t mask,
+                           std::uintptr_t x, std::uintptr_t logdet, std::uintptr_t workspace,
+                           std::uintptr_t stream);
 void coupling_backward_cuda(int dtype, int mode, double clamp, int64_t n, int64_t m,
-                            std::uintptr_t x, std::uintptr_t raw, std::uintptr_t mask,
-                            std::uintptr_t grad_y, std::uintptr_t grad_logdet,
-                            std::uintptr_t grad_x, std::uintptr_t grad_raw,
-                            std::uintptr_t stream);
+                            std::uintptr_t x, int64_t s_x, std::uintptr_t raw, int64_t s_raw,
+                            std::uintptr_t mask, std::uintptr_t grad_y,
+                            std::uintptr_t grad_logdet, std::uintptr_t grad_x,
+                            std::uintptr_t grad_raw, std::uintptr_t stream);
 void coupling_inverse_backward_cuda(int dtype, int mode, double clamp, int64_t n, int64_t m,
-                                    std::uintptr_t x, std::uintptr_t raw, std::uintptr_t mask,
-                                    std::uintptr_t grad_x, std::uintptr_t grad_logdet,
-                                    std::uintptr_t grad_y, std::uintptr_t grad_raw,
-                                    std::uintptr_t grad_shift, std::uintptr_t stream);
+                                    std::uintptr_t x, std::uintptr_t raw, int64_t s_raw,
+                                    std::uintptr_t mask, std::uintptr_t grad_x,
+                                    std::uintptr_t grad_logdet, std::uintptr_t grad_y,
+                                    std::uintptr_t grad_raw, std::uintptr_t grad_shift,
+                                    std::uintptr_t stream);
 #endif
+
+// Elements spanned by n samples of m elements at batch stride s (0 when empty).
+inline int64_t strided_extent(int64_t n, int64_t m, int64_t s) {
+  return (n == 0 || m == 0) ? 0 : (n - 1) * s + m;
+}
+inline void check_strided(std::uintptr_t p, int64_t n, int64_t m, int64_t s, const char* name) {
+  check(s >= m, std::string(name) + ": batch stride smaller than the sample size");
+  check_ptr(p, strided_extent(n, m, s), name);
+}
 
 // Per-element math shared by the CPU and CUDA kernels. `mk` is the mask value (1 without a mask).
 // Each returns the element's log-det contribution s (0 where masked out).

@@ -47,68 +47,69 @@ void check_common(const char* name, int mode, double clamp, int64_t n, int64_t m
 }  // namespace
 
 void coupling_forward_cpu(int dtype, int mode, double clamp, int64_t n, int64_t m,
-                          std::uintptr_t x, std::uintptr_t raw, std::uintptr_t shift,
-                          std::uintptr_t mask, std::uintptr_t y, std::uintptr_t logdet,
-                          int nthreads) {
+                          std::uintptr_t x, int64_t s_x, std::uintptr_t raw, int64_t s_raw,
+                          std::uintptr_t shift, int64_t s_shift, std::uintptr_t mask,
+                          std::uintptr_t y, std::uintptr_t logdet, int nthreads) {
   const char* name = "coupling_forward_cpu";
   check_common(name, mode, clamp, n, m, nthreads);
-  check_ptr(x, n * m, "x");
-  check_ptr(shift, n * m, "shift");
+  check_strided(x, n, m, s_x, "x");
+  check_strided(shift, n, m, s_shift, "shift");
+  if (mode != kAdditive) check_strided(raw, n, m, s_raw, "raw_scale");
   check_ptr(y, n * m, "y");
   check_ptr(logdet, n, "logdet");
-  if (mode != kAdditive) check_ptr(raw, n * m, "raw_scale");
-  FF_ISA_CALL(run_affine<false>, name, dtype, mode, clamp, n, m, x, raw, shift, mask, y, logdet,
-              nthreads);
+  FF_ISA_CALL(run_affine<false>, name, dtype, mode, clamp, n, m, x, s_x, raw, s_raw, shift,
+              s_shift, mask, y, logdet, nthreads);
 }
 
 void coupling_inverse_cpu(int dtype, int mode, double clamp, int64_t n, int64_t m,
-                          std::uintptr_t y, std::uintptr_t raw, std::uintptr_t shift,
-                          std::uintptr_t mask, std::uintptr_t x, std::uintptr_t logdet,
-                          int nthreads) {
+                          std::uintptr_t y, int64_t s_y, std::uintptr_t raw, int64_t s_raw,
+                          std::uintptr_t shift, int64_t s_shift, std::uintptr_t mask,
+                          std::uintptr_t x, std::uintptr_t logdet, int nthreads) {
   const char* name = "coupling_inverse_cpu";
   check_common(name, mode, clamp, n, m, nthreads);
-  check_ptr(y, n * m, "y");
-  check_ptr(shift, n * m, "shift");
+  check_strided(y, n, m, s_y, "y");
+  check_strided(shift, n, m, s_shift, "shift");
+  if (mode != kAdditive) check_strided(raw, n, m, s_raw, "raw_scale");
   check_ptr(x, n * m, "x");
   check_ptr(logdet, n, "logdet");
-  if (mode != kAdditive) check_ptr(raw, n * m, "raw_scale");
-  FF_ISA_CALL(run_affine<true>, name, dtype, mode, clamp, n, m, y, raw, shift, mask, x, logdet,
-              nthreads);
+  FF_ISA_CALL(run_affine<true>, name, dtype, mode, clamp, n, m, y, s_y, raw, s_raw, shift,
+              s_shift, mask, x, logdet, nthreads);
 }
 
 void coupling_backward_cpu(int dtype, int mode, double clamp, int64_t n, int64_t m,
-                           std::uintptr_t x, std::uintptr_t raw, std::uintptr_t mask,
-                           std::uintptr_t grad_y, std::uintptr_t grad_logdet,
+                           std::uintptr_t x, int64_t s_x, std::uintptr_t raw, int64_t s_raw,
+                           std::uintptr_t mask, std::uintptr_t grad_y, std::uintptr_t grad_logdet,
                            std::uintptr_t grad_x, std::uintptr_t grad_raw, int nthreads) {
   const char* name = "coupling_backward_cpu";
   check_common(name, mode, clamp, n, m, nthreads);
   check(mode != kAdditive, std::string(name) + ": the additive coupling has no native backward");
-  check_ptr(x, n * m, "x");
-  check_ptr(raw, n * m, "raw_scale");
+  check_strided(x, n, m, s_x, "x");
+  check_strided(raw, n, m, s_raw, "raw_scale");
   check_ptr(grad_y, n * m, "grad_y");
   check_ptr(grad_logdet, n, "grad_logdet");
   check_ptr(grad_x, n * m, "grad_x");
   check_ptr(grad_raw, n * m, "grad_raw");
-  FF_ISA_CALL(run_backward, name, dtype, mode, clamp, n, m, x, raw, mask, grad_y, grad_logdet,
-              grad_x, grad_raw, nthreads);
+  FF_ISA_CALL(run_backward, name, dtype, mode, clamp, n, m, x, s_x, raw, s_raw, mask, grad_y,
+              grad_logdet, grad_x, grad_raw, nthreads);
 }
 
 void coupling_inverse_backward_cpu(int dtype, int mode, double clamp, int64_t n, int64_t m,
-                                   std::uintptr_t x, std::uintptr_t raw, std::uintptr_t mask,
-                                   std::uintptr_t grad_x, std::uintptr_t grad_logdet,
-                                   std::uintptr_t grad_y, std::uintptr_t grad_raw,
-                                   std::uintptr_t grad_shift, int nthreads) {
+                                   std::uintptr_t x, std::uintptr_t raw, int64_t s_raw,
+                                   std::uintptr_t mask, std::uintptr_t grad_x,
+                                   std::uintptr_t grad_logdet, std::uintptr_t grad_y,
+                                   std::uintptr_t grad_raw, std::uintptr_t grad_shift,
+                                   int nthreads) {
   const char* name = "coupling_inverse_backward_cpu";
   check_common(name, mode, clamp, n, m, nthreads);
   check(mode != kAdditive, std::string(name) + ": the additive coupling has no native backward");
   check_ptr(x, n * m, "x");
-  check_ptr(raw, n * m, "raw_scale");
+  check_strided(raw, n, m, s_raw, "raw_scale");
   check_ptr(grad_x, n * m, "grad_x");
   check_ptr(grad_logdet, n, "grad_logdet");
   check_ptr(grad_y, n * m, "grad_y");
   check_ptr(grad_raw, n * m, "grad_raw");
   check_ptr(grad_shift, n * m, "grad_shift");
-  FF_ISA_CALL(run_inverse_backward, name, dtype, mode, clamp, n, m, x, raw, mask, grad_x,
+  FF_ISA_CALL(run_inverse_backward, name, dtype, mode, clamp, n, m, x, raw, s_raw, mask, grad_x,
               grad_logdet, grad_y, grad_raw, grad_shift, nthreads);
 }
 

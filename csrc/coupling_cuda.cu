@@ -45,25 +45,29 @@ __device__ A block_sum(A v) {
 // Inverse = true runs coupling_inverse_elem; `in` is x (forward) or y (inverse).
 template <typename T, int Mode, bool Masked, bool Inverse>
 __global__ void __launch_bounds__(kThreads)
-    affine_kernel(int64_t m, int64_t chunk, const T* __restrict__ in, const T* __restrict__ raw,
-                  const T* __restrict__ shift, const uint8_t* __restrict__ mask, T* __restrict__ out,
+    affine_kernel(int64_t m, int64_t chunk, const T* __restrict__ in, int64_t s_in,
+                  const T* __restrict__ raw, int64_t s_raw, const T* __restrict__ shift,
+                  int64_t s_shift, const uint8_t* __restrict__ mask, T* __restrict__ out,
                   acc_t<T>* __restrict__ partial, acc_t<T> c) {
   using A = acc_t<T>;
   const A inv_c = A(1) / c;
   const int64_t b = blockIdx.y;
   const int64_t begin = int64_t(blockIdx.x) * chunk;
   const int64_t end = begin + chunk < m ? begin + chunk : m;
-  const int64_t o = b * m;
+  const T* in_b = in + b * s_in;
+  const T* raw_b = Mode == kAdditive ? nullptr : raw + b * s_raw;
+  const T* shift_b = shift + b * s_shift;
+  T* out_b = out + b * m;
   A acc = 0;
   for (int64_t i = begin + threadIdx.x; i < end; i += kThreads) {
-    A r = Mode == kAdditive ? A(0) : load(raw[o + i]);
+    A r = Mode == kAdditive ? A(0) : load(raw_b[i]);
     A v;
     const bool mk = Masked ? mask[i] != 0 : true;
     if (Inverse)
-      acc += coupling_inverse_elem<Mode, A>(load(in[o + i]), r, load(shift[o + i]), mk, c, inv_c, v);
+      acc += coupling_inverse_elem<Mode, A>(load(in_b[i]), r, load(shift_b[i]), mk, c, inv_c, v);
     else
-      acc += coupling_forward_elem<Mode, A>(load(in[o + i]), r, load(shift[o + i]), mk, c, inv_c, v);
-    out[o + i] = store<T>(v);
+      acc += coupling_forward_elem<Mode, A>(load(in_b[i]), r, load(shift_b[i]), mk, c, inv_c, v);
+    out_b[i] = store<T>(v);
   }
   acc = block_sum(acc);
   if (threadIdx.x == 0) partial[b * gridDim.x + blockIdx.x] = acc;
@@ -81,8 +85,9 @@ __global__ void finish_logdet(int64_t n, int64_t chunks, const A* __restrict__ p
 
 template <typename T, int Mode, bool Masked>
 __global__ void __launch_bounds__(kThreads)
-    backward_kernel(int64_t total, int64_t m, const T* __restrict__ x, const T* __restrict__ raw,
-                    const uint8_t* __restrict__ mask, const T* __restrict__ gy,
+    backward_kernel(int64_t total, int64_t m, const T* __restrict__ x, int64_t s_x,
+                    const T* __restrict__ raw, int64_t s_raw, const uint8_t* __restrict__ mask,
+                    const T* __restrict__ gy,
                     const acc_t<T>* __restrict__ gl, T* __restrict__ gx, T* __restrict__ graw,
                     acc_t<T> c) {
   using A = acc_t<T>;
@@ -92,8 +97,8 @@ __global__ void __launch_bounds__(kThreads)
     const int64_t b = k / m, i = k - b * m;
     const bool mk = Masked ? mask[i] != 0 : true;
     A a_gx, a_graw;
-    coupling_backward_elem<Mode, A>(load(x[k]), load(raw[k]), load(gy[k]), gl[b], mk, c, inv_c,
-                                    a_gx, a_graw);
+    coupling_backward_elem<Mode, A>(load(x[b * s_x + i]), load(raw[b * s_raw + i]), load(gy[k]),
+                                    gl[b], mk, c, inv_c, a_gx, a_graw);
     gx[k] = store<T>(a_gx);
     graw[k] = store<T>(a_graw);
   }
@@ -102,7 +107,8 @@ __global__ void __launch_bounds__(kThreads)
 template <typename T, int Mode, bool Masked>
 __global__ void __launch_bounds__(kThreads)
     inverse_backward_kernel(int64_t total, int64_t m, const T* __restrict__ x,
-                            const T* __restrict__ raw, const uint8_t* __restrict__ mask,
+                            const T* __restrict__ raw, int64_t s_raw,
+                            const uint8_t* __restrict__ mask,
                             const T* __restrict__ gx, const acc_t<T>* __restrict__ gl,
                             T* __restrict__ gy, T* __restrict__ graw, T* __restrict__ gshift,
                             acc_t<T> c) {
@@ -112,7 +118,7 @@ __global__ void __launch_bounds__(kThreads)
        k += int64_t(gridDim.x) * kThreads) {
     const int64_t b = k / m, i = k - b * m;
     A a_gy, a_graw, a_gt;
-    coupling_inverse_backward_elem<Mode, A>(load(x[k]), load(raw[k]), load(gx[k]), gl[b],
+    coupling_inverse_backward_elem<Mode, A>(load(x[k]), load(raw[b * s_raw + i]), load(gx[k]), gl[b],
                                             Masked ? mask[i] != 0 : true, c, inv_c, a_gy, a_graw,
                                             a_gt);
     gy[k] = store<T>(a_gy);
@@ -133,17 +139,17 @@ P* ptr(std::uintptr_t p) {
 
 template <bool Inverse>
 void run_affine(const char* name, int dtype, int mode, double clamp, int64_t n, int64_t m,
-                std::uintptr_t in, std::uintptr_t raw, std::uintptr_t shift, std::uintptr_t mask,
-                std::uintptr_t out, std::uintptr_t logdet, std::uintptr_t workspace,
-                std::uintptr_t stream) {
+                std::uintptr_t in, int64_t s_in, std::uintptr_t raw, int64_t s_raw,
+                std::uintptr_t shift, int64_t s_shift, std::uintptr_t mask, std::uintptr_t out,
+                std::uintptr_t logdet, std::uintptr_t workspace, std::uintptr_t stream) {
   check(n >= 0 && m >= 0, std::string(name) + ": negative size");
   check(n <= 65535, std::string(name) + ": batch larger than 65535 is not supported on CUDA");
   check(mode != kSoftClamp || clamp > 0, std::string(name) + ": clamp must be > 0");
-  check_ptr(in, n * m, "input");
-  check_ptr(shift, n * m, "shift");
+  check_strided(in, n, m, s_in, "input");
+  check_strided(shift, n, m, s_shift, "shift");
+  if (mode != kAdditive) check_strided(raw, n, m, s_raw, "raw_scale");
   check_ptr(out, n * m, "output");
   check_ptr(logdet, n, "logdet");
-  if (mode != kAdditive) check_ptr(raw, n * m, "raw_scale");
   if (n == 0) return;
   const int64_t chunks = chunks_for(m);
   const int64_t chunk = (m + chunks - 1) / chunks;
@@ -155,12 +161,14 @@ void run_affine(const char* name, int dtype, int mode, double clamp, int64_t n, 
       const dim3 grid{unsigned(chunks), unsigned(n), 1u};
       if (mask)
         affine_kernel<scalar_t, kMode, true, Inverse><<<grid, kThreads, 0, s>>>(
-            m, chunk, ptr<const scalar_t>(in), ptr<const scalar_t>(raw), ptr<const scalar_t>(shift),
-            ptr<const uint8_t>(mask), ptr<scalar_t>(out), ptr<A>(workspace), A(clamp));
+            m, chunk, ptr<const scalar_t>(in), s_in, ptr<const scalar_t>(raw), s_raw,
+            ptr<const scalar_t>(shift), s_shift, ptr<const uint8_t>(mask), ptr<scalar_t>(out),
+            ptr<A>(workspace), A(clamp));
       else
         affine_kernel<scalar_t, kMode, false, Inverse><<<grid, kThreads, 0, s>>>(
-            m, chunk, ptr<const scalar_t>(in), ptr<const scalar_t>(raw), ptr<const scalar_t>(shift),
-            nullptr, ptr<scalar_t>(out), ptr<A>(workspace), A(clamp));
+            m, chunk, ptr<const scalar_t>(in), s_in, ptr<const scalar_t>(raw), s_raw,
+            ptr<const scalar_t>(shift), s_shift, nullptr, ptr<scalar_t>(out), ptr<A>(workspace),
+            A(clamp));
       finish_logdet<A><<<unsigned((n + 127) / 128), 128, 0, s>>>(
           n, chunks, ptr<const A>(workspace), ptr<A>(logdet), Inverse ? A(-1) : A(1));
     });
@@ -177,32 +185,34 @@ int64_t coupling_workspace_bytes(int dtype, int64_t n, int64_t m) {
 }
 
 void coupling_forward_cuda(int dtype, int mode, double clamp, int64_t n, int64_t m,
-                           std::uintptr_t x, std::uintptr_t raw, std::uintptr_t shift,
-                           std::uintptr_t mask, std::uintptr_t y, std::uintptr_t logdet,
-                           std::uintptr_t workspace, std::uintptr_t stream) {
-  run_affine<false>("coupling_forward_cuda", dtype, mode, clamp, n, m, x, raw, shift, mask, y,
-                    logdet, workspace, stream);
+                           std::uintptr_t x, int64_t s_x, std::uintptr_t raw, int64_t s_raw,
+                           std::uintptr_t shift, int64_t s_shift, std::uintptr_t mask,
+                           std::uintptr_t y, std::uintptr_t logdet, std::uintptr_t workspace,
+                           std::uintptr_t stream) {
+  run_affine<false>("coupling_forward_cuda", dtype, mode, clamp, n, m, x, s_x, raw, s_raw, shift,
+                    s_shift, mask, y, logdet, workspace, stream);
 }
 
 void coupling_inverse_cuda(int dtype, int mode, double clamp, int64_t n, int64_t m,
-                           std::uintptr_t y, std::uintptr_t raw, std::uintptr_t shift,
-                           std::uintptr_t mask, std::uintptr_t x, std::uintptr_t logdet,
-                           std::uintptr_t workspace, std::uintptr_t stream) {
-  run_affine<true>("coupling_inverse_cuda", dtype, mode, clamp, n, m, y, raw, shift, mask, x,
-                   logdet, workspace, stream);
+                           std::uintptr_t y, int64_t s_y, std::uintptr_t raw, int64_t s_raw,
+                           std::uintptr_t shift, int64_t s_shift, std::uintptr_t mask,
+                           std::uintptr_t x, std::uintptr_t logdet, std::uintptr_t workspace,
+                           std::uintptr_t stream) {
+  run_affine<true>("coupling_inverse_cuda", dtype, mode, clamp, n, m, y, s_y, raw, s_raw, shift,
+                   s_shift, mask, x, logdet, workspace, stream);
 }
 
 void coupling_backward_cuda(int dtype, int mode, double clamp, int64_t n, int64_t m,
-                            std::uintptr_t x, std::uintptr_t raw, std::uintptr_t mask,
-                            std::uintptr_t grad_y, std::uintptr_t grad_logdet,
-                            std::uintptr_t grad_x, std::uintptr_t grad_raw,
-                            std::uintptr_t stream) {
+                            std::uintptr_t x, int64_t s_x, std::uintptr_t raw, int64_t s_raw,
+                            std::uintptr_t mask, std::uintptr_t grad_y,
+                            std::uintptr_t grad_logdet, std::uintptr_t grad_x,
+                            std::uintptr_t grad_raw, std::uintptr_t stream) {
   const char* name = "coupling_backward_cuda";
   check(n >= 0 && m >= 0, std::string(name) + ": negative size");
   check(mode != kAdditive, std::string(name) + ": the additive coupling has no native backward");
   check(mode != kSoftClamp || clamp > 0, std::string(name) + ": clamp must be > 0");
-  check_ptr(x, n * m, "x");
-  check_ptr(raw, n * m, "raw_scale");
+  check_strided(x, n, m, s_x, "x");
+  check_strided(raw, n, m, s_raw, "raw_scale");
   check_ptr(grad_y, n * m, "grad_y");
   check_ptr(grad_logdet, n, "grad_logdet");
   check_ptr(grad_x, n * m, "grad_x");
@@ -216,7 +226,7 @@ void coupling_backward_cuda(int dtype, int mode, double clamp, int64_t n, int64_
       auto launch = [&](auto masked) {
         backward_kernel<scalar_t, kMode, decltype(masked)::value>
             <<<elementwise_blocks(total), kThreads, 0, s>>>(
-                total, m, ptr<const scalar_t>(x), ptr<const scalar_t>(raw),
+                total, m, ptr<const scalar_t>(x), s_x, ptr<const scalar_t>(raw), s_raw,
                 ptr<const uint8_t>(mask), ptr<const scalar_t>(grad_y), ptr<const A>(grad_logdet),
                 ptr<scalar_t>(grad_x), ptr<scalar_t>(grad_raw), A(clamp));
       };
@@ -230,16 +240,17 @@ void coupling_backward_cuda(int dtype, int mode, double clamp, int64_t n, int64_
 }
 
 void coupling_inverse_backward_cuda(int dtype, int mode, double clamp, int64_t n, int64_t m,
-                                    std::uintptr_t x, std::uintptr_t raw, std::uintptr_t mask,
-                                    std::uintptr_t grad_x, std::uintptr_t grad_logdet,
-                                    std::uintptr_t grad_y, std::uintptr_t grad_raw,
-                                    std::uintptr_t grad_shift, std::uintptr_t stream) {
+                                    std::uintptr_t x, std::uintptr_t raw, int64_t s_raw,
+                                    std::uintptr_t mask, std::uintptr_t grad_x,
+                                    std::uintptr_t grad_logdet, std::uintptr_t grad_y,
+                                    std::uintptr_t grad_raw, std::uintptr_t grad_shift,
+                                    std::uintptr_t stream) {
   const char* name = "coupling_inverse_backward_cuda";
   check(n >= 0 && m >= 0, std::string(name) + ": negative size");
   check(mode != kAdditive, std::string(name) + ": the additive coupling has no native backward");
   check(mode != kSoftClamp || clamp > 0, std::string(name) + ": clamp must be > 0");
   check_ptr(x, n * m, "x");
-  check_ptr(raw, n * m, "raw_scale");
+  check_strided(raw, n, m, s_raw, "raw_scale");
   check_ptr(grad_x, n * m, "grad_x");
   check_ptr(grad_logdet, n, "grad_logdet");
   check_ptr(grad_y, n * m, "grad_y");
@@ -254,7 +265,7 @@ void coupling_inverse_backward_cuda(int dtype, int mode, double clamp, int64_t n
       auto launch = [&](auto masked) {
         inverse_backward_kernel<scalar_t, kMode, decltype(masked)::value>
             <<<elementwise_blocks(total), kThreads, 0, s>>>(
-                total, m, ptr<const scalar_t>(x), ptr<const scalar_t>(raw),
+                total, m, ptr<const scalar_t>(x), ptr<const scalar_t>(raw), s_raw,
                 ptr<const uint8_t>(mask), ptr<const scalar_t>(grad_x), ptr<const A>(grad_logdet),
                 ptr<scalar_t>(grad_y), ptr<scalar_t>(grad_raw), ptr<scalar_t>(grad_shift),
                 A(clamp));

@@ -257,12 +257,40 @@ def test_bad_options_raise():
 def test_kernel_rechecks_sizes():
     from fastflow import _backend as B
 
+    x = torch.zeros(2, 3)
+    p = x.data_ptr()
     with pytest.raises(ValueError, match="null pointer"):
-        B._C.coupling_forward_cpu(0, 0, 2.0, 2, 3, 0, 0, 0, 0, 0, 0, 1)
+        B._C.coupling_forward_cpu(0, 0, 2.0, 2, 3, 0, 3, 0, 3, 0, 3, 0, 0, 0, 1)
     with pytest.raises(ValueError, match="dtype"):
-        x = torch.zeros(2, 3)
-        p = x.data_ptr()
-        B._C.coupling_forward_cpu(9, 0, 2.0, 2, 3, p, p, p, 0, p, p, 1)
+        B._C.coupling_forward_cpu(9, 0, 2.0, 2, 3, p, 3, p, 3, p, 3, 0, p, p, 1)
+    with pytest.raises(ValueError, match="batch stride"):
+        B._C.coupling_forward_cpu(0, 0, 2.0, 2, 3, p, 2, p, 3, p, 3, 0, p, p, 1)
+
+
+@pytest.mark.parametrize("shape", [(4, 10), (3, 8, 5, 2), (1, 6)])
+def test_batch_strided_views_are_read_in_place(shape):
+    # the halves of a conditioner output h = net(x_a) are views with a larger batch stride
+    g = torch.Generator().manual_seed(1)
+    h = torch.randn(shape[0], 2 * shape[1], *shape[2:], generator=g, requires_grad=True)
+    x = torch.randn(shape, generator=g, requires_grad=True)
+    raw, t = h.chunk(2, dim=1)
+    assert shape[0] == 1 or not raw.is_contiguous()
+    gy, gl = torch.randn(shape, generator=g), torch.randn(shape[0], generator=g)
+    results = {}
+    for backend in ("native", "reference"):
+        fastflow.set_backend(backend)
+        for inverse in (False, True):
+            x.grad = h.grad = None
+            fn = C.affine_coupling_inverse if inverse else C.affine_coupling
+            y, ld = fn(x, raw, t, scale_fn="glow")
+            torch.autograd.backward((y, ld), (gy, gl))
+            results[backend, inverse] = (y.detach(), ld.detach(), x.grad, h.grad)
+    for inverse in (False, True):
+        for a, b in zip(results["native", inverse], results["reference", inverse]):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    fastflow.set_backend("auto")
+    y, _ = C.additive_coupling(x.detach(), t.detach())
+    torch.testing.assert_close(y, x.detach() + t.detach())
 
 
 # ------------------------------------------------------------------------------------------ CUDA

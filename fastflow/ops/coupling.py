@@ -130,7 +130,9 @@ def reference_additive_coupling_inverse(
 
 
 # ----------------------------------------------------------------------------------------------
-# Native ops. Inputs reaching these are validated and contiguous (see _prepare).
+# Native ops. Inputs reaching these are validated; each sample of an input is contiguous but the
+# batch stride may be larger than the sample (see _prepare), so views such as the two halves of
+# a conditioner's output are read in place. Outputs are contiguous.
 
 
 def _run(name: str, t: Tensor, *args) -> None:
@@ -148,6 +150,15 @@ def _workspace(t: Tensor, n: int, m: int) -> list[int]:
     return [torch.empty(max(nbytes, 1), dtype=torch.uint8, device=t.device).data_ptr()]
 
 
+def _bs(t: Tensor) -> int:
+    """Batch stride of ``t`` in elements (the sample size when the batch has one sample)."""
+    return t.stride(0) if t.shape[0] > 1 else max(t[0].numel(), 1) if t.shape[0] else 1
+
+
+def _new(x: Tensor) -> Tensor:
+    return torch.empty(x.shape, dtype=x.dtype, device=x.device)
+
+
 def _sizes(x: Tensor) -> tuple[int, int]:
     n = x.shape[0]
     return n, (x.numel() // n if n else 0)
@@ -158,7 +169,7 @@ def _affine_fwd(
     x: Tensor, raw: Tensor, shift: Tensor, mask: Tensor | None, mode: int, clamp: float
 ) -> tuple[Tensor, Tensor]:
     n, m = _sizes(x)
-    y = torch.empty_like(x)
+    y = _new(x)
     logdet = torch.empty(n, dtype=B.acc_dtype(x.dtype), device=x.device)
     code = B.DTYPE_CODES[x.dtype]
     _run(
@@ -170,8 +181,11 @@ def _affine_fwd(
         n,
         m,
         B.ptr(x),
+        _bs(x),
         B.ptr(raw),
+        _bs(raw),
         B.ptr(shift),
+        _bs(shift),
         B.ptr(mask),
         B.ptr(y),
         B.ptr(logdet),
@@ -185,7 +199,7 @@ def _affine_inv(
     y: Tensor, raw: Tensor, shift: Tensor, mask: Tensor | None, mode: int, clamp: float
 ) -> tuple[Tensor, Tensor]:
     n, m = _sizes(y)
-    x = torch.empty_like(y)
+    x = _new(y)
     logdet = torch.empty(n, dtype=B.acc_dtype(y.dtype), device=y.device)
     code = B.DTYPE_CODES[y.dtype]
     _run(
@@ -197,8 +211,11 @@ def _affine_inv(
         n,
         m,
         B.ptr(y),
+        _bs(y),
         B.ptr(raw),
+        _bs(raw),
         B.ptr(shift),
+        _bs(shift),
         B.ptr(mask),
         B.ptr(x),
         B.ptr(logdet),
@@ -218,8 +235,8 @@ def _affine_bwd(
     clamp: float,
 ) -> tuple[Tensor, Tensor]:
     n, m = _sizes(x)
-    gx = torch.empty_like(x)
-    graw = torch.empty_like(x)
+    gx = _new(x)
+    graw = _new(x)
     _run(
         "coupling_backward",
         x,
@@ -229,7 +246,9 @@ def _affine_bwd(
         n,
         m,
         B.ptr(x),
+        _bs(x),
         B.ptr(raw),
+        _bs(raw),
         B.ptr(mask),
         B.ptr(grad_y),
         B.ptr(grad_logdet),
@@ -250,9 +269,9 @@ def _affine_inv_bwd(
     clamp: float,
 ) -> tuple[Tensor, Tensor, Tensor]:
     n, m = _sizes(x)
-    gy = torch.empty_like(x)
-    graw = torch.empty_like(x)
-    gshift = torch.empty_like(x)
+    gy = _new(x)
+    graw = _new(x)
+    gshift = _new(x)
     _run(
         "coupling_inverse_backward",
         x,
@@ -263,6 +282,7 @@ def _affine_inv_bwd(
         m,
         B.ptr(x),
         B.ptr(raw),
+        _bs(raw),
         B.ptr(mask),
         B.ptr(grad_x),
         B.ptr(grad_logdet),
@@ -276,7 +296,7 @@ def _affine_inv_bwd(
 @torch.library.custom_op("fastflow::additive_coupling", mutates_args=())
 def _additive(x: Tensor, shift: Tensor, mask: Tensor | None, inverse: bool) -> Tensor:
     n, m = _sizes(x)
-    y = torch.empty_like(x)
+    y = _new(x)
     # the kernel writes a (zero) log-det; additive couplings have a unit Jacobian
     logdet = torch.empty(n, dtype=B.acc_dtype(x.dtype), device=x.device)
     name = "coupling_inverse" if inverse else "coupling_forward"
@@ -289,8 +309,11 @@ def _additive(x: Tensor, shift: Tensor, mask: Tensor | None, inverse: bool) -> T
         n,
         m,
         B.ptr(x),
+        _bs(x),
         0,
+        1,
         B.ptr(shift),
+        _bs(shift),
         B.ptr(mask),
         B.ptr(y),
         B.ptr(logdet),
@@ -300,7 +323,7 @@ def _additive(x: Tensor, shift: Tensor, mask: Tensor | None, inverse: bool) -> T
 
 
 def _fake_pair(x, *args):
-    return torch.empty_like(x), x.new_empty(x.shape[0], dtype=B.acc_dtype(x.dtype))
+    return _new(x), x.new_empty(x.shape[0], dtype=B.acc_dtype(x.dtype))
 
 
 _affine_fwd.register_fake(_fake_pair)
@@ -309,17 +332,17 @@ _affine_inv.register_fake(_fake_pair)
 
 @_affine_bwd.register_fake
 def _(x, raw, mask, grad_y, grad_logdet, mode, clamp):
-    return torch.empty_like(x), torch.empty_like(x)
+    return _new(x), _new(x)
 
 
 @_affine_inv_bwd.register_fake
 def _(x, raw, mask, grad_x, grad_logdet, mode, clamp):
-    return torch.empty_like(x), torch.empty_like(x), torch.empty_like(x)
+    return _new(x), _new(x), _new(x)
 
 
 @_additive.register_fake
 def _(x, shift, mask, inverse):
-    return torch.empty_like(x)
+    return _new(x)
 
 
 def _masked(g: Tensor, mask: Tensor | None) -> Tensor:
@@ -380,7 +403,7 @@ def _prepare(x: Tensor, others: dict, mask: Tensor | None, xname: str):
     out = []
     for name, t in others.items():
         check_like(name, t, x, xname)
-        out.append(t.contiguous())
+        out.append(_batch_contiguous(t))
     if mask is not None:
         if not isinstance(mask, torch.Tensor):
             raise TypeError(f"mask must be a torch.Tensor or None, got {type(mask).__name__}")
@@ -396,7 +419,16 @@ def _prepare(x: Tensor, others: dict, mask: Tensor | None, xname: str):
         if mask.dtype != torch.uint8 or not mask.is_contiguous():
             # kernels read one byte per element, nonzero = transformed; modules cache this form
             mask = (mask != 0).to(torch.uint8).contiguous()
-    return x.contiguous(), out, mask
+    return _batch_contiguous(x), out, mask
+
+
+def _batch_contiguous(t: Tensor) -> Tensor:
+    """``t`` itself if each sample is contiguous and samples do not overlap, else a copy."""
+    if t.is_contiguous():
+        return t
+    if t.shape[0] > 1 and t[0].is_contiguous() and t.stride(0) >= t[0].numel():
+        return t
+    return t.contiguous()
 
 
 def _check_scale(scale_fn: str, clamp: float) -> float:
