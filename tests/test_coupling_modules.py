@@ -304,3 +304,19 @@ def test_half_mask_odd_features():
     assert torch.equal(z[:, 3:], x[:, 3:])
     torch.testing.assert_close(t.inverse(z)[0], x)
     assert math.isfinite(ld.sum().item())
+
+
+def test_couplings_run_under_cpu_autocast():
+    from fastflow.nn.coupling import AdditiveCoupling, AffineCoupling
+
+    torch.manual_seed(0)
+    x = torch.randn(4, 6)
+    for layer in (AffineCoupling(6, hidden=8), AdditiveCoupling(6, hidden=8)):
+        for p in layer.parameters():
+            torch.nn.init.normal_(p, std=0.1)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            z, ld = layer(x)
+        assert z.dtype == torch.float32 and ld.dtype == torch.float32
+        z_ref, ld_ref = layer(x)
+        torch.testing.assert_close(z, z_ref, rtol=0.05, atol=0.05)
+        torch.testing.assert_close(ld, ld_ref, rtol=0.05, atol=0.05)

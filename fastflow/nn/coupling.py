@@ -297,7 +297,8 @@ class AffineCoupling(_Coupling):
         self.clamp = float(clamp)
 
     def _couple(self, x: Tensor, h: Tensor, mask: Tensor | None, inverse: bool):
-        raw, shift = h.chunk(2, dim=1)
+        # under autocast the conditioner may return bf16/fp16 for fp32 data: the op wants one dtype
+        raw, shift = h.to(x.dtype).chunk(2, dim=1)
         op = affine_coupling_inverse if inverse else affine_coupling
         return op(x, raw, shift, scale_fn=self.scale_fn, clamp=self.clamp, mask=mask)
 
@@ -322,4 +323,4 @@ class AdditiveCoupling(_Coupling):
 
     def _couple(self, x: Tensor, h: Tensor, mask: Tensor | None, inverse: bool):
         op = additive_coupling_inverse if inverse else additive_coupling
-        return op(x, h, mask=mask)
+        return op(x, h.to(x.dtype), mask=mask)
