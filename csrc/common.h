@@ -34,11 +34,11 @@ inline void check_ptr(std::uintptr_t p, int64_t count, const char* name) {
 
 #if !defined(__CUDACC__)
 // Host SIMD level for kernels compiled per ISA (see coupling_cpu.cpp): 2 = AVX-512 (F, DQ, VL,
-// BW), 1 = AVX2 + FMA, 0 = baseline. FASTFLOW_CPU_ISA=base|avx2 caps it (read once), so tests
-// can run every variant on one machine.
+// BW), 1 = AVX2 + FMA, 0 = baseline. The environment variable FASTFLOW_CPU_ISA=base|avx2 caps it
+// (read on every call, so tests can run every variant in one process); detection is cached.
 enum CpuIsa : int { kIsaBase = 0, kIsaAvx2 = 1, kIsaAvx512 = 2 };
 inline int cpu_isa_level() {
-  static const int level = [] {
+  static const int detected = [] {
     int best = kIsaBase;
 #if defined(__x86_64__) && defined(__GNUC__)
     __builtin_cpu_init();
@@ -48,12 +48,13 @@ inline int cpu_isa_level() {
     else if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"))
       best = kIsaAvx2;
 #endif
-    const char* cap = std::getenv("FASTFLOW_CPU_ISA");
-    if (cap && std::string(cap) == "base") best = kIsaBase;
-    if (cap && std::string(cap) == "avx2" && best > kIsaAvx2) best = kIsaAvx2;
     return best;
   }();
-  return level;
+  const char* cap = std::getenv("FASTFLOW_CPU_ISA");
+  if (cap == nullptr) return detected;
+  if (std::string(cap) == "base") return kIsaBase;
+  if (std::string(cap) == "avx2" && detected > kIsaAvx2) return kIsaAvx2;
+  return detected;
 }
 #endif
 

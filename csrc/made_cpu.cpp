@@ -106,17 +106,13 @@ namespace made_cpu_detail {
 template <typename T>
 using BlockFn = void (*)(const Walk<T>&, int64_t, int64_t, T*);
 
-// The widest ISA the CPU has; FASTFLOW_MADE_ISA=avx2|generic picks a narrower one (for tests).
+// The widest ISA the CPU has, capped by FASTFLOW_CPU_ISA=base|avx2 (common.h).
 template <typename T>
 BlockFn<T> pick_block_fn() {
-  const char* env = std::getenv("FASTFLOW_MADE_ISA");
-  const std::string want = env ? env : "";
 #if defined(FF_MADE_HAVE_X86)
-  __builtin_cpu_init();
-  if (want.empty() || want == "avx512")
-    if (__builtin_cpu_supports("avx512f")) return &avx512::block<T>;
-  if (want.empty() || want == "avx512" || want == "avx2")
-    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return &avx2::block<T>;
+  const int isa = cpu_isa_level();
+  if (isa == kIsaAvx512) return &avx512::block<T>;
+  if (isa == kIsaAvx2) return &avx2::block<T>;
 #endif
   return &generic::block<T>;
 }
