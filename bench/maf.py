@@ -23,7 +23,8 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import table, timeit, write_results  # noqa: E402
 
-from fastflow.models.maf import MAF, Permutation  # noqa: E402
+from fastflow.models.maf import MAF  # noqa: E402
+from fastflow.nn.autoregressive import MaskedAffineAutoregressive  # noqa: E402
 from fastflow.ops.made import torch_degree_walk  # noqa: E402
 
 try:
@@ -50,8 +51,8 @@ def n_params(m: torch.nn.Module) -> int:
 def sample_torch_walk(flow: MAF, n: int) -> torch.Tensor:
     """fastflow's MAF sampled with the pure-PyTorch degree walk instead of the kernel."""
     z = torch.randn(n, flow.features)
-    for t in reversed(flow.transforms):
-        if isinstance(t, Permutation):
+    for t in reversed(list(flow.transforms)):
+        if not isinstance(t, MaskedAffineAutoregressive):
             z = t.inverse(z)[0]
         else:
             z = torch_degree_walk(z, t.made.packed(), None, t.made.activation, t.scale_fn, t.clamp)[

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import fastflow
-from fastflow.models.maf import IAF, MAF, Permutation
+from fastflow.models.maf import IAF, MAF
 
 
 @pytest.mark.parametrize("cls", [MAF, IAF])
@@ -84,11 +84,15 @@ def test_rsample_gradient_matches_reference():
         torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-10)
 
 
-def test_permutation():
-    p = Permutation(torch.tensor([2, 0, 1]))
-    x = torch.randn(4, 3)
-    y, ld = p(x)
-    assert torch.equal(p.inverse(y)[0], x) and torch.equal(ld, torch.zeros(4))
+def test_models_are_flows_with_a_distribution_view():
+    torch.manual_seed(6)
+    for cls in (MAF, IAF):
+        flow = cls(3, layers=2, hidden=(8,), permutation="random", seed=1).double()
+        x = torch.randn(5, 3, dtype=torch.float64)
+        dist = flow.distribution()
+        torch.testing.assert_close(dist.log_prob(x), flow.log_prob(x))
+        assert dist.sample((4,)).shape == (4, 3)
+        assert flow.sample(6, temperature=0.5).shape == (6, 3)
 
 
 def test_bad_input():

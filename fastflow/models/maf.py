@@ -1,41 +1,20 @@
-"""Ready autoregressive flows: MAF and IAF with a standard normal base."""
+"""Ready autoregressive flows: MAF and IAF (a :class:`~fastflow.Flow` with a standard normal
+base)."""
 
 from __future__ import annotations
 
-import math
+import torch  # noqa: F401  (the docstring examples use it)
+from torch import Tensor
 
-import torch
-from torch import Tensor, nn
-
-from fastflow._backend import acc_dtype
+from fastflow.distributions import StandardNormal
+from fastflow.flow import Flow
 from fastflow.nn.autoregressive import InverseAutoregressive, MaskedAffineAutoregressive
+from fastflow.nn.permutation import RandomPermutation, Reverse
 
-__all__ = ["IAF", "MAF", "Permutation"]
-
-
-class Permutation(nn.Module):
-    """A fixed permutation of the features (``forward``: ``x[:, perm]``), log-det 0.
-
-    Example:
-        >>> p = Permutation(torch.tensor([2, 0, 1]))
-        >>> p(torch.tensor([[1.0, 2.0, 3.0]]))[0]
-        tensor([[3., 1., 2.]])
-    """
-
-    def __init__(self, perm: Tensor) -> None:
-        super().__init__()
-        perm = torch.as_tensor(perm, dtype=torch.long)
-        self.register_buffer("perm", perm)
-        self.register_buffer("inv", torch.argsort(perm))
-
-    def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        return x[:, self.perm], x.new_zeros(x.shape[0], dtype=acc_dtype(x.dtype))
-
-    def inverse(self, z: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        return z[:, self.inv], z.new_zeros(z.shape[0], dtype=acc_dtype(z.dtype))
+__all__ = ["IAF", "MAF"]
 
 
-class _AutoregressiveFlow(nn.Module):
+class _AutoregressiveFlow(Flow):
     _layer = MaskedAffineAutoregressive
 
     def __init__(
@@ -51,25 +30,19 @@ class _AutoregressiveFlow(nn.Module):
         scale_fn: str = "softclamp",
         clamp: float = 3.0,
     ) -> None:
-        super().__init__()
         if int(layers) < 1:
             raise ValueError(f"layers must be >= 1, got {layers}")
         if permutation not in ("reverse", "random", "none"):
             raise ValueError(
                 f"permutation must be 'reverse', 'random' or 'none', got {permutation!r}"
             )
-        self.features = int(features)
-        self.context_features = int(context)
-        gen = torch.Generator()
-        gen.manual_seed(0 if seed is None else int(seed))
+        features = int(features)
         mods = []
         for i in range(int(layers)):
-            if i > 0 and permutation != "none":
-                if permutation == "reverse":
-                    perm = torch.arange(self.features - 1, -1, -1)
-                else:
-                    perm = torch.randperm(self.features, generator=gen)
-                mods.append(Permutation(perm))
+            if i > 0 and permutation == "reverse":
+                mods.append(Reverse())
+            elif i > 0 and permutation == "random":
+                mods.append(RandomPermutation(features, seed=(0 if seed is None else seed) + i))
             layer_seed = None if seed is None else int(seed) + i
             mods.append(
                 self._layer(
@@ -84,62 +57,36 @@ class _AutoregressiveFlow(nn.Module):
                     clamp,
                 )
             )
-        self.transforms = nn.ModuleList(mods)
+        super().__init__(mods, StandardNormal(features), event_shape=(features,))
+        self.features = features
+        self.context_features = int(context)
 
-    def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        """Data to latent: ``(z, logdet)`` with ``logdet = log|det dz/dx|``."""
-        logdet = 0
-        for t in self.transforms:
-            x, ld = t(x, context)
-            logdet = logdet + ld
-        return x, logdet
+    @staticmethod
+    def _expand_context(context: Tensor | None, n: int) -> Tensor | None:
+        # a context of shape [C] is shared by all n samples
+        if isinstance(context, Tensor) and context.dim() == 1:
+            context = context[None]
+        return Flow._expand_context(context, n)
 
-    def inverse(self, z: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        """Latent to data: ``(x, logdet)`` with ``logdet = log|det dx/dz|``."""
-        logdet = 0
-        for t in reversed(self.transforms):
-            z, ld = t.inverse(z, context)
-            logdet = logdet + ld
-        return z, logdet
+    @staticmethod
+    def _n(n: int | None, context: Tensor | None) -> int:
+        if n is None and isinstance(context, Tensor) and context.dim() == 1:
+            return 1
+        return Flow._n(n, context)
 
-    def _base_log_prob(self, z: Tensor) -> Tensor:
-        z = z.to(acc_dtype(z.dtype))
-        return -0.5 * (z * z).sum(1) - 0.5 * self.features * math.log(2 * math.pi)
-
-    def log_prob(self, x: Tensor, context: Tensor | None = None) -> Tensor:
-        """``log p(x | context)``, shape ``[N]``."""
-        z, logdet = self(x, context)
-        return self._base_log_prob(z) + logdet
-
-    def _context_for(self, n: int, context: Tensor | None) -> Tensor | None:
-        if context is None or not isinstance(context, Tensor) or context.dim() != 1:
-            return context
-        return context.expand(n, -1)
-
-    def rsample(self, n: int, context: Tensor | None = None) -> Tensor:
-        """Reparameterised samples ``[n, D]`` (differentiable w.r.t. the parameters)."""
-        return self.rsample_and_log_prob(n, context)[0]
-
-    def rsample_and_log_prob(self, n: int, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        """Differentiable :meth:`sample_and_log_prob`."""
-        p = next(self.parameters())
-        z = torch.randn(int(n), self.features, dtype=p.dtype, device=p.device)
-        x, logdet = self.inverse(z, self._context_for(int(n), context))
-        return x, self._base_log_prob(z) - logdet
-
-    @torch.no_grad()
-    def sample(self, n: int, context: Tensor | None = None) -> Tensor:
-        """``n`` samples ``[n, D]``; ``context`` is ``[n, C]`` or ``[C]`` (shared by all)."""
-        return self.rsample_and_log_prob(n, context)[0]
-
-    @torch.no_grad()
-    def sample_and_log_prob(self, n: int, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        """Samples ``[n, D]`` and their log-densities ``[n]`` from one pass through the flow."""
-        return self.rsample_and_log_prob(n, context)
+    def rsample_and_log_prob(
+        self, n: int | None = None, context: Tensor | None = None, temperature: float = 1.0
+    ) -> tuple[Tensor, Tensor]:
+        if isinstance(context, Tensor) and context.dim() == 1:
+            context = self._expand_context(context, self._n(n, context))
+        return super().rsample_and_log_prob(n, context, temperature)
 
 
 class MAF(_AutoregressiveFlow):
     r"""Masked autoregressive flow: affine MADE layers, permutations between them, N(0, I) base.
+
+    A :class:`~fastflow.Flow`: ``log_prob``, ``sample`` / ``rsample`` (with ``temperature``),
+    ``sample_and_log_prob`` and ``.distribution()`` as for every fastflow model.
 
     ``log_prob`` runs each layer's density direction (one network pass); ``sample`` runs each
     layer's exact inverse by the single-pass degree walk (fastflow's native kernel), so sampling
