@@ -1,0 +1,8 @@
+"""Ready flows: NICE, RealNVP, Glow, MAF, IAF (each a :class:`fastflow.Flow`)."""
+
+from fastflow.models.glow import Glow
+from fastflow.models.maf import IAF, MAF
+from fastflow.models.nice import NICE
+from fastflow.models.realnvp import RealNVP
+
+__all__ = ["Glow", "IAF", "MAF", "NICE", "RealNVP"]

@@ -1,0 +1,44 @@
+"""Drop-in flow layers (``torch.nn`` modules): ``forward(x, context=None) -> (z, logdet)`` maps
+data to latent, ``inverse(z, context=None) -> (x, logdet)`` maps back."""
+
+from fastflow.nn.actnorm import ActNorm
+from fastflow.nn.autoregressive import InverseAutoregressive, MaskedAffineAutoregressive
+from fastflow.nn.base import Compose, Transform
+from fastflow.nn.coupling import (
+    AdditiveCoupling,
+    AffineCoupling,
+    checkerboard_mask,
+    conv_subnet,
+    mlp_subnet,
+)
+from fastflow.nn.glow_step import GlowConditioner, GlowStep
+from fastflow.nn.invconv import InvConv1x1
+from fastflow.nn.lulinear import LULinear
+from fastflow.nn.made import MADE
+from fastflow.nn.permutation import RandomPermutation, Reverse
+from fastflow.nn.recompute import invertible_checkpoint
+from fastflow.nn.shape import Flatten, Split, Squeeze
+
+__all__ = [
+    "ActNorm",
+    "AdditiveCoupling",
+    "AffineCoupling",
+    "Compose",
+    "Flatten",
+    "GlowConditioner",
+    "GlowStep",
+    "InvConv1x1",
+    "InverseAutoregressive",
+    "LULinear",
+    "MADE",
+    "MaskedAffineAutoregressive",
+    "RandomPermutation",
+    "Reverse",
+    "Split",
+    "Squeeze",
+    "Transform",
+    "checkerboard_mask",
+    "conv_subnet",
+    "invertible_checkpoint",
+    "mlp_subnet",
+]
