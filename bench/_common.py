@@ -23,11 +23,32 @@ _libc = None
 if platform.system() == "Linux":
     try:
         _libc = ctypes.CDLL("libc.so.6")
-        # Fixed mmap threshold: every allocation above 64 KiB is its own mapping and returns to the
-        # OS when freed, so the resident-set high-water mark tracks live tensor memory.
-        _libc.mallopt(-3, 64 * 1024)  # M_MMAP_THRESHOLD
     except OSError:
         _libc = None
+
+
+def _malloc_mode(exact_rss: bool) -> None:
+    """glibc allocation policy for the two kinds of measurement.
+
+    Timing (``exact_rss=False``, the default from import on): large blocks come from the heap and
+    are reused, as in a long-running process whose dynamic mmap threshold has grown; otherwise
+    every tensor would be a fresh mapping and pay page faults (about 1 ms per 4 MiB here), which
+    would swamp a fused kernel's own time. Peak memory (``exact_rss=True``): every block above
+    64 KiB is its own mapping and returns to the OS when freed, so the resident-set high-water
+    mark tracks live tensor memory.
+    """
+    if _libc is None:
+        return
+    if exact_rss:
+        _libc.mallopt(-3, 64 * 1024)  # M_MMAP_THRESHOLD
+        _libc.mallopt(-1, 128 * 1024)  # M_TRIM_THRESHOLD
+        _libc.malloc_trim(0)
+    else:
+        _libc.mallopt(-3, 64 * 2**20)
+        _libc.mallopt(-1, 1024 * 2**20)
+
+
+_malloc_mode(exact_rss=False)
 
 
 def sync(device: str | torch.device = "cpu") -> None:
@@ -69,8 +90,8 @@ def peak_memory_mb(fn: Callable[[], object], device: str | torch.device = "cpu")
 
     On CUDA: ``torch.cuda.max_memory_allocated``. On CPU (Linux): the resident-set high-water mark
     (VmHWM), reset through ``/proc/self/clear_refs`` just before the call, minus the resident set
-    before it; large allocations are mmapped (see the mallopt above) so freed memory leaves the
-    resident set. Returns NaN where neither is available.
+    before it, measured with every large allocation mmapped (see :func:`_malloc_mode`) so freed
+    memory leaves the resident set. Returns NaN where neither is available.
     """
     fn()  # warm-up: lazy initialisation must not count
     gc.collect()
@@ -83,12 +104,18 @@ def peak_memory_mb(fn: Callable[[], object], device: str | torch.device = "cpu")
         return (torch.cuda.max_memory_allocated() - base) / 2**20
     if _libc is None or not os.path.exists("/proc/self/clear_refs"):
         return float("nan")
-    _libc.malloc_trim(0)
-    base = _status_kb("VmRSS")
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-    fn()
-    return (_status_kb("VmHWM") - base) / 1024
+    _malloc_mode(exact_rss=True)
+    try:
+        fn()  # warm-up under the exact-RSS policy
+        gc.collect()
+        _libc.malloc_trim(0)
+        base = _status_kb("VmRSS")
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        fn()
+        return (_status_kb("VmHWM") - base) / 1024
+    finally:
+        _malloc_mode(exact_rss=False)
 
 
 def environment() -> dict:
