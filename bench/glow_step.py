@@ -41,7 +41,6 @@ import torch.nn.functional as F
 from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import _common  # noqa: E402
 from _common import peak_memory_mb, table, timeit, write_results  # noqa: E402
 
 from fastflow.nn.glow_step import GlowConditioner, GlowStep  # noqa: E402
@@ -228,23 +227,6 @@ def closures(m, x):
 METRICS = ("forward", "fwd_bwd", "inverse")
 
 
-def _malloc_for_timing(timing: bool) -> None:
-    """_common fixes glibc's mmap threshold at 64 KiB so that peak memory can be read from the
-    resident set; then every tensor allocation is a fresh mapping and pays page faults, which a
-    normal process (dynamic threshold, memory reused from the heap) does not. Timings run with
-    heap reuse; the peak-memory measurement with _common's setting."""
-    libc = _common._libc
-    if libc is None:
-        return
-    if timing:
-        libc.mallopt(-3, 64 * 2**20)  # M_MMAP_THRESHOLD
-        libc.mallopt(-1, 1024 * 2**20)  # M_TRIM_THRESHOLD
-    else:
-        libc.mallopt(-3, 64 * 1024)
-        libc.mallopt(-1, 128 * 1024)
-        libc.malloc_trim(0)
-
-
 def time_config(impls, x, samples):
     """Single-call timings, interleaved across implementations and repeated ``samples`` times:
     on a shared machine the minimum is the least disturbed measurement, so ratios use it (the
@@ -279,14 +261,13 @@ def main():
         torch.set_num_threads(args.threads)
     parts = [p for p in args.parts.split(",") if p]
     configs = [(part, c) for part in parts for c in (32, 96)]
-    # Phase 1, peak memory (with _common's allocator setting), before any timing.
+    # Phase 1, peak memory (peak_memory_mb switches to its exact-RSS allocator policy).
     memory = {}
     for part, c in configs:
         impls, x = build(c, part)
         check_agree(impls, x)
         memory[part, c] = {n: peak_memory_mb(closures(m, x)["fwd_bwd"]) for n, m in impls.items()}
-    # Phase 2, time with heap reuse.
-    _malloc_for_timing(True)
+    # Phase 2, time (with _common's default heap-reuse allocator policy).
     rows = []
     cols = ["part", "C", "impl", "forward_ms", "fwd_bwd_ms", "inverse_ms", "peak_mb"]
     for part, c in configs:
@@ -317,7 +298,7 @@ def main():
         "hidden": 512,
         "normflows": getattr(nf, "__version__", None),
         "timing": "*_ms: minimum over single-call samples interleaved across implementations; "
-        "*_median_ms: their median; glibc heap reuse during timing (see _malloc_for_timing)",
+        "*_median_ms: their median; allocator policies of bench/_common.py",
         "ratio": "baseline / fastflow (above 1: fastflow faster or smaller); peak_mb is the "
         "peak memory of forward+backward (backward from given upstream gradients)",
     }

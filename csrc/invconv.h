@@ -23,7 +23,7 @@
 namespace ff {
 
 // The instruction set the CPU channel_affine kernels run with: "avx512", "avx2" or "base" (the
-// widest the CPU supports, capped by the environment variable FASTFLOW_CPU_ISA=base|avx2).
+// widest the CPU supports, capped by FASTFLOW_CPU_ISA=base|avx2; see cpu_isa_level in common.h).
 std::string invconv_cpu_isa();
 
 // Bytes of scratch lu_weight_* needs for C channels.

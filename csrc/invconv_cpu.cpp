@@ -1,7 +1,6 @@
 // CPU invertible 1x1 convolution kernels: LU assembly (once per step) and the per-pixel affine
 // map with its parameter gradients. OpenMP over the batch; inner loops run over contiguous pixels.
 #include <algorithm>
-#include <cstdlib>
 #include <string>
 #include <type_traits>
 
@@ -379,40 +378,27 @@ FF_ISA_VARIANTS(grad_params_row, grad_params_row_body,
 
 enum Isa { kBase = 0, kAvx2 = 1, kAvx512 = 2 };
 
-// FASTFLOW_CPU_ISA=base|avx2 caps the choice (read once), so tests can run every variant.
+// The project-wide switch (common.h): the widest ISA the CPU has, capped by FASTFLOW_CPU_ISA.
 Isa detect_isa() {
-  static const Isa isa = [] {
-    Isa best = kBase;
-#if defined(__x86_64__) && defined(__GNUC__)
-    __builtin_cpu_init();
-    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-        __builtin_cpu_supports("avx512vl"))
-      best = kAvx512;
-    else if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"))
-      best = kAvx2;
-#endif
-    const char* cap = std::getenv("FASTFLOW_CPU_ISA");
-    if (cap && std::string(cap) == "base") best = kBase;
-    if (cap && std::string(cap) == "avx2" && best > kAvx2) best = kAvx2;
-    return best;
-  }();
-  return isa;
+  const int level = cpu_isa_level();
+  return level >= kIsaAvx512 ? kAvx512 : level == kIsaAvx2 ? kAvx2 : kBase;
 }
 
-#define FF_PICK(NAME, T) \
-  (detect_isa() == kAvx512 ? &NAME##_avx512<T> : detect_isa() == kAvx2 ? &NAME##_avx2<T> : &NAME##_base<T>)
+#define FF_PICK(NAME, T, ISA) \
+  (ISA == kAvx512 ? &NAME##_avx512<T> : ISA == kAvx2 ? &NAME##_avx2<T> : &NAME##_base<T>)
 
 template <typename T>
 void channel_affine_kernel(int64_t n, int64_t c, int64_t p, const T* x, const T* w, const T* b,
                            T* y, int nthreads) {
   const bool par = n * c * p * c > kParallelGrain;
+  const Isa isa = detect_isa();
   if (p == 1) {
-    auto fn = FF_PICK(affine_row, T);
+    auto fn = FF_PICK(affine_row, T, isa);
 #pragma omp parallel for num_threads(nthreads) schedule(static) if (par)
     for (int64_t i = 0; i < n; ++i) fn(x + i * c, w, b, y + i * c, c);
     return;
   }
-  auto fn = FF_PICK(affine_item, T);
+  auto fn = FF_PICK(affine_item, T, isa);
   const int64_t nb = (c + 2 * kRows - 1) / (2 * kRows);
 #pragma omp parallel for num_threads(nthreads) schedule(static) if (par)
   for (int64_t item = 0; item < n * nb; ++item) {
@@ -430,8 +416,9 @@ void grad_params_kernel(int64_t n, int64_t c, int64_t p, const T* x, const T* g,
   const bool par = n * c * p * c > kParallelGrain;
   const int nt = par ? nthreads : 1;
   std::fill(ws, ws + stride * nthreads, A(0));
-  auto fn_img = FF_PICK(grad_params, T);
-  auto fn_row = FF_PICK(grad_params_row, T);
+  const Isa isa = detect_isa();
+  auto fn_img = FF_PICK(grad_params, T, isa);
+  auto fn_row = FF_PICK(grad_params_row, T, isa);
 #pragma omp parallel num_threads(nt) if (par)
   {
 #if defined(_OPENMP)
