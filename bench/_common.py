@@ -93,9 +93,9 @@ def peak_memory_mb(fn: Callable[[], object], device: str | torch.device = "cpu")
     before it, measured with every large allocation mmapped (see :func:`_malloc_mode`) so freed
     memory leaves the resident set. Returns NaN where neither is available.
     """
-    fn()  # warm-up: lazy initialisation must not count
-    gc.collect()
     if torch.device(device).type == "cuda":
+        fn()  # warm-up: lazy initialisation must not count
+        gc.collect()
         torch.cuda.synchronize()
         base = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()

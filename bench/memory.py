@@ -15,12 +15,11 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import peak_memory_mb, table, write_results  # noqa: E402
+from _common import peak_memory_mb, table, timeit, write_results  # noqa: E402
 
 from fastflow.models.glow import Glow  # noqa: E402
 
@@ -55,9 +54,8 @@ def main() -> None:
     rows = []
     for recompute in (False, True):
         model.invertible_recompute = recompute
-        t0 = time.perf_counter()
+        seconds = timeit(step, warmup=1, reps=2, device=dev)
         mb = peak_memory_mb(step, device=dev)
-        seconds = (time.perf_counter() - t0) / 2  # peak_memory_mb runs a warm-up step first
         rows.append(
             {
                 "variant": "recompute" if recompute else "stored activations",
