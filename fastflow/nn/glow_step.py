@@ -180,7 +180,8 @@ class GlowStep(Transform):
             ls = self.actnorm.log_scale.to(x.dtype)
             t = self.actnorm.bias.to(x.dtype)
             # W (x * e + t) = (W diag(e)) x + W t, e = exp(log_scale)
-            y = channel_affine(x, w * torch.exp(ls)[None, :], w @ t)
+            # .to(x.dtype): under autocast the matmul returns bf16/fp16 for fp32 data
+            y = channel_affine(x, (w * torch.exp(ls)[None, :]).to(x.dtype), (w @ t).to(x.dtype))
             pixels = x.shape[2] * x.shape[3]
             ld = (self.actnorm.log_scale.to(acc).sum() + ld_pp.to(acc)) * pixels
             logdet = ld.expand(x.shape[0])
@@ -200,9 +201,11 @@ class GlowStep(Transform):
         if self.coupling == "affine":
             raw, shift = self._params(h)
             fn = affine_coupling_inverse if inverse else affine_coupling
+            # the conditioner may run in bf16/fp16 under autocast; the fused op wants one dtype
+            raw, shift = raw.to(xb.dtype), shift.to(xb.dtype)
             return fn(xb, raw, shift, scale_fn=self.scale_fn, clamp=self.clamp)
         fn = additive_coupling_inverse if inverse else additive_coupling
-        return fn(xb, h)
+        return fn(xb, h.to(xb.dtype))
 
     def inverse(self, z: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """``(x, logdet)`` of the inverse map (``logdet`` is minus the forward's)."""
@@ -217,7 +220,11 @@ class GlowStep(Transform):
             ls = self.actnorm.log_scale.to(z.dtype)
             inv_e = torch.exp(-ls)
             # diag(1/e) W^-1 (y - W t) = (diag(1/e) W^-1) y - t / e
-            x = channel_affine(y, w_inv * inv_e[:, None], -self.actnorm.bias.to(z.dtype) * inv_e)
+            x = channel_affine(
+                y,
+                (w_inv * inv_e[:, None]).to(z.dtype),
+                (-self.actnorm.bias.to(z.dtype) * inv_e).to(z.dtype),
+            )
             pixels = z.shape[2] * z.shape[3]
             ld = -(self.actnorm.log_scale.to(acc).sum() + ld_pp.to(acc)) * pixels
             return x, ld.expand(z.shape[0]) + ldc

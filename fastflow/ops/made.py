@@ -161,7 +161,8 @@ def made_affine_forward(
     _check_options(activation, scale_fn, clamp)
     check_float_tensor("x", x, min_dim=2)
     d = x.shape[1]
-    out = made_mlp(x, weights, biases, activation, context, context_weight)
+    # .to(x.dtype): under autocast the MLP returns bf16/fp16 for fp32 data
+    out = made_mlp(x, weights, biases, activation, context, context_weight).to(x.dtype)
     return affine_coupling_inverse(x, out[:, d : 2 * d], out[:, :d], scale_fn=scale_fn, clamp=clamp)
 
 
