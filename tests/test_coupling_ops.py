@@ -8,6 +8,14 @@ from fastflow.ops import coupling as C
 
 pytestmark = pytest.mark.skipif(not fastflow.native_available("cpu"), reason="no native build")
 
+
+@pytest.fixture(autouse=True)
+def _native_backend():
+    # these tests are about the kernels: run them even when FASTFLOW_BACKEND=reference is set
+    # (conftest restores the previous backend afterwards)
+    fastflow.set_backend("native")
+
+
 SHAPES = [(1, 1), (3, 17), (5, 3, 7, 5), (2, 4, 1, 9)]
 SCALES = ["softclamp", "glow", "identity"]
 TOL = {torch.float64: 1e-10, torch.float32: 2e-5, torch.bfloat16: 2e-2}
