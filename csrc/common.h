@@ -241,10 +241,13 @@ FF_HOST_DEVICE A scale_fn(A raw, A c, A inv_c, A& exp_s, A& ds) {
     // s = log sigmoid(a) = -softplus(-a) = -(max(-a, 0) + log1p(exp(-|a|))), a = raw + 2
     A a = raw + A(2);
     A ea = ff_exp(a < A(0) ? a : -a);  // in (0, 1]
-    A sp = (a < A(0) ? -a : A(0)) + ff_log1p(ea);
+    A u = A(1) + ea;
+    A inv = A(1) / u;
+    // log1p(ea) = log(u) + (ea - (u - 1)) / u: the second term corrects the rounding of u, so
+    // the one division serves both log1p and the sigmoid
+    A sp = (a < A(0) ? -a : A(0)) + (ff_log(u) + (ea - (u - A(1))) * inv);
     A s = -sp;
     // sigmoid(a) and 1 - sigmoid(a), both from exp(-|a|) without overflow
-    A inv = A(1) / (A(1) + ea);
     A sig = a >= A(0) ? inv : ea * inv;
     exp_s = sig;
     ds = a >= A(0) ? ea * inv : inv;
