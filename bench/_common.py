@@ -88,6 +88,9 @@ def _status_kb(field: str) -> int:
 def peak_memory_mb(fn: Callable[[], object], device: str | torch.device = "cpu") -> float:
     """Peak memory ``fn()`` allocates beyond what is live before it, in MiB.
 
+    ``fn`` must not keep anything alive between calls (e.g. ``.grad`` of leaves: free them at the
+    end of ``fn``), since the baseline is taken after a warm-up call.
+
     On CUDA: ``torch.cuda.max_memory_allocated``. On CPU (Linux): the resident-set high-water mark
     (VmHWM), reset through ``/proc/self/clear_refs`` just before the call, minus the resident set
     before it, measured with every large allocation mmapped (see :func:`_malloc_mode`) so freed
