@@ -579,7 +579,12 @@ def train(cfg: TrainConfig) -> dict:
     started_dist = _maybe_init_distributed(cfg.device)
     threads = torch.get_num_threads()
     try:
-        return _train(cfg)
+        result = _train(cfg)
+        if started_dist:
+            # rank 0 finishes last (it writes the files): without this, the other ranks tear
+            # down the process group while it may still be in use
+            dist.barrier()
+        return result
     finally:
         torch.set_num_threads(threads)
         if started_dist:

@@ -110,7 +110,9 @@ def test_torchrun_cli(tmp_path, images):
     cmd += ["--depth", "1", "--scales", "1", "--max-steps", "2", "--batch-size", "8"]
     cmd += ["--out", out, "--no-progress", "--no-plots"]
     p = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120)
-    assert p.returncode == 0, p.stderr[-2000:]
+    # on failure show the ranks' own error lines, not only torchrun's summary at the end
+    causes = [ln for ln in p.stderr.splitlines() if "rror" in ln or "terminate" in ln]
+    assert p.returncode == 0, "\n".join(causes[:20]) + "\n...\n" + p.stderr[-1500:]
     assert p.stdout.count("test bits/dim") == 1  # only rank 0 prints the summary
     assert "2 processes" in p.stdout
     assert os.path.exists(os.path.join(out, "last.pt"))
