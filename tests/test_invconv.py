@@ -1,6 +1,5 @@
 """Invertible 1x1 convolution ops: native kernels against the pure-PyTorch reference."""
 
-
 import pytest
 import torch
 import torch.nn.functional as F
