@@ -20,14 +20,20 @@ def check_float_tensor(name: str, t: object, min_dim: int = 1) -> torch.Tensor:
     return t
 
 
-def check_like(name: str, t: object, ref: torch.Tensor, ref_name: str) -> torch.Tensor:
-    """``t`` must have the same shape, dtype and device as ``ref``."""
+def check_device_dtype(name: str, t: object, ref: torch.Tensor, ref_name: str) -> torch.Tensor:
+    """``t`` must be a tensor on ``ref``'s device with ``ref``'s dtype."""
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if t.device != ref.device:
         raise ValueError(f"{name} is on {t.device} but {ref_name} is on {ref.device}")
     if t.dtype != ref.dtype:
         raise TypeError(f"{name} has dtype {t.dtype} but {ref_name} has dtype {ref.dtype}")
+    return t
+
+
+def check_like(name: str, t: object, ref: torch.Tensor, ref_name: str) -> torch.Tensor:
+    """``t`` must have the same shape, dtype and device as ``ref``."""
+    check_device_dtype(name, t, ref, ref_name)
     if t.shape != ref.shape:
         raise ValueError(
             f"{name} must have the shape of {ref_name} {tuple(ref.shape)}, got {tuple(t.shape)}"

@@ -31,7 +31,7 @@ import torch
 from torch import Tensor
 
 from fastflow import _backend as B
-from fastflow.ops._checks import check_float_tensor
+from fastflow.ops._checks import check_device_dtype, check_float_tensor
 
 __all__ = [
     "channel_affine",
@@ -299,12 +299,7 @@ def _check_square(name: str, W: Tensor) -> None:
 
 
 def _check_param(name: str, t: object, ref: Tensor, shape: tuple[int, ...]) -> Tensor:
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if t.device != ref.device:
-        raise ValueError(f"{name} is on {t.device} but L is on {ref.device}")
-    if t.dtype != ref.dtype:
-        raise TypeError(f"{name} has dtype {t.dtype} but L has dtype {ref.dtype}")
+    check_device_dtype(name, t, ref, "L")
     if tuple(t.shape) != shape:
         raise ValueError(f"{name} must have shape {shape}, got {tuple(t.shape)}")
     return t.contiguous()
@@ -437,23 +432,13 @@ def channel_affine(x: Tensor, W: Tensor, b: Tensor | None = None) -> Tensor:
     Reference: Kingma & Dhariwal, "Glow", 2018.
     """
     check_float_tensor("x", x, min_dim=2)
-    if not isinstance(W, torch.Tensor):
-        raise TypeError(f"W must be a torch.Tensor, got {type(W).__name__}")
-    if W.device != x.device:
-        raise ValueError(f"W is on {W.device} but x is on {x.device}")
-    if W.dtype != x.dtype:
-        raise TypeError(f"W has dtype {W.dtype} but x has dtype {x.dtype}")
+    check_device_dtype("W", W, x, "x")
     _check_square("W", W)
     c = x.shape[1]
     if W.shape[0] != c:
         raise ValueError(f"W is [{W.shape[0]}, {W.shape[1]}] but x has {c} channels (x.shape[1])")
     if b is not None:
-        if not isinstance(b, torch.Tensor):
-            raise TypeError(f"b must be a torch.Tensor or None, got {type(b).__name__}")
-        if b.device != x.device:
-            raise ValueError(f"b is on {b.device} but x is on {x.device}")
-        if b.dtype != x.dtype:
-            raise TypeError(f"b has dtype {b.dtype} but x has dtype {x.dtype}")
+        check_device_dtype("b", b, x, "x")
         if tuple(b.shape) != (c,):
             raise ValueError(f"b must have shape ({c},), got {tuple(b.shape)}")
         b = b.contiguous()
