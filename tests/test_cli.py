@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import subprocess
 import sys
+import warnings
 
 import numpy as np
 import pytest
@@ -171,3 +173,47 @@ def test_resume_after_sigkill_matches_straight_run(tmp_path):
     b = torch.load(last, weights_only=True)["state_dict"]
     for k in a:
         assert torch.equal(a[k], b[k]), k
+
+
+# -- the user's files (issue 11) -----------------------------------------------------------------
+
+
+class _NotAFlow:
+    """Something a foreign .pt file pickles."""
+
+
+def test_foreign_pickle_is_one_clear_line(tmp_path, capsys):
+    plain = tmp_path / "plain.pt"
+    torch.save({"a": _NotAFlow()}, plain)  # fails torch.load(weights_only=True)
+    raw = tmp_path / "raw.pt"
+    with open(raw, "wb") as f:
+        pickle.dump({"a": _NotAFlow()}, f, protocol=4)  # not torch.save's; torch warns on it
+    text = tmp_path / "text.pt"
+    text.write_text("hello\n")
+    for path, why in (
+        (plain, "_NotAFlow object; fastflow reads only tensors and plain data)"),
+        (raw, "(not a file written by torch.save)"),
+        (text, "(not a file written by torch.save)"),
+    ):
+        for cmd in ("evaluate", "sample"):
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                msg = _err(capsys, [cmd, str(path)])
+            assert not caught, [str(w.message) for w in caught]
+            assert msg.startswith(f"fastflow {cmd}: error: {path} is not a fastflow checkpoint (")
+            assert msg.endswith(why) and "Weights only" not in msg, msg
+    assert not os.path.exists(tmp_path / "samples_t1.png")
+
+
+def test_foreign_pickle_subprocess_no_warning(tmp_path):
+    raw = tmp_path / "raw.pt"
+    with open(raw, "wb") as f:
+        pickle.dump({"a": [1, 2]}, f, protocol=4)
+    p = subprocess.run(
+        [sys.executable, "-m", "fastflow", "evaluate", str(raw)], capture_output=True, text=True
+    )
+    assert p.returncode == 1
+    assert p.stderr.splitlines() == [
+        f"fastflow evaluate: error: {raw} is not a fastflow checkpoint (not a file written by "
+        "torch.save)"
+    ]

@@ -196,3 +196,37 @@ def test_bad_options(tmp_path):
         train(_cfg(tmp_path, batch_size=0))
     with pytest.raises(ValueError, match="needs image"):
         train(_cfg(tmp_path, model="glow"))
+
+
+# -- the user's files (issue 11) -----------------------------------------------------------------
+
+
+def test_checkpoint_permissions_follow_umask(tmp_path):
+    for mask in (0o022, 0o077, 0o002):
+        old = os.umask(mask)
+        try:
+            p = tmp_path / f"c{mask:o}.pt"
+            save_checkpoint({"step": 1}, p)
+            save_checkpoint({"step": 2}, p)  # replacing keeps the umask's mode too
+            q = tmp_path / f"plain{mask:o}.txt"
+            q.write_text("x")
+        finally:
+            os.umask(old)
+        assert os.stat(p).st_mode & 0o777 == 0o666 & ~mask == os.stat(q).st_mode & 0o777
+        assert load_checkpoint(p)["step"] == 2
+
+
+def test_remove_stale_temporaries(tmp_path):
+    from fastflow.checkpoint import remove_stale_temporaries
+
+    stale = [".tmp-abcd1234.pt", ".tmp-x_y9zz0q.pt"]  # save_checkpoint's and mkstemp's names
+    keep = [".tmp-abc.pt", "a.tmp-abcd1234.pt", ".tmp-abcd1234.pt.bak", ".tmp-ABCD1234.pt"]
+    for name in stale + keep:
+        (tmp_path / name).write_bytes(b"")
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / ".tmp-abcd1234.pt").write_bytes(b"")
+    (tmp_path / ".tmp-dir00000.pt").mkdir()  # not a regular file
+    assert remove_stale_temporaries(tmp_path) == sorted(stale)
+    assert sorted(os.listdir(tmp_path)) == sorted(keep + ["sub", ".tmp-dir00000.pt"])
+    assert os.listdir(tmp_path / "sub") == [".tmp-abcd1234.pt"]
+    assert remove_stale_temporaries(tmp_path / "missing") == []
