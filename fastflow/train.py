@@ -111,6 +111,12 @@ _RESUME_KEYS = (
     "batch_size",
     "dtype",
     "schedule",
+    # the optimisation: Adam's saved state restores the old weight decay whatever the flag says,
+    # and a resumed run reaches an uninterrupted run's parameters only with the same values
+    "lr",
+    "warmup",
+    "clip_grad",
+    "weight_decay",
 )
 
 

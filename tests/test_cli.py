@@ -217,3 +217,19 @@ def test_foreign_pickle_subprocess_no_warning(tmp_path):
         f"fastflow evaluate: error: {raw} is not a fastflow checkpoint (not a file written by "
         "torch.save)"
     ]
+
+
+def test_resume_with_other_lr_is_refused(tmp_path, capsys):
+    out = _train(tmp_path, "--no-plots")
+    config = open(os.path.join(out, "config.json")).read()
+    capsys.readouterr()
+    argv = ["train", "--data", "moons", "--n-data", "400", "--epochs", "3", "--out", out, *TINY]
+    argv += ["--resume", "--no-plots"]
+    msg = _err(capsys, argv + ["--lr", "0.5"])
+    assert "incompatible --resume options: --lr 0.002 (checkpoint) vs 0.5 (now)" in msg
+    assert "--weight-decay 0.0 (checkpoint) vs 0.1 (now)" in _err(
+        capsys, argv + ["--weight-decay", "0.1"]
+    )
+    assert "--clip-grad 50.0 (checkpoint) vs 0.0 (now)" in _err(capsys, argv + ["--clip-grad", "0"])
+    assert "--warmup 2 (checkpoint) vs 5 (now)" in _err(capsys, argv + ["--warmup", "5"])
+    assert open(os.path.join(out, "config.json")).read() == config

@@ -230,3 +230,21 @@ def test_remove_stale_temporaries(tmp_path):
     assert sorted(os.listdir(tmp_path)) == sorted(keep + ["sub", ".tmp-dir00000.pt"])
     assert os.listdir(tmp_path / "sub") == [".tmp-abcd1234.pt"]
     assert remove_stale_temporaries(tmp_path / "missing") == []
+
+
+def _snapshot(out):
+    return {f: open(os.path.join(out, f), "rb").read() for f in sorted(os.listdir(out))}
+
+
+def test_resume_refuses_optimiser_changes(tmp_path):
+    out = tmp_path / "run"
+    train(_cfg(tmp_path))
+    before = _snapshot(str(out))
+    changes = {"lr": 0.5, "warmup": 7, "clip_grad": 1.0, "weight_decay": 0.1}
+    for key, value in changes.items():
+        flag = "--" + key.replace("_", "-")
+        with pytest.raises(TrainError, match=f"incompatible --resume options: {flag} "):
+            train(_cfg(tmp_path, resume="auto", epochs=2, **{key: value}))
+    assert _snapshot(str(out)) == before  # config.json and metrics.jsonl untouched
+    r = train(_cfg(tmp_path, resume="auto", epochs=2))  # the same options resume
+    assert len(r["history"]) == 1 and r["history"][0]["epoch"] == 2
