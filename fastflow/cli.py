@@ -114,7 +114,16 @@ def _configure_train(p: argparse.ArgumentParser) -> None:
         nargs="?",
         const="auto",
         metavar="CKPT",
-        help="continue from OUT/last.pt (or from CKPT)",
+        help="continue from OUT/last.pt (or from CKPT); the options that shape the run (model, "
+        "data, split, seed, batch size, dtype, schedule, --lr, --warmup, --clip-grad, "
+        "--weight-decay; with a cosine schedule --epochs and --max-steps) must be the "
+        "checkpoint's",
+    )
+    g.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="start over in an OUT that holds a run, deleting its checkpoints, config.json, "
+        "metrics.jsonl and plots (without it, a new run there is refused)",
     )
     g.add_argument("--save-every", type=int, default=0, help="also checkpoint every N steps")
     g.add_argument("--no-progress", dest="progress", action="store_false", help="no tqdm bar")

@@ -31,7 +31,12 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from fastflow.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from fastflow.checkpoint import (
+    CheckpointError,
+    load_checkpoint,
+    remove_stale_temporaries,
+    save_checkpoint,
+)
 from fastflow.data import DataError, DataSet, load_data, split_indices
 from fastflow.registry import build_model, model_input_shape, resolve_options
 
@@ -86,6 +91,7 @@ class TrainConfig:
     seed: int = 0
     out: str | None = None
     resume: str | None = None
+    overwrite: bool = False  # start over in an out folder that holds a run
     save_every: int = 0
     skip_nonfinite: bool = False
     progress: bool = True
@@ -118,6 +124,11 @@ _RESUME_KEYS = (
     "clip_grad",
     "weight_decay",
 )
+
+# what makes a folder hold a run (a fresh run there is refused without --overwrite) ...
+_RUN_STATE = ("config.json", "metrics.jsonl", "last.pt", "best.pt")
+# ... and every file a run writes there (--overwrite deletes these, and only these)
+_RUN_FILES = (*_RUN_STATE, "samples.png", "loss.png")
 
 
 def default_out_dir(data: str, model: str) -> str:
@@ -508,6 +519,8 @@ def _check_config(cfg: TrainConfig) -> None:
         raise ValueError(f"--schedule must be constant or cosine, got {cfg.schedule!r}")
     if not (cfg.temperature >= 0):
         raise ValueError(f"--temperature must be >= 0, got {cfg.temperature}")
+    if cfg.overwrite and cfg.resume is not None:
+        raise ValueError("--resume continues a run and --overwrite starts over: pass one of them")
 
 
 def _resume_path(cfg: TrainConfig, out: str) -> str | None:
@@ -536,6 +549,28 @@ def _check_resume(cfg: TrainConfig, ck: dict, path: str) -> None:
                 diffs.append(f"--{k.replace('_', '-')} {old.get(k)!r} vs {getattr(cfg, k)!r}")
     if diffs:
         raise TrainError(f"incompatible --resume options: {'; '.join(diffs)}")
+
+
+def _refuse_other_run(cfg: TrainConfig, out: str, device: torch.device) -> None:
+    """A fresh run (no ``--resume``, no ``--overwrite``) does not write over another run's files."""
+    taken = 0.0
+    if _dist_info()[0] == 0 and cfg.resume is None and not cfg.overwrite:
+        taken = float(any(os.path.lexists(os.path.join(out, f)) for f in _RUN_STATE))
+    if _all_sum([taken], device)[0] > 0:  # rank 0 looked (it writes the files); all ranks stop
+        raise TrainError(
+            f"{out} already holds a training run: pass --resume to continue it, --overwrite to "
+            "start over, or a new --out"
+        )
+
+
+def _clear_out_dir(cfg: TrainConfig, out: str) -> None:
+    """Before the first write: with ``--overwrite`` delete the old run's files; always delete the
+    temporaries of a checkpoint save that was killed."""
+    if cfg.overwrite:
+        for name in _RUN_FILES:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(os.path.join(out, name))
+    remove_stale_temporaries(out)
 
 
 def _rank0_print(*args, **kwargs) -> None:
@@ -607,6 +642,7 @@ def _train(cfg: TrainConfig) -> dict:
     dtype = _DTYPES[cfg.dtype]
     ac_dtype = _AUTOCAST[cfg.autocast]
     out = cfg.out or default_out_dir(cfg.data, cfg.model)
+    _refuse_other_run(cfg, out, device)
 
     ds, x_tr, x_va, x_te = _prepare(cfg)
     model_shape = model_input_shape(cfg.model, ds.shape)
@@ -658,6 +694,7 @@ def _train(cfg: TrainConfig) -> dict:
 
     if is_main:
         os.makedirs(out, exist_ok=True)
+        _clear_out_dir(cfg, out)
         with open(os.path.join(out, "config.json"), "w") as f:
             json.dump({**asdict(cfg), "out": out, "world_size": world}, f, indent=2)
         metrics_path = os.path.join(out, "metrics.jsonl")

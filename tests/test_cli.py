@@ -233,3 +233,29 @@ def test_resume_with_other_lr_is_refused(tmp_path, capsys):
     assert "--clip-grad 50.0 (checkpoint) vs 0.0 (now)" in _err(capsys, argv + ["--clip-grad", "0"])
     assert "--warmup 2 (checkpoint) vs 5 (now)" in _err(capsys, argv + ["--warmup", "5"])
     assert open(os.path.join(out, "config.json")).read() == config
+
+
+def test_train_over_a_run_needs_resume_or_overwrite(tmp_path, capsys):
+    out = _train(tmp_path, "--no-plots")
+    before = {f: open(os.path.join(out, f), "rb").read() for f in os.listdir(out)}
+    capsys.readouterr()
+    argv = ["train", "--data", "moons", "--n-data", "400", "--epochs", "1", "--out", out, *TINY]
+    msg = _err(capsys, argv + ["--no-plots"])
+    assert f"{out} already holds a training run" in msg
+    assert "--resume to continue it, --overwrite to start over, or a new --out" in msg
+    assert {f: open(os.path.join(out, f), "rb").read() for f in os.listdir(out)} == before
+    assert main(argv + ["--no-plots", "--overwrite"]) == 0
+    recs = [json.loads(ln) for ln in open(os.path.join(out, "metrics.jsonl"))]
+    assert [r.get("epoch") for r in recs] == [1, None]  # the new run's epoch and test line
+    assert json.load(open(os.path.join(out, "config.json")))["epochs"] == 1
+    assert "--resume continues a run and --overwrite" in _err(
+        capsys, argv + ["--overwrite", "--resume"]
+    )
+
+
+def test_help_documents_overwrite(capsys):
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "--overwrite start over in an OUT that holds a run" in text
+    assert "--lr, --warmup, --clip-grad, --weight-decay" in text

@@ -248,3 +248,61 @@ def test_resume_refuses_optimiser_changes(tmp_path):
     assert _snapshot(str(out)) == before  # config.json and metrics.jsonl untouched
     r = train(_cfg(tmp_path, resume="auto", epochs=2))  # the same options resume
     assert len(r["history"]) == 1 and r["history"][0]["epoch"] == 2
+
+
+def test_fresh_run_over_a_finished_run_is_refused(tmp_path):
+    r = train(_cfg(tmp_path))
+    before = _snapshot(r["out"])
+    assert {"best.pt", "last.pt", "config.json", "metrics.jsonl"} <= before.keys()
+    with pytest.raises(TrainError, match=r"already holds a training run: pass --resume to "):
+        train(_cfg(tmp_path, epochs=2))
+    assert _snapshot(r["out"]) == before  # nothing rewritten
+    # a folder with only the config of a run killed before its first checkpoint: refused too
+    os.makedirs(tmp_path / "killed")
+    (tmp_path / "killed" / "config.json").write_text("{}")
+    with pytest.raises(TrainError, match="--overwrite to start over, or a new --out"):
+        train(_cfg(tmp_path, out=str(tmp_path / "killed")))
+    # other files do not make a folder a run
+    os.makedirs(tmp_path / "mine")
+    (tmp_path / "mine" / "notes.txt").write_text("keep")
+    train(_cfg(tmp_path, out=str(tmp_path / "mine")))
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "keep"
+
+
+def test_overwrite_starts_over(tmp_path):
+    out = tmp_path / "run"
+    train(_cfg(tmp_path, plots=True))
+    (out / "notes.txt").write_text("keep")
+    old = load_checkpoint(out / "last.pt")
+    r = train(_cfg(tmp_path, overwrite=True, seed=1, plots=False, epochs=2))
+    assert r["steps"] == 2 * old["step"]
+    new = load_checkpoint(out / "last.pt")
+    assert new["config"]["seed"] == 1 and new["epoch"] == 2
+    recs = (out / "metrics.jsonl").read_text().splitlines()
+    assert len(recs) == 3  # 2 epochs + test: the old run's lines are gone
+    # the old run's plots are deleted (this run writes none); files of the user's stay
+    assert not (out / "samples.png").exists() and not (out / "loss.png").exists()
+    assert (out / "notes.txt").read_text() == "keep"
+    with pytest.raises(ValueError, match="--resume continues a run and --overwrite starts over"):
+        train(_cfg(tmp_path, overwrite=True, resume="auto"))
+
+
+def test_train_cleans_stale_temporaries_and_files_share_a_mode(tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / ".tmp-k1ll3d00.pt").write_bytes(b"")  # a save killed before the first write
+    (out / "sub").mkdir()
+    (out / "sub" / ".tmp-k1ll3d00.pt").write_bytes(b"")
+    old = os.umask(0o022)
+    try:
+        train(_cfg(tmp_path))
+        assert not (out / ".tmp-k1ll3d00.pt").exists()
+        assert (out / "sub" / ".tmp-k1ll3d00.pt").exists()  # only the run folder itself
+        files = ("config.json", "metrics.jsonl", "last.pt", "best.pt")
+        modes = {f: os.stat(out / f).st_mode & 0o777 for f in files}
+        assert set(modes.values()) == {0o644}, modes
+        (out / ".tmp-k1ll3d01.pt").write_bytes(b"")  # killed during a later save
+        train(_cfg(tmp_path, resume="auto", epochs=2))
+        assert not any(f.startswith(".tmp-") for f in os.listdir(out))
+    finally:
+        os.umask(old)
