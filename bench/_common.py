@@ -121,6 +121,26 @@ def peak_memory_mb(fn: Callable[[], object], device: str | torch.device = "cpu")
         _malloc_mode(exact_rss=False)
 
 
+def require_native() -> None:
+    """Refuse to time anything unless fastflow's ops run their native kernels.
+
+    From the repository root ``import fastflow`` can pick up the source folder (no ``_C``), and then
+    every op silently runs its pure-PyTorch reference: a benchmark would measure the reference.
+    Every script here calls this before timing.
+    """
+    import fastflow
+
+    inf = fastflow.info()
+    if inf["backend"] != "native":
+        raise SystemExit(
+            f"bench: refusing to time: fastflow's backend is {inf['backend']!r}, not 'native' "
+            f"(fastflow imported from {inf['imported_from']}; _C: "
+            f"{inf['native_import_error'] or 'present'}; FASTFLOW_BACKEND="
+            f"{os.environ.get('FASTFLOW_BACKEND', '')!r}). Install with `pip install -e .` or run "
+            "from outside the source tree after `pip install .`."
+        )
+
+
 def environment() -> dict:
     return {
         "torch": torch.__version__,

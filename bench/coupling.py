@@ -20,7 +20,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import peak_memory_mb, table, timeit, write_results  # noqa: E402
+from _common import peak_memory_mb, require_native, table, timeit, write_results  # noqa: E402
 
 import fastflow  # noqa: E402
 from fastflow.ops import coupling as C  # noqa: E402
@@ -108,6 +108,7 @@ def main(argv=None) -> dict:
     p.add_argument("--scale-fn", default="softclamp", choices=sorted(C.SCALE_FNS))
     p.add_argument("--no-large", action="store_true", help="skip the cache-exceeding image case")
     args = p.parse_args(argv)
+    require_native()
     if not fastflow.native_available("cpu"):
         raise SystemExit("fastflow._C is not built: the benchmark needs the native kernels")
     variants = make_variants(args.scale_fn)

@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import peak_memory_mb, table, timeit, write_results  # noqa: E402
+from _common import peak_memory_mb, require_native, table, timeit, write_results  # noqa: E402
 
 from fastflow.nn.glow_step import GlowConditioner, GlowStep  # noqa: E402
 
@@ -257,6 +257,7 @@ def main():
     ap.add_argument("--parts", default="flow,step", help="comma-separated: flow, step")
     ap.add_argument("--name", default="glow_step", help="results file name (bench/results/)")
     args = ap.parse_args()
+    require_native()
     if args.threads:
         torch.set_num_threads(args.threads)
     parts = [p for p in args.parts.split(",") if p]

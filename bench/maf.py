@@ -21,7 +21,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import table, timeit, write_results  # noqa: E402
+from _common import require_native, table, timeit, write_results  # noqa: E402
 
 from fastflow.models.maf import MAF  # noqa: E402
 from fastflow.nn.autoregressive import MaskedAffineAutoregressive  # noqa: E402
@@ -139,6 +139,7 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="one repetition of everything")
     ap.add_argument("--threads", type=int, default=0, help="torch/kernel threads (0: default)")
     args = ap.parse_args()
+    require_native()
     if args.threads:
         torch.set_num_threads(args.threads)
     if NflowsMAF is None or zuko is None:

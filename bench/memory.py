@@ -19,7 +19,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import peak_memory_mb, table, timeit, write_results  # noqa: E402
+from _common import peak_memory_mb, require_native, table, timeit, write_results  # noqa: E402
 
 from fastflow.models.glow import Glow  # noqa: E402
 
@@ -34,6 +34,7 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--name", default="memory")
     args = ap.parse_args()
+    require_native()
 
     torch.manual_seed(0)
     dev = torch.device(args.device)

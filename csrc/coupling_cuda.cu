@@ -4,6 +4,8 @@
 // atomics. Backward passes are elementwise (grid-stride).
 #include <cuda_runtime.h>
 
+#include "cuda_check.h"
+
 #include <string>
 #include <type_traits>
 
@@ -24,10 +26,6 @@ int64_t chunks_for(int64_t m) {
   return c < 1 ? 1 : (c > kMaxChunks ? kMaxChunks : c);
 }
 
-void check_cuda(cudaError_t err, const char* what) {
-  if (err != cudaSuccess)
-    throw std::runtime_error(std::string("fastflow._C: ") + what + ": " + cudaGetErrorString(err));
-}
 
 template <typename A>
 __device__ A block_sum(A v) {

@@ -5,6 +5,8 @@
 // atomics, deterministic. Everything is launched on the stream the caller passes.
 #include <cuda_runtime.h>
 
+#include "cuda_check.h"
+
 #include <string>
 
 #include "invconv.h"
@@ -20,10 +22,6 @@ P* ptr(std::uintptr_t p) {
   return reinterpret_cast<P*>(p);
 }
 
-void check_cuda(cudaError_t err, const char* what) {
-  if (err != cudaSuccess)
-    throw std::runtime_error(std::string("fastflow._C: ") + what + ": " + cudaGetErrorString(err));
-}
 
 int64_t acc_size(int dtype) { return dtype == kFloat64 ? 8 : 4; }
 

@@ -27,11 +27,13 @@ namespace ff {
 // Hidden activations. Codes shared with fastflow/ops/made.py (ACTIVATIONS).
 enum Activation : int { kRelu = 0, kTanh = 1, kElu = 2 };
 
+// Written so that NaN propagates as in torch (a comparison with NaN is false, so NaN takes the
+// `v` branch): relu(NaN) = elu(NaN) = NaN.
 template <typename A>
 FF_HOST_DEVICE A made_activation(int act, A v) {
-  if (act == kRelu) return v > A(0) ? v : A(0);
+  if (act == kRelu) return v < A(0) ? A(0) : v;
   if (act == kTanh) return ff_tanh(v);
-  return v > A(0) ? v : ff_exp(v < A(0) ? v : A(0)) - A(1);  // elu, alpha = 1
+  return v < A(0) ? ff_exp(v) - A(1) : v;  // elu, alpha = 1
 }
 
 // Samples per block on the CPU: one 128-byte row of the per-thread state per unit.
@@ -56,7 +58,15 @@ void made_affine_inverse_cpu(int dtype, int act, int mode, double clamp, int64_t
                              const std::vector<int64_t>& bounds, std::uintptr_t x, std::uintptr_t logdet, std::uintptr_t workspace,
                              int64_t workspace_bytes, int nthreads);
 
+// Hidden layers the CUDA walk supports.
+constexpr int kMadeCudaMaxLayers = 8;
+
 #if defined(FF_WITH_CUDA)
+// Whether the CUDA walk handles this MADE on the current device: at most kMadeCudaMaxLayers
+// hidden layers and one sample's state (d + sum(hidden) values) within the device's opt-in
+// shared memory per block.
+bool made_cuda_supported(int dtype, int64_t d, const std::vector<int64_t>& hidden);
+
 // Same contract on device pointers; `bounds` (host, checked) and `bounds_dev` (the same table in
 // device memory, int64) describe the degrees. The block state
 // lives in shared memory (no workspace); one launch walks all degrees on `stream`.

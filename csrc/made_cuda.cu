@@ -7,6 +7,8 @@
 // computed by lane s for sample s.
 #include <cuda_runtime.h>
 
+#include "cuda_check.h"
+
 #include <string>
 
 #include "made.h"
@@ -16,23 +18,19 @@ namespace {
 
 constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / 32;
-constexpr int kMaxLayers = 8;  // hidden layers supported by the CUDA walk
-constexpr int64_t kMaxSharedBytes = 200 * 1024;
+// kMadeCudaMaxLayers (made.h): hidden layers the CUDA walk's argument block holds; Python runs the
+// reference for deeper MADEs (made_cuda_supported).
 
-void check_cuda(cudaError_t err, const char* what) {
-  if (err != cudaSuccess)
-    throw std::runtime_error(std::string("fastflow._C: ") + what + ": " + cudaGetErrorString(err));
-}
 
 template <typename T>
 struct WalkArgs {
   int act, mode, L;
   T c, inv_c;
   int64_t n, d, rows;
-  int64_t hidden[kMaxLayers];
-  int64_t offs[kMaxLayers];  // row of layer l's first unit in the state (after d inputs)
-  const T* w[kMaxLayers + 1];
-  const T* b[kMaxLayers + 1];
+  int64_t hidden[kMadeCudaMaxLayers];
+  int64_t offs[kMadeCudaMaxLayers];  // row of layer l's first unit in the state (after d inputs)
+  const T* w[kMadeCudaMaxLayers + 1];
+  const T* b[kMadeCudaMaxLayers + 1];
   const int64_t* bounds;  // device [L, d + 1]
   const T* u;
   const T* init;
@@ -208,11 +206,14 @@ void run_walk(int act, int mode, double clamp, int64_t n, int64_t d,
   P.x = ptr<T>(x);
   P.logdet = ptr<T>(logdet);
   const int64_t row_bytes = P.rows * int64_t(sizeof(T));
-  check(row_bytes <= kMaxSharedBytes,
-        "made_affine_inverse_cuda: d + sum(hidden) too large for the shared-memory walk");
+  // the opt-in limit of this device (227 KiB on H100, 163 KiB on A100, 99 KiB on sm_86/89)
+  const int64_t max_smem = max_shared_per_block_optin();
+  check(row_bytes <= max_smem,
+        "made_affine_inverse_cuda: d + sum(hidden) too large for the shared-memory walk on this "
+        "GPU (made_cuda_supported says so; Python then runs the reference)");
   // Most samples per block that fit, but keep at least ~2 blocks per SM-sized chunk of the batch.
   int S = 8;
-  while (S > 1 && (S * row_bytes > kMaxSharedBytes || (n + S - 1) / S < 64)) S /= 2;
+  while (S > 1 && (S * row_bytes > max_smem || (n + S - 1) / S < 64)) S /= 2;
   const int64_t smem = S * row_bytes;
   switch (S) {
     case 8: launch<T, 8>(P, smem, stream); break;
@@ -223,6 +224,14 @@ void run_walk(int act, int mode, double clamp, int64_t n, int64_t d,
 }
 
 }  // namespace
+
+bool made_cuda_supported(int dtype, int64_t d, const std::vector<int64_t>& hidden) {
+  if (hidden.empty() || int64_t(hidden.size()) > kMadeCudaMaxLayers) return false;
+  int64_t rows = d;
+  for (int64_t h : hidden) rows += h;
+  const int64_t elem = dtype == kFloat64 ? 8 : 4;
+  return rows * elem <= max_shared_per_block_optin();
+}
 
 void made_affine_inverse_cuda(int dtype, int act, int mode, double clamp, int64_t n, int64_t d,
                               const std::vector<int64_t>& hidden, std::uintptr_t u,
@@ -235,7 +244,7 @@ void made_affine_inverse_cuda(int dtype, int act, int mode, double clamp, int64_
   check(dtype == kFloat32 || dtype == kFloat64,
         std::string(name) + ": dtype must be float32 or float64 (cast 16-bit inputs first)");
   const int64_t L = int64_t(hidden.size());
-  check(L <= kMaxLayers, std::string(name) + ": at most 8 hidden layers");
+  check(L <= kMadeCudaMaxLayers, std::string(name) + ": at most " + std::to_string(kMadeCudaMaxLayers) + " hidden layers");
   check(int64_t(bounds.size()) == L * (d + 1),
         std::string(name) + ": bounds must have L * (d + 1) entries");
   made_check_bounds(name, d, hidden, bounds.data());

@@ -110,9 +110,57 @@ def num_threads() -> int:
     return max(1, torch.get_num_threads())
 
 
-def ptr(t: torch.Tensor | None) -> int:
-    """Data pointer of ``t`` (0 for None) for passing to ``_C``."""
-    return 0 if t is None else t.data_ptr()
+def ptr(
+    t: torch.Tensor | None,
+    dtype: torch.dtype | None = None,
+    numel: int | None = None,
+    device: torch.device | None = None,
+    name: str = "tensor",
+) -> int:
+    """Data pointer of ``t`` (0 for None) for passing to ``_C``: **the one place pointers are
+    taken**, so it checks what the kernel will assume of the buffer.
+
+    Every pointer an op body hands to ``_C`` goes through here with the dtype, element count and
+    device the kernel reads it as: a buffer whose dtype changed behind the op's back (autocast),
+    a short hand-built structure or a direct ``torch.ops.fastflow.*`` call with a re-laid-out
+    tensor raises ``ValueError`` naming ``name`` instead of letting C++ read out of bounds. The
+    buffer must be contiguous (the kernels index it densely); an op that reads batch-strided
+    inputs in place checks those itself and passes ``numel=None``.
+    """
+    if t is None:
+        return 0
+    if dtype is not None and t.dtype != dtype:
+        raise ValueError(f"{name}: the kernel reads {dtype}, got {t.dtype}")
+    if device is not None and t.device != device:
+        raise ValueError(f"{name}: the kernel runs on {device}, got a tensor on {t.device}")
+    if numel is not None:
+        if t.numel() != numel:
+            raise ValueError(
+                f"{name}: the kernel reads {numel} elements, got {t.numel()} {tuple(t.shape)}"
+            )
+        if not t.is_contiguous():
+            raise ValueError(f"{name}: the kernel needs a contiguous buffer")
+    return t.data_ptr()
+
+
+def cuda_guard(t: torch.Tensor):
+    """Context manager making ``t``'s CUDA device current for the kernel launch (a no-op context
+    for CPU tensors): pointers and streams come from ``t.device`` and the kernel must launch on
+    that device, not on the thread's current one."""
+    if t.device.type != "cuda":
+        return _NULL_CTX
+    return torch.cuda.device(t.device)
+
+
+class _NullCtx:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
+
+
+_NULL_CTX = _NullCtx()
 
 
 def stream_of(t: torch.Tensor) -> int:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from fastflow import _backend as B
@@ -14,7 +16,8 @@ def info() -> dict:
         A dict with ``version``, ``torch``, ``cpu_kernels`` (bool), ``cuda_kernels`` (bool),
         ``cuda_architectures``, ``openmp``, ``cpu_isa`` (SIMD variant of the CPU kernels),
         ``cuda_device`` (name or None), ``threads`` and ``backend`` (what ops run on CPU
-        tensors: ``native`` or ``reference``).
+        tensors: ``native`` or ``reference``), ``imported_from`` (the package directory) and
+        ``native_import_error`` (why ``_C`` is missing, or None).
 
     Example:
         >>> import fastflow
@@ -40,8 +43,31 @@ def info() -> dict:
         "threads": B.num_threads(),
         "backend_setting": forced,
         "backend": "native" if cpu_native else "reference",
-        "native_import_error": None if B._IMPORT_ERROR is None else str(B._IMPORT_ERROR),
+        "imported_from": _package_dir(),
+        "native_import_error": _import_error(),
     }
+
+
+def _package_dir() -> str:
+    import fastflow
+
+    return os.path.dirname(os.path.abspath(fastflow.__file__))
+
+
+def _import_error() -> str | None:
+    """Why ``_C`` is missing, with the usual cause spelled out: a source checkout shadowing the
+    installed package (``python`` run from the repository root after a non-editable install)."""
+    if B._IMPORT_ERROR is None:
+        return None
+    msg = str(B._IMPORT_ERROR)
+    pkg = _package_dir()
+    if os.path.exists(os.path.join(os.path.dirname(pkg), "pyproject.toml")):
+        msg += (
+            f" -- fastflow was imported from the source tree {pkg}, which has no compiled _C "
+            "(it shadows an installed copy when python runs from the repository root): use "
+            "`pip install -e .`, or run from another directory"
+        )
+    return msg
 
 
 def format_info(d: dict) -> str:

@@ -137,10 +137,25 @@ class Flow(nn.Module):
         return self.transforms.inverse(z, context, latents=latents, temperature=temperature)
 
     def rsample(
-        self, n: int | None = None, context: Tensor | None = None, temperature: float = 1.0
+        self,
+        n: int | Sequence[int] | None = None,
+        context: Tensor | None = None,
+        temperature: float = 1.0,
     ) -> Tensor:
-        """Differentiable samples ``[n, *event_shape]`` (reparameterised through the base)."""
-        return self.rsample_and_log_prob(n, context, temperature)[0]
+        """Differentiable samples ``[n, *event_shape]`` (reparameterised through the base); ``n``
+        may be a ``sample_shape`` tuple as in ``torch.distributions`` (``(2, 3)`` gives
+        ``[2, 3, *event_shape]``)."""
+        return self._shaped(n, context, temperature)[0]
+
+    def _shaped(self, n, context, temperature) -> tuple[Tensor, Tensor]:
+        """:meth:`rsample_and_log_prob` for an int or a ``sample_shape`` tuple."""
+        if isinstance(n, (tuple, list, torch.Size)):
+            shape = tuple(n)
+            if not all(isinstance(k, int) and not isinstance(k, bool) and k >= 0 for k in shape):
+                raise ValueError(f"sample_shape must hold non-negative ints, got {n!r}")
+            x, lp = self.rsample_and_log_prob(math.prod(shape), context, temperature)
+            return x.reshape(*shape, *x.shape[1:]), lp.reshape(shape)
+        return self.rsample_and_log_prob(n, context, temperature)
 
     def rsample_and_log_prob(
         self, n: int | None = None, context: Tensor | None = None, temperature: float = 1.0
@@ -153,20 +168,27 @@ class Flow(nn.Module):
         return x, self.base.log_prob(z, ctx) - logdet
 
     def sample(
-        self, n: int | None = None, context: Tensor | None = None, temperature: float = 1.0
+        self,
+        n: int | Sequence[int] | None = None,
+        context: Tensor | None = None,
+        temperature: float = 1.0,
     ) -> Tensor:
         """Samples ``[n, *event_shape]`` without gradients. ``temperature`` scales the standard
         deviation of the base (and of factored-out latents). With a context of ``N`` rows,
-        ``n`` defaults to ``N``; a one-row context is used for all ``n`` samples."""
+        ``n`` defaults to ``N``; a one-row context is used for all ``n`` samples. ``n`` may be a
+        ``sample_shape`` tuple (``sample((2, 3))`` is ``[2, 3, *event_shape]``)."""
         with torch.no_grad():
             return self.rsample(n, context, temperature)
 
     def sample_and_log_prob(
-        self, n: int | None = None, context: Tensor | None = None, temperature: float = 1.0
+        self,
+        n: int | Sequence[int] | None = None,
+        context: Tensor | None = None,
+        temperature: float = 1.0,
     ) -> tuple[Tensor, Tensor]:
         """Samples and their log-density, without gradients (see :meth:`sample`)."""
         with torch.no_grad():
-            return self.rsample_and_log_prob(n, context, temperature)
+            return self._shaped(n, context, temperature)
 
     @staticmethod
     def _n(n: int | None, context: Tensor | None) -> int:

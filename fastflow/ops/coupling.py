@@ -136,23 +136,50 @@ def reference_additive_coupling_inverse(
 
 
 def _run(name: str, t: Tensor, *args) -> None:
-    """Call ``_C.<name>_cpu`` or ``_C.<name>_cuda`` for ``t``'s device."""
+    """Call ``_C.<name>_cpu`` or ``_C.<name>_cuda`` for ``t``'s device (CUDA: on ``t``'s device
+    and its current stream; the CUDA forward and inverse take a workspace, allocated here and
+    kept alive across the launch)."""
     if t.device.type == "cuda":
-        getattr(B._C, name + "_cuda")(*args, B.stream_of(t))
+        ws = None
+        if name in ("coupling_forward", "coupling_inverse"):
+            n, m = args[3], args[4]
+            nbytes = B._C.coupling_workspace_bytes(B.DTYPE_CODES[t.dtype], n, m)
+            ws = torch.empty(max(nbytes, 1), dtype=torch.uint8, device=t.device)
+        with B.cuda_guard(t):
+            extra = () if ws is None else (ws.data_ptr(),)
+            getattr(B._C, name + "_cuda")(*args, *extra, B.stream_of(t))
     else:
         getattr(B._C, name + "_cpu")(*args, B.num_threads())
-
-
-def _workspace(t: Tensor, n: int, m: int) -> list[int]:
-    if t.device.type != "cuda":
-        return []
-    nbytes = B._C.coupling_workspace_bytes(B.DTYPE_CODES[t.dtype], n, m)
-    return [torch.empty(max(nbytes, 1), dtype=torch.uint8, device=t.device).data_ptr()]
 
 
 def _bs(t: Tensor) -> int:
     """Batch stride of ``t`` in elements (the sample size when the batch has one sample)."""
     return t.stride(0) if t.shape[0] > 1 else max(t[0].numel(), 1) if t.shape[0] else 1
+
+
+def _sp(name: str, t: Tensor, x: Tensor) -> tuple[int, int]:
+    """``(pointer, batch stride)`` of a per-sample input the kernel reads like ``x`` (same shape,
+    dtype and device; each sample contiguous, samples not overlapping): the one place the
+    coupling ops take such pointers, so a direct ``torch.ops.fastflow`` call cannot hand the
+    kernel a buffer it would misread."""
+    if t.shape != x.shape or t.dtype != x.dtype or t.device != x.device:
+        raise ValueError(
+            f"{name}: the kernel reads {x.dtype} {tuple(x.shape)} on {x.device}, got "
+            f"{t.dtype} {tuple(t.shape)} on {t.device}"
+        )
+    strided = t.shape[0] > 1 and t[0].is_contiguous() and t.stride(0) >= t[0].numel()
+    if not (t.is_contiguous() or strided):
+        raise ValueError(f"{name}: each sample must be contiguous (batch-strided at most)")
+    return t.data_ptr(), _bs(t)
+
+
+def _mask_ptr(mask: Tensor | None, x: Tensor) -> int:
+    m = x[0].numel() if x.shape[0] else 0
+    return B.ptr(mask, torch.uint8, m if x.shape[0] else None, x.device, "mask")
+
+
+def _ld_ptr(name: str, t: Tensor, x: Tensor) -> int:
+    return B.ptr(t, B.acc_dtype(x.dtype), x.shape[0], x.device, name)
 
 
 def _new(x: Tensor) -> Tensor:
@@ -169,28 +196,11 @@ def _affine_fwd(
     x: Tensor, raw: Tensor, shift: Tensor, mask: Tensor | None, mode: int, clamp: float
 ) -> tuple[Tensor, Tensor]:
     n, m = _sizes(x)
+    args = (*_sp("x", x, x), *_sp("raw", raw, x), *_sp("shift", shift, x), _mask_ptr(mask, x))
     y = _new(x)
     logdet = torch.empty(n, dtype=B.acc_dtype(x.dtype), device=x.device)
     code = B.DTYPE_CODES[x.dtype]
-    _run(
-        "coupling_forward",
-        x,
-        code,
-        mode,
-        clamp,
-        n,
-        m,
-        B.ptr(x),
-        _bs(x),
-        B.ptr(raw),
-        _bs(raw),
-        B.ptr(shift),
-        _bs(shift),
-        B.ptr(mask),
-        B.ptr(y),
-        B.ptr(logdet),
-        *_workspace(x, n, m),
-    )
+    _run("coupling_forward", x, code, mode, clamp, n, m, *args, B.ptr(y), B.ptr(logdet))
     return y, logdet
 
 
@@ -199,28 +209,11 @@ def _affine_inv(
     y: Tensor, raw: Tensor, shift: Tensor, mask: Tensor | None, mode: int, clamp: float
 ) -> tuple[Tensor, Tensor]:
     n, m = _sizes(y)
+    args = (*_sp("y", y, y), *_sp("raw", raw, y), *_sp("shift", shift, y), _mask_ptr(mask, y))
     x = _new(y)
     logdet = torch.empty(n, dtype=B.acc_dtype(y.dtype), device=y.device)
     code = B.DTYPE_CODES[y.dtype]
-    _run(
-        "coupling_inverse",
-        y,
-        code,
-        mode,
-        clamp,
-        n,
-        m,
-        B.ptr(y),
-        _bs(y),
-        B.ptr(raw),
-        _bs(raw),
-        B.ptr(shift),
-        _bs(shift),
-        B.ptr(mask),
-        B.ptr(x),
-        B.ptr(logdet),
-        *_workspace(y, n, m),
-    )
+    _run("coupling_inverse", y, code, mode, clamp, n, m, *args, B.ptr(x), B.ptr(logdet))
     return x, logdet
 
 
@@ -235,26 +228,13 @@ def _affine_bwd(
     clamp: float,
 ) -> tuple[Tensor, Tensor]:
     n, m = _sizes(x)
+    args = (*_sp("x", x, x), *_sp("raw", raw, x), _mask_ptr(mask, x))
+    gy = B.ptr(grad_y, x.dtype, x.numel(), x.device, "grad_y")
+    gld = _ld_ptr("grad_logdet", grad_logdet, x)
     gx = _new(x)
     graw = _new(x)
-    _run(
-        "coupling_backward",
-        x,
-        B.DTYPE_CODES[x.dtype],
-        mode,
-        clamp,
-        n,
-        m,
-        B.ptr(x),
-        _bs(x),
-        B.ptr(raw),
-        _bs(raw),
-        B.ptr(mask),
-        B.ptr(grad_y),
-        B.ptr(grad_logdet),
-        B.ptr(gx),
-        B.ptr(graw),
-    )
+    code = B.DTYPE_CODES[x.dtype]
+    _run("coupling_backward", x, code, mode, clamp, n, m, *args, gy, gld, B.ptr(gx), B.ptr(graw))
     return gx, graw
 
 
@@ -269,27 +249,18 @@ def _affine_inv_bwd(
     clamp: float,
 ) -> tuple[Tensor, Tensor, Tensor]:
     n, m = _sizes(x)
+    px = B.ptr(x, x.dtype, x.numel(), x.device, "x")
+    args = (px, *_sp("raw", raw, x), _mask_ptr(mask, x))
+    gx = B.ptr(grad_x, x.dtype, x.numel(), x.device, "grad_x")
+    gld = _ld_ptr("grad_logdet", grad_logdet, x)
     gy = _new(x)
     graw = _new(x)
     gshift = _new(x)
+    code = B.DTYPE_CODES[x.dtype]
     _run(
-        "coupling_inverse_backward",
-        x,
-        B.DTYPE_CODES[x.dtype],
-        mode,
-        clamp,
-        n,
-        m,
-        B.ptr(x),
-        B.ptr(raw),
-        _bs(raw),
-        B.ptr(mask),
-        B.ptr(grad_x),
-        B.ptr(grad_logdet),
-        B.ptr(gy),
-        B.ptr(graw),
-        B.ptr(gshift),
-    )
+        "coupling_inverse_backward", x, code, mode, clamp, n, m, *args, gx, gld,
+        B.ptr(gy), B.ptr(graw), B.ptr(gshift),
+    )  # fmt: skip
     return gy, graw, gshift
 
 
@@ -300,25 +271,9 @@ def _additive(x: Tensor, shift: Tensor, mask: Tensor | None, inverse: bool) -> T
     # the kernel writes a (zero) log-det; additive couplings have a unit Jacobian
     logdet = torch.empty(n, dtype=B.acc_dtype(x.dtype), device=x.device)
     name = "coupling_inverse" if inverse else "coupling_forward"
-    _run(
-        name,
-        x,
-        B.DTYPE_CODES[x.dtype],
-        _ADDITIVE,
-        1.0,
-        n,
-        m,
-        B.ptr(x),
-        _bs(x),
-        0,
-        1,
-        B.ptr(shift),
-        _bs(shift),
-        B.ptr(mask),
-        B.ptr(y),
-        B.ptr(logdet),
-        *_workspace(x, n, m),
-    )
+    args = (*_sp("x", x, x), 0, 1, *_sp("shift", shift, x), _mask_ptr(mask, x))
+    code = B.DTYPE_CODES[x.dtype]
+    _run(name, x, code, _ADDITIVE, 1.0, n, m, *args, B.ptr(y), B.ptr(logdet))
     return y
 
 

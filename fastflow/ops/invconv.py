@@ -117,9 +117,19 @@ def plain_weight(W: Tensor, inverse: bool = True) -> tuple[Tensor, Tensor | None
     if _eager_cpu(W):
         if not bool(torch.isfinite(W).all()):
             raise ValueError("W has non-finite entries")
-        if float(sign.detach()) == 0.0 or not math.isfinite(float(logabsdet.detach())):
+        # singular to working precision: rounding makes slogdet of an exactly singular fp32
+        # matrix finite (e.g. -20), so test the reciprocal condition number instead
+        with torch.no_grad():
+            sv = torch.linalg.svdvals(Wa)
+        tiny = sv[0] * W.shape[0] * torch.finfo(acc).eps
+        if (
+            float(sign.detach()) == 0.0
+            or not math.isfinite(float(logabsdet.detach()))
+            or bool(sv[-1] <= tiny)
+        ):
             raise ValueError(
-                "W is singular (log|det W| is -inf); the 1x1 convolution is not invertible"
+                "W is singular to working precision (smallest singular value "
+                f"{float(sv[-1]):.3g} <= C * eps * largest); the 1x1 convolution is not invertible"
             )
     W_inv = torch.linalg.inv(Wa).to(W.dtype) if inverse else None
     return W, W_inv, logabsdet
@@ -130,14 +140,18 @@ def plain_weight(W: Tensor, inverse: bool = True) -> tuple[Tensor, Tensor | None
 
 
 def _run(name: str, t: Tensor, *args) -> None:
-    """Call ``_C.<name>_cpu(..., nthreads)`` or ``_C.<name>_cuda(..., stream)`` for ``t``."""
+    """Call ``_C.<name>_cpu(..., nthreads)`` or ``_C.<name>_cuda(..., stream)`` for ``t`` (on
+    ``t``'s device)."""
     if t.device.type == "cuda":
-        getattr(B._C, name + "_cuda")(*args, B.stream_of(t))
+        with B.cuda_guard(t):
+            getattr(B._C, name + "_cuda")(*args, B.stream_of(t))
     else:
         getattr(B._C, name + "_cpu")(*args, B.num_threads())
 
 
 def _sizes(x: Tensor) -> tuple[int, int, int]:
+    if x.dim() < 2:
+        raise ValueError(f"x must have shape [N, C, ...], got {tuple(x.shape)}")
     n, c = x.shape[0], x.shape[1]
     p = x.numel() // (n * c) if n * c else 0
     return n, c, p
@@ -147,27 +161,25 @@ def _sizes(x: Tensor) -> tuple[int, int, int]:
 def _lu_weight(
     P: Tensor, L: Tensor, U: Tensor, log_s: Tensor, sign_s: Tensor
 ) -> tuple[Tensor, Tensor, Tensor]:
-    c = L.shape[0]
+    if L.dim() != 2 or L.shape[0] != L.shape[1] or L.dtype not in B.DTYPE_CODES:
+        raise ValueError(f"L must be a floating [C, C] matrix, got {L.dtype} {tuple(L.shape)}")
+    c, dt, dev = L.shape[0], L.dtype, L.device
+    ptrs = [
+        B.ptr(t, dt, k, dev, name)
+        for name, t, k in (
+            ("P", P, c * c), ("L", L, c * c), ("U", U, c * c), ("log_s", log_s, c),
+            ("sign_s", sign_s, c),
+        )
+    ]  # fmt: skip
     W = torch.empty_like(L)
     W_inv = torch.empty_like(L)
-    logdet = torch.empty((), dtype=B.acc_dtype(L.dtype), device=L.device)
-    nbytes = B._C.lu_weight_workspace_bytes(B.DTYPE_CODES[L.dtype], c)
-    ws = torch.empty(max(nbytes, 1), dtype=torch.uint8, device=L.device)
-    args = (
-        B.DTYPE_CODES[L.dtype],
-        c,
-        B.ptr(P),
-        B.ptr(L),
-        B.ptr(U),
-        B.ptr(log_s),
-        B.ptr(sign_s),
-        B.ptr(W),
-        B.ptr(W_inv),
-        B.ptr(logdet),
-        B.ptr(ws),
-    )
-    if L.device.type == "cuda":
-        B._C.lu_weight_cuda(*args, B.stream_of(L))
+    logdet = torch.empty((), dtype=B.acc_dtype(dt), device=dev)
+    nbytes = B._C.lu_weight_workspace_bytes(B.DTYPE_CODES[dt], c)
+    ws = torch.empty(max(nbytes, 1), dtype=torch.uint8, device=dev)
+    args = (B.DTYPE_CODES[dt], c, *ptrs, B.ptr(W), B.ptr(W_inv), B.ptr(logdet), B.ptr(ws))
+    if dev.type == "cuda":
+        with B.cuda_guard(L):
+            B._C.lu_weight_cuda(*args, B.stream_of(L))
     else:
         B._C.lu_weight_cpu(*args)
     return W, W_inv, logdet
@@ -184,14 +196,22 @@ def _setup_lu(ctx, inputs, output):
 
 
 def _backward_lu(ctx, grad_w, grad_w_inv, grad_logdet):
-    # O(C^3) once per step, in torch: W = P A, A = L~ U~. The W^-1 output contributes through
-    # d(W^-1) = -W^-1 dW W^-1, i.e. grad_W -= W^-T grad_W_inv W^-T.
+    # O(C^3) once per step, in torch and in the accumulation dtype: W = P A, A = L~ U~. The W^-1
+    # output contributes through d(W^-1) = -W^-1 dW W^-1, i.e. grad_W -= W^-T grad_W_inv W^-T.
+    # For 16-bit parameters W^-1 is rebuilt in fp32 from the factors: the saved 16-bit W^-1 may
+    # have overflowed (inf * a zero gradient = NaN) and is ~10x less accurate.
     P, L, U, log_s, sign_s, W_inv = ctx.saved_tensors
     acc = B.acc_dtype(L.dtype)
-    Pa, La, Ua, la, sa, Wi = (t.to(acc) for t in (P, L, U, log_s, sign_s, W_inv))
+    Pa, La, Ua, la, sa = (t.to(acc) for t in (P, L, U, log_s, sign_s))
     lower, upper = _lu_factors(La, Ua, la, sa)
     g = torch.zeros_like(La) if grad_w is None else grad_w.to(acc)
     if grad_w_inv is not None:
+        if W_inv.dtype == acc:
+            Wi = W_inv
+        else:
+            eye = torch.eye(La.shape[0], dtype=acc, device=La.device)
+            lower_inv = torch.linalg.solve_triangular(lower, eye, upper=False, unitriangular=True)
+            Wi = torch.linalg.solve_triangular(upper, lower_inv @ Pa.T, upper=True)
         g = g - Wi.T @ grad_w_inv.to(acc) @ Wi.T
     g_a = Pa.T @ g
     g_lower = g_a @ upper.T
@@ -215,21 +235,24 @@ _lu_weight.register_autograd(_backward_lu, setup_context=_setup_lu)
 @torch.library.custom_op("fastflow::channel_affine", mutates_args=())
 def _channel_affine(x: Tensor, W: Tensor, b: Tensor | None) -> Tensor:
     n, c, p = _sizes(x)
-    y = torch.empty_like(x)
-    _run(
-        "channel_affine", x, B.DTYPE_CODES[x.dtype], n, c, p, B.ptr(x), B.ptr(W), B.ptr(b), B.ptr(y)
-    )
+    dt, dev = x.dtype, x.device
+    px = B.ptr(x, dt, x.numel(), dev, "x")
+    pw, pb = B.ptr(W, dt, c * c, dev, "W"), B.ptr(b, dt, c, dev, "b")
+    y = torch.empty_like(x, memory_format=torch.contiguous_format)
+    _run("channel_affine", x, B.DTYPE_CODES[dt], n, c, p, px, pw, pb, B.ptr(y))
     return y
 
 
 @_channel_affine.register_fake
 def _(x, W, b):
-    return torch.empty_like(x)
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
 
 
 @torch.library.custom_op("fastflow::channel_affine_grad_params", mutates_args=())
 def _channel_affine_grad_params(x: Tensor, grad_y: Tensor) -> tuple[Tensor, Tensor]:
     n, c, p = _sizes(x)
+    px = B.ptr(x, x.dtype, x.numel(), x.device, "x")
+    pg = B.ptr(grad_y, x.dtype, x.numel(), x.device, "grad_y")
     gw = x.new_empty((c, c))
     gb = x.new_empty((c,))
     code = B.DTYPE_CODES[x.dtype]
@@ -245,8 +268,8 @@ def _channel_affine_grad_params(x: Tensor, grad_y: Tensor) -> tuple[Tensor, Tens
         n,
         c,
         p,
-        B.ptr(x),
-        B.ptr(grad_y),
+        px,
+        pg,
         B.ptr(gw),
         B.ptr(gb),
         B.ptr(ws),

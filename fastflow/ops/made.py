@@ -47,6 +47,7 @@ __all__ = [
     "made_affine_forward",
     "made_affine_inverse",
     "made_mlp",
+    "check_packed",
     "pack_made",
     "reference_made_affine_inverse",
     "torch_degree_walk",
@@ -111,15 +112,65 @@ def made_mlp(
 
     Reference: Germain et al., "MADE: Masked Autoencoder for Distribution Estimation", 2015.
     """
-    h = x
-    last = len(weights) - 1
+    _check_mlp(x, weights, biases, context, context_weight)
+    return _mlp(x, weights, biases, activation, context, context_weight)
+
+
+def _check_mlp(x, weights, biases, context, context_weight, min_out: int = 1) -> None:
+    """Clear errors for everything :func:`made_mlp` would otherwise hand to ``matmul``."""
+    check_float_tensor("x", x, min_dim=2)
+    if x.dim() != 2:
+        raise ValueError(f"x must have shape [N, D], got {tuple(x.shape)}")
+    if not isinstance(weights, (list, tuple)) or not isinstance(biases, (list, tuple)):
+        raise TypeError("weights and biases must be lists of tensors")
+    if len(weights) == 0 or len(biases) != len(weights):
+        raise ValueError(
+            f"need one bias per weight, got {len(weights)} weights and {len(biases)} biases"
+        )
+    cols = x.shape[1]
     for l, (w, b) in enumerate(zip(weights, biases)):
-        h = torch.addmm(b, h, w.t())
-        if l == 0 and context is not None:
-            h = h + context @ context_weight.t()
-        if l < last:
-            h = _act(h, activation)
-    return h
+        for name, t in ((f"weights[{l}]", w), (f"biases[{l}]", b)):
+            if not isinstance(t, Tensor):
+                raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+            if t.device != x.device:
+                raise ValueError(f"{name} is on {t.device} but x is on {x.device}")
+            if t.dtype not in B.FLOAT_DTYPES:
+                raise TypeError(f"{name} must be a floating tensor, got {t.dtype}")
+        if w.dim() != 2 or w.shape[1] != cols:
+            raise ValueError(f"weights[{l}] must have shape [out, {cols}], got {tuple(w.shape)}")
+        if tuple(b.shape) != (w.shape[0],):
+            raise ValueError(f"biases[{l}] must have shape [{w.shape[0]}], got {tuple(b.shape)}")
+        cols = w.shape[0]
+    if cols < min_out:
+        raise ValueError(f"the output layer needs at least {min_out} rows, got {cols}")
+    if (context is None) != (context_weight is None):
+        raise ValueError(
+            "context was given but context_weight is None"
+            if context is not None
+            else "context_weight was given but context is None"
+        )
+    if context is not None:
+        check_float_tensor("context", context, min_dim=2)
+        if not isinstance(context_weight, Tensor) or context_weight.dim() != 2:
+            raise ValueError("context_weight must be a [H_1, C] tensor")
+        h1, c = weights[0].shape[0], context_weight.shape[1]
+        if context_weight.shape[0] != h1:
+            raise ValueError(
+                f"context_weight must have shape [{h1}, C], got {tuple(context_weight.shape)}"
+            )
+        if context.dim() != 2 or tuple(context.shape) != (x.shape[0], c):
+            raise ValueError(
+                f"context must have shape [N, {c}] = [{x.shape[0]}, {c}], "
+                f"got {tuple(context.shape)}"
+            )
+        for name, t in (("context", context), ("context_weight", context_weight)):
+            if t.device != x.device:
+                raise ValueError(f"{name} is on {t.device} but x is on {x.device}")
+
+
+def _mlp(x, weights, biases, activation, context, context_weight) -> Tensor:
+    init = None if context is None else context @ context_weight.t()
+    return _sorted_mlp(x, weights, biases, init, activation)
 
 
 def made_affine_forward(
@@ -161,8 +212,9 @@ def made_affine_forward(
     _check_options(activation, scale_fn, clamp)
     check_float_tensor("x", x, min_dim=2)
     d = x.shape[1]
+    _check_mlp(x, weights, biases, context, context_weight, min_out=2 * d)
     # .to(x.dtype): under autocast the MLP returns bf16/fp16 for fp32 data
-    out = made_mlp(x, weights, biases, activation, context, context_weight).to(x.dtype)
+    out = _mlp(x, weights, biases, activation, context, context_weight).to(x.dtype)
     return affine_coupling_inverse(x, out[:, d : 2 * d], out[:, :d], scale_fn=scale_fn, clamp=clamp)
 
 
@@ -259,9 +311,14 @@ def pack_made(
 
 
 def _context_term(packed: PackedMADE, context: Tensor | None) -> Tensor | None:
+    """``context @ context_weight^T`` in ``context``'s dtype (the walk's accumulation dtype).
+
+    Autocast is switched off here: under it the product would come back in bf16/fp16 while the
+    walk reads the buffer as fp32/fp64 (twice its size)."""
     if context is None:
         return None
-    return (context @ packed.context_weight.t()).contiguous()
+    with torch.autocast(context.device.type, enabled=False):
+        return (context @ packed.context_weight.to(context.dtype).t()).contiguous()
 
 
 def _sorted_mlp(xs: Tensor, weights, biases, init, activation: str) -> Tensor:
@@ -305,6 +362,11 @@ def reference_made_affine_inverse(
         >>> x.shape
         torch.Size([3, 2])
     """
+    with torch.autocast(u.device.type, enabled=False):  # the specification: accumulation dtype
+        return _reference_inverse(u, packed, context, activation, scale_fn, clamp)
+
+
+def _reference_inverse(u, packed, context, activation, scale_fn, clamp):
     acc = B.acc_dtype(u.dtype)
     us = u.to(acc)[:, packed.order]
     init = _context_term(packed, None if context is None else context.to(acc))
@@ -346,14 +408,20 @@ def torch_degree_walk(
         >>> torch.allclose(torch_degree_walk(u, p)[0], reference_made_affine_inverse(u, p)[0])
         True
     """
+    with torch.autocast(u.device.type, enabled=False):
+        return _torch_walk(u, packed, context, activation, scale_fn, clamp)
+
+
+def _torch_walk(u, packed, context, activation, scale_fn, clamp):
     acc = B.acc_dtype(u.dtype)
     n, d = u.shape
     us = u.to(acc)[:, packed.order]
     init = _context_term(packed, None if context is None else context.to(acc))
     ws = [w.to(acc) for w in packed.weights]
     bs = [b.to(acc) for b in packed.biases]
-    bounds = packed.bounds.tolist()
     L = len(ws) - 1
+    bl = packed.bounds_list
+    bounds = [bl[l * (d + 1) : (l + 1) * (d + 1)] for l in range(L)]
     hs = [us.new_empty(n, w.shape[0]) for w in ws[:-1]]
     xs = us.new_empty(n, d)
     w_pair = ws[-1].view(2, d, -1).transpose(0, 1)  # [d, 2, H_L]
@@ -387,6 +455,140 @@ def torch_degree_walk(
 
 
 # ----------------------------------------------------------------------------------------------
+# Validation of a PackedMADE (public: a user can build one by hand).
+
+
+def _is_eager() -> bool:
+    return not torch.compiler.is_compiling()
+
+
+def check_packed(packed: object, u: Tensor, context: Tensor | None = None) -> list[int]:
+    """Check that ``packed`` is a well-formed :class:`PackedMADE` for inputs like ``u``.
+
+    Every shape, dtype and device the walk assumes (``order`` a permutation of ``0..D-1``;
+    weights ``[H_1, D]``, ``[H_2, H_1]``, ..., ``[2 D, H_L]`` and matching biases, all floating
+    with one dtype on ``u``'s device; ``context_weight`` ``[H_1, C]``; ``bounds_list`` a valid
+    ``[L, D + 1]`` degree table equal to ``bounds``) and the context against it. Raises
+    ``TypeError``/``ValueError`` naming the field; returns the hidden sizes.
+
+    Example:
+        >>> p = pack_made([torch.randn(4, 2), torch.randn(4, 4)], [torch.zeros(4)] * 2,
+        ...               torch.tensor([1, 2]), [torch.ones(4, dtype=torch.long)])
+        >>> check_packed(p, torch.randn(3, 2))
+        [4]
+    """
+    if not isinstance(packed, PackedMADE):
+        raise TypeError(f"packed must be a PackedMADE (see pack_made), got {type(packed).__name__}")
+    order, weights, biases, cw = packed.order, packed.weights, packed.biases, packed.context_weight
+    if not isinstance(order, Tensor) or order.dim() != 1 or order.dtype != torch.long:
+        raise ValueError("packed.order must be an int64 [D] tensor")
+    d = order.numel()
+    if d == 0:
+        raise ValueError("packed.order must have at least one entry")
+    if u.shape[1] != d:
+        raise ValueError(f"u must have {d} features (shape [N, {d}]), got {tuple(u.shape)}")
+    if order.device != u.device:
+        raise ValueError(f"packed.order is on {order.device} but u is on {u.device}")
+    if _is_eager() and not torch.equal(
+        torch.sort(order).values, torch.arange(d, device=order.device)
+    ):
+        raise ValueError(f"packed.order must be a permutation of 0..{d - 1}")
+    if not isinstance(weights, (list, tuple)) or not isinstance(biases, (list, tuple)):
+        raise TypeError("packed.weights and packed.biases must be lists of tensors")
+    if len(weights) < 2 or len(biases) != len(weights):
+        raise ValueError(
+            "packed needs one weight and one bias per hidden layer plus the output layer "
+            f"(at least 2), got {len(weights)} weights and {len(biases)} biases"
+        )
+    for i, t in enumerate(list(weights) + list(biases)):
+        kind, j = ("weights", i) if i < len(weights) else ("biases", i - len(weights))
+        if not isinstance(t, Tensor) or t.dtype not in B.FLOAT_DTYPES:
+            raise TypeError(f"packed.{kind}[{j}] must be a floating tensor")
+        if t.device != u.device:
+            raise ValueError(f"packed.{kind}[{j}] is on {t.device} but u is on {u.device}")
+        if t.dtype != weights[0].dtype:
+            raise TypeError(
+                f"packed.{kind}[{j}] has dtype {t.dtype}, packed.weights[0] {weights[0].dtype}"
+            )
+    L = len(weights) - 1
+    hidden = [int(w.shape[0]) if w.dim() == 2 else -1 for w in weights[:-1]]
+    cols = d
+    for l in range(L + 1):
+        rows = 2 * d if l == L else hidden[l]
+        if tuple(weights[l].shape) != (rows, cols) or rows < 1:
+            raise ValueError(
+                f"packed.weights[{l}] must have shape [{rows if l == L else 'H'}, {cols}]"
+                f"{' (2 * D rows: shifts, raw scales)' if l == L else ''}, "
+                f"got {tuple(weights[l].shape)}"
+            )
+        if tuple(biases[l].shape) != (rows,):
+            raise ValueError(
+                f"packed.biases[{l}] must have shape [{rows}], got {tuple(biases[l].shape)}"
+            )
+        cols = rows
+    if (context is None) != (cw is None):
+        raise ValueError(
+            "context is required by this MADE"
+            if context is None
+            else "this MADE takes no context, but context was given"
+        )
+    if cw is not None:
+        if not isinstance(cw, Tensor) or cw.dim() != 2 or cw.shape[0] != hidden[0]:
+            shape = tuple(cw.shape) if isinstance(cw, Tensor) else type(cw).__name__
+            raise ValueError(f"packed.context_weight must have shape [{hidden[0]}, C], got {shape}")
+        if cw.dtype not in B.FLOAT_DTYPES or cw.device != u.device:
+            raise ValueError(
+                f"packed.context_weight must be a floating tensor on {u.device}, "
+                f"got {cw.dtype} on {cw.device}"
+            )
+        c = cw.shape[1]
+        ok = isinstance(context, Tensor) and context.dim() == 2
+        if not ok or context.shape != (u.shape[0], c):
+            shape = tuple(context.shape) if isinstance(context, Tensor) else type(context).__name__
+            raise ValueError(f"context must have shape [N, {c}] = [{u.shape[0]}, {c}], got {shape}")
+        if context.dtype not in B.FLOAT_DTYPES or context.device != u.device:
+            raise ValueError(
+                f"context must be a floating tensor on {u.device}, "
+                f"got {context.dtype} on {context.device}"
+            )
+    _check_bounds(packed, d, hidden)
+    return hidden
+
+
+def _check_bounds(packed: PackedMADE, d: int, hidden: list[int]) -> None:
+    bl = packed.bounds_list
+    L = len(hidden)
+    if not isinstance(bl, list) or len(bl) != L * (d + 1):
+        raise ValueError(f"packed.bounds_list must be a list of L * (D + 1) = {L * (d + 1)} ints")
+    for l in range(L):
+        row = bl[l * (d + 1) : (l + 1) * (d + 1)]
+        if not all(type(v) is int for v in row):
+            raise ValueError("packed.bounds_list must hold Python ints")
+        ok = row[0] >= 0 and all(a <= b for a, b in zip(row, row[1:]))
+        if not ok or row[d - 1] != hidden[l] or row[d] != hidden[l]:
+            raise ValueError(
+                f"packed.bounds_list row {l} must be a non-decreasing degree table ending in "
+                f"hidden[{l}] = {hidden[l]} at degrees D - 1 and D"
+            )
+    bt = packed.bounds
+    if not isinstance(bt, Tensor) or tuple(bt.shape) != (L, d + 1):
+        raise ValueError(f"packed.bounds must be an int64 [L, D + 1] = [{L}, {d + 1}] tensor")
+    if _is_eager() and bt.device.type == "cpu" and bt.flatten().tolist() != bl:
+        raise ValueError("packed.bounds and packed.bounds_list disagree")
+
+
+def _device_bounds(bounds_list: list[int], device: torch.device) -> Tensor:
+    t = torch.tensor(bounds_list, dtype=torch.long)
+    return t if device.type == "cpu" else t.to(device, non_blocking=True)
+
+
+def _cuda_walk_fits(dtype: torch.dtype, d: int, hidden: list[int], device: torch.device) -> bool:
+    """Whether the CUDA walk handles this MADE on ``device`` (layers, shared memory per block)."""
+    with torch.cuda.device(device):
+        return bool(B._C.made_cuda_supported(B.DTYPE_CODES[dtype], d, hidden))
+
+
+# ----------------------------------------------------------------------------------------------
 # Native op: the walk in sorted coordinates. Inputs are fp32/fp64, contiguous, validated.
 
 
@@ -409,53 +611,40 @@ def _made_inv(
     mode: int,
     clamp: float,
 ) -> tuple[Tensor, Tensor]:
+    if us.dim() != 2 or us.dtype not in (torch.float32, torch.float64):
+        raise ValueError(f"us must be a float32/float64 [N, D] tensor, got {us.dtype} {us.shape}")
     n, d = us.shape
+    dt, dev = us.dtype, us.device
+    if len(weights) < 2 or len(biases) != len(weights):
+        raise ValueError("weights and biases: one per hidden layer plus the output layer")
     hidden = [w.shape[0] for w in weights[:-1]]
+    if len(bounds_list) != len(hidden) * (d + 1) or bounds.numel() != len(bounds_list):
+        raise ValueError("bounds/bounds_list must hold L * (D + 1) entries")
     xs = torch.empty_like(us)
-    logdet = torch.empty(n, dtype=us.dtype, device=us.device)
-    code = B.DTYPE_CODES[us.dtype]
-    wp = [B.ptr(w) for w in weights]
-    bp = [B.ptr(b) for b in biases]
-    if us.device.type == "cuda":
-        B._C.made_affine_inverse_cuda(
-            code,
-            act,
-            mode,
-            clamp,
-            n,
-            d,
-            hidden,
-            B.ptr(us),
-            B.ptr(init),
-            wp,
-            bp,
-            bounds_list,
-            B.ptr(bounds),
-            B.ptr(xs),
-            B.ptr(logdet),
-            B.stream_of(us),
-        )
+    logdet = torch.empty(n, dtype=dt, device=dev)
+    code = B.DTYPE_CODES[dt]
+    wp, bp, cols = [], [], d
+    for l, (w, b) in enumerate(zip(weights, biases)):
+        rows = 2 * d if l == len(hidden) else hidden[l]
+        wp.append(B.ptr(w, dt, rows * cols, dev, f"weights[{l}]"))
+        bp.append(B.ptr(b, dt, rows, dev, f"biases[{l}]"))
+        cols = rows
+    pu = B.ptr(us, dt, n * d, dev, "us")
+    pinit = B.ptr(init, dt, n * hidden[0], dev, "init")
+    px, pld = B.ptr(xs), B.ptr(logdet)
+    if dev.type == "cuda":
+        pb = B.ptr(bounds, torch.long, len(bounds_list), dev, "bounds")
+        with B.cuda_guard(us):
+            B._C.made_affine_inverse_cuda(
+                code, act, mode, clamp, n, d, hidden, pu, pinit, wp, bp, bounds_list, pb, px, pld,
+                B.stream_of(us),
+            )  # fmt: skip
     else:
         ws, nbytes = _workspace(us, d, hidden)
         B._C.made_affine_inverse_cpu(
-            code,
-            act,
-            mode,
-            clamp,
-            n,
-            d,
-            hidden,
-            B.ptr(us),
-            B.ptr(init),
-            wp,
-            bp,
-            bounds_list,
-            B.ptr(xs),
-            B.ptr(logdet),
-            B.ptr(ws),
-            nbytes,
-            B.num_threads(),
-        )
+            code, act, mode, clamp, n, d, hidden, pu, pinit, wp, bp, bounds_list, px, pld,
+            B.ptr(ws), nbytes, B.num_threads(),
+        )  # fmt: skip
     return xs, logdet
 
 
@@ -550,36 +739,20 @@ def made_affine_inverse(
     check_float_tensor("u", u, min_dim=2)
     if u.dim() != 2:
         raise ValueError(f"u must have shape [N, D], got {tuple(u.shape)}")
-    d = packed.order.numel()
-    if u.shape[1] != d:
-        raise ValueError(f"u must have {d} features (shape [N, {d}]), got {tuple(u.shape)}")
-    if (context is None) != (packed.context_weight is None):
-        raise ValueError(
-            "context is required by this MADE"
-            if context is None
-            else "this MADE takes no context, but context was given"
-        )
-    if context is not None:
-        c = packed.context_weight.shape[1]
-        if (
-            not isinstance(context, Tensor)
-            or context.dim() != 2
-            or context.shape != (u.shape[0], c)
-        ):
-            shape = tuple(context.shape) if isinstance(context, Tensor) else type(context).__name__
-            raise ValueError(f"context must have shape [N, {c}] = [{u.shape[0]}, {c}], got {shape}")
-    if any(w.device != u.device for w in packed.weights):
-        raise ValueError(
-            f"u is on {u.device} but the MADE's weights are on {packed.weights[0].device}"
-        )
+    hidden = check_packed(packed, u, context)
     if not B.use_native(u):
         return reference_made_affine_inverse(u, packed, context, activation, scale_fn, clamp)
     acc = B.acc_dtype(u.dtype)
-    us = u.to(acc)[:, packed.order].contiguous()
-    init = _context_term(packed, None if context is None else context.to(acc))
+    with torch.autocast(u.device.type, enabled=False):
+        us = u.to(acc)[:, packed.order].contiguous()
+        init = _context_term(packed, None if context is None else context.to(acc))
     ws = [w.to(acc).contiguous() for w in packed.weights]
     bs = [b.to(acc).contiguous() for b in packed.biases]
-    bounds = packed.bounds.to(u.device)
+    if u.device.type == "cuda" and not _cuda_walk_fits(acc, us.shape[1], hidden, u.device):
+        # more layers or a wider state than the shared-memory walk holds on this GPU
+        return reference_made_affine_inverse(u, packed, context, activation, scale_fn, clamp)
+    # the device copy of the degree table is built from the validated host list
+    bounds = _device_bounds(packed.bounds_list, u.device)
     xs, logdet = _made_inv(
         us,
         init,
