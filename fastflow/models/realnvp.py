@@ -7,7 +7,7 @@ from torch import nn
 from fastflow.distributions import StandardNormal
 from fastflow.flow import Flow
 from fastflow.nn.base import Compose
-from fastflow.nn.coupling import AffineCoupling
+from fastflow.nn.coupling import AffineCoupling, MLPAffineCoupling
 from fastflow.nn.shape import Split, Squeeze
 
 __all__ = ["RealNVP"]
@@ -33,6 +33,11 @@ class RealNVP(Flow):
         scale_fn: coupling scale function (see :func:`fastflow.ops.coupling.affine_coupling`).
         clamp: soft-clamp bound.
         invertible_recompute: see :class:`~fastflow.Flow`.
+        fused: vectors only: each coupling is a :class:`~fastflow.nn.MLPAffineCoupling` (the
+            MLP conditioner and the coupling fused into one op each way, one flat parameter
+            per layer) instead of an :class:`~fastflow.nn.AffineCoupling` with an
+            ``nn.Sequential`` conditioner. The same model and parameter count; faster training
+            steps at the sizes vector flows use (``bench/train_step.py``).
 
     Example:
         >>> import torch
@@ -55,6 +60,7 @@ class RealNVP(Flow):
         scale_fn: str = "softclamp",
         clamp: float = 2.0,
         invertible_recompute: bool = False,
+        fused: bool = True,
     ):
         kw = dict(hidden=hidden, context_features=context_features, scale_fn=scale_fn, clamp=clamp)
         if isinstance(shape, int):
@@ -62,7 +68,12 @@ class RealNVP(Flow):
                 raise ValueError(f"features must be >= 2, got {shape}")
             if not isinstance(layers, int) or layers < 1:
                 raise ValueError(f"layers must be a positive int, got {layers!r}")
-            transforms = [AffineCoupling(shape, "half", parity=i % 2, **kw) for i in range(layers)]
+            if fused:
+                transforms = [MLPAffineCoupling(shape, parity=i % 2, **kw) for i in range(layers)]
+            else:
+                transforms = [
+                    AffineCoupling(shape, "half", parity=i % 2, **kw) for i in range(layers)
+                ]
             super().__init__(
                 transforms,
                 StandardNormal(shape),

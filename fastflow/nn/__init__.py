@@ -7,6 +7,7 @@ from fastflow.nn.base import Compose, Transform
 from fastflow.nn.coupling import (
     AdditiveCoupling,
     AffineCoupling,
+    MLPAffineCoupling,
     checkerboard_mask,
     conv_subnet,
     mlp_subnet,
@@ -23,6 +24,7 @@ __all__ = [
     "ActNorm",
     "AdditiveCoupling",
     "AffineCoupling",
+    "MLPAffineCoupling",
     "Compose",
     "Flatten",
     "GlowConditioner",

@@ -1,0 +1,318 @@
+"""Benchmark: the step a user runs — forward, backward and an Adam update of a whole model —
+fastflow against the peer libraries at equal parameter count, interleaved in one process.
+
+Models and peers (each peer only where it has the model; parameter counts printed side by side):
+
+* ``realnvp`` on vectors ``D``: 5 affine couplings, half masks alternating, MLP conditioner
+  ``D/2 -> 64 -> 64 -> D`` (ReLU): fastflow ``RealNVP``, normflows ``AffineCouplingBlock`` +
+  swap permutations, nflows ``AffineCouplingTransform`` + reverse permutations, FrEIA
+  ``AffineCouplingOneSided`` + reverse permutations.
+* ``maf`` on vectors ``D``: 5 affine MADE layers with hidden ``(64, 64)``: fastflow ``MAF``, zuko
+  ``MAF``, nflows ``MaskedAffineAutoregressiveTransform`` (no residual blocks, no batch norm).
+* ``glow`` on images: see :mod:`glow_case` below (fastflow ``Glow`` vs normflows ``GlowBlock``
+  multi-scale stack).
+
+Also timed per model: ``log_prob`` without gradients and ``sample(B)``.
+
+Method: every implementation is built from the same seed and trained on the same batch; each
+round times ``reps`` calls of every implementation in turn (interleaved, so machine load hits all
+of them), after warm-up; the reported time is the minimum over rounds of the per-round median, the
+median over rounds is stored too. Ratios are ``peer / fastflow`` (above 1: fastflow is faster);
+``best_peer`` is the fastest peer of the same run. Threads are set with ``torch.set_num_threads``.
+
+Run: ``python bench/train_step.py [--quick] [--models realnvp maf glow] [--threads 1 2]``; writes
+``bench/results/train_step.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import statistics
+import sys
+import time
+
+import torch
+from torch import nn
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _common import environment, require_native, table, write_results  # noqa: E402
+
+import fastflow  # noqa: E402
+from fastflow.models import MAF, RealNVP  # noqa: E402
+
+
+def _try(name):
+    try:
+        return __import__(name)
+    except Exception:  # noqa: BLE001 - a peer that fails to import is skipped
+        print(f"train_step: {name} not installed, skipped")
+        return None
+
+
+nf = _try("normflows")
+zuko = _try("zuko")
+nflows = _try("nflows")
+FrEIA = _try("FrEIA")
+
+LAYERS, HIDDEN = 5, 64
+
+
+def n_params(m: nn.Module) -> int:
+    return sum(p.numel() for p in m.parameters() if p.requires_grad)
+
+
+def _mlp(sizes, zero_last=True) -> nn.Sequential:
+    mods: list[nn.Module] = []
+    for i in range(len(sizes) - 1):
+        mods.append(nn.Linear(sizes[i], sizes[i + 1]))
+        if i < len(sizes) - 2:
+            mods.append(nn.ReLU())
+    if zero_last:
+        nn.init.zeros_(mods[-1].weight)
+        nn.init.zeros_(mods[-1].bias)
+    return nn.Sequential(*mods)
+
+
+# -- model builders: each returns (module, log_prob(x), sample(n) or None) ----------------------
+
+
+def realnvp_fastflow(d):
+    m = RealNVP(d, layers=LAYERS, hidden=HIDDEN)
+    return m, m.log_prob, m.sample
+
+
+def realnvp_normflows(d):
+    flows = []
+    for _ in range(LAYERS):
+        net = nf.nets.MLP([d // 2, HIDDEN, HIDDEN, 2 * (d - d // 2)], init_zeros=True)
+        flows += [nf.flows.AffineCouplingBlock(net), nf.flows.Permute(d, mode="swap")]
+    m = nf.NormalizingFlow(nf.distributions.DiagGaussian(d, trainable=False), flows)
+    return m, m.log_prob, lambda n: m.sample(n)[0]
+
+
+def realnvp_nflows(d):
+    from nflows.distributions import StandardNormal
+    from nflows.flows import Flow
+    from nflows.transforms import AffineCouplingTransform, CompositeTransform, ReversePermutation
+
+    mask = torch.zeros(d)
+    mask[d // 2 :] = 1
+    ts = []
+    for _ in range(LAYERS):
+        ts.append(
+            AffineCouplingTransform(
+                mask, lambda i, o: _NflowsNet(_mlp([i, HIDDEN, HIDDEN, o]))
+            )
+        )
+        ts.append(ReversePermutation(d))
+    m = Flow(CompositeTransform(ts), StandardNormal([d]))
+    return m, m.log_prob, m.sample
+
+
+class _NflowsNet(nn.Module):
+    def __init__(self, net):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x, context=None):
+        return self.net(x)
+
+
+def realnvp_freia(d):
+    import FrEIA.framework as Ff
+    import FrEIA.modules as Fm
+
+    inn = Ff.SequenceINN(d)
+    for _ in range(LAYERS):
+        inn.append(
+            Fm.AffineCouplingOneSided,
+            subnet_constructor=lambda i, o: _mlp([i, HIDDEN, HIDDEN, o]),
+        )
+        inn.append(Fm.PermuteRandom, seed=0)
+
+    def log_prob(x):
+        z, ld = inn(x)
+        return -0.5 * (z**2).sum(1) - 0.5 * d * math.log(2 * math.pi) + ld
+
+    def sample(n):
+        return inn(torch.randn(n, d), rev=True)[0]
+
+    return inn, log_prob, sample
+
+
+def maf_fastflow(d):
+    m = MAF(d, layers=LAYERS, hidden=(HIDDEN, HIDDEN))
+    return m, m.log_prob, m.sample
+
+
+def maf_zuko(d):
+    f = zuko.flows.MAF(d, transforms=LAYERS, hidden_features=(HIDDEN, HIDDEN))
+    return f, lambda x: f().log_prob(x), lambda n: f().sample((n,))
+
+
+def maf_nflows(d):
+    from nflows.distributions import StandardNormal
+    from nflows.flows import Flow
+    from nflows.transforms import (
+        CompositeTransform,
+        MaskedAffineAutoregressiveTransform,
+        ReversePermutation,
+    )
+
+    ts = []
+    for _ in range(LAYERS):
+        ts.append(
+            MaskedAffineAutoregressiveTransform(
+                d, HIDDEN, num_blocks=1, use_residual_blocks=False, use_batch_norm=False
+            )
+        )
+        ts.append(ReversePermutation(d))
+    m = Flow(CompositeTransform(ts), StandardNormal([d]))
+    return m, m.log_prob, m.sample
+
+
+VECTOR_MODELS = {
+    "realnvp": [
+        ("fastflow", realnvp_fastflow, True),
+        ("normflows", realnvp_normflows, nf is not None),
+        ("nflows", realnvp_nflows, nflows is not None),
+        ("FrEIA", realnvp_freia, FrEIA is not None),
+    ],
+    "maf": [
+        ("fastflow", maf_fastflow, True),
+        ("zuko", maf_zuko, zuko is not None),
+        ("nflows", maf_nflows, nflows is not None),
+    ],
+}
+
+
+# -- timing ---------------------------------------------------------------------------------------
+
+
+def _stepper(module, log_prob, x):
+    opt = torch.optim.Adam(module.parameters(), lr=1e-4)
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        loss = -log_prob(x).mean()
+        loss.backward()
+        opt.step()
+
+    return step
+
+
+def interleaved(fns: dict, rounds: int, reps: int, warmup: int = 2) -> dict:
+    """``{name: (min over rounds of the per-round median, median over rounds)}`` in ms."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    per = {k: [] for k in fns}
+    for _ in range(rounds):
+        for k, fn in fns.items():
+            ts = []
+            for _ in range(reps):
+                t0 = time.perf_counter()
+                fn()
+                ts.append(time.perf_counter() - t0)
+            per[k].append(statistics.median(ts))
+    return {k: (1e3 * min(v), 1e3 * statistics.median(v)) for k, v in per.items()}
+
+
+def vector_case(model: str, d: int, batch: int, rounds: int, reps: int) -> list[dict]:
+    impls = {}
+    for name, build, ok in VECTOR_MODELS[model]:
+        if not ok:
+            continue
+        torch.manual_seed(0)
+        try:
+            impls[name] = build(d)
+        except Exception as exc:  # noqa: BLE001 - a peer that cannot build the model is skipped
+            print(f"train_step: {name} cannot build {model} D={d}: {exc}")
+    torch.manual_seed(1)
+    x = torch.randn(batch, d)
+    rows = []
+    params = {k: n_params(v[0]) for k, v in impls.items()}
+    for what in ("train_step", "log_prob", "sample"):
+        fns = {}
+        for k, (mod, lp, sample) in impls.items():
+            if what == "train_step":
+                fns[k] = _stepper(mod, lp, x)
+            elif what == "log_prob":
+                fns[k] = _no_grad(lambda lp=lp: lp(x))
+            else:
+                fns[k] = _no_grad(lambda sample=sample: sample(batch))
+        n = reps if what != "sample" or model != "maf" else max(1, reps // 4)
+        res = interleaved(fns, rounds, n)
+        ff = res["fastflow"][0]
+        peers = {k: v for k, v in res.items() if k != "fastflow"}
+        best = min(peers, key=lambda k: peers[k][0]) if peers else None
+        row = {
+            "model": model,
+            "D": d,
+            "batch": batch,
+            "threads": torch.get_num_threads(),
+            "what": what,
+            "fastflow_ms": round(ff, 3),
+            "params": params,
+            "ms": {k: round(v[0], 3) for k, v in res.items()},
+            "median_ms": {k: round(v[1], 3) for k, v in res.items()},
+            "best_peer": best,
+            "speedup_vs_best_peer": round(peers[best][0] / ff, 3) if best else None,
+        }
+        rows.append(row)
+        print(
+            f"{model:8s} D={d:<4d} B={batch:<5d} t={row['threads']} {what:10s} "
+            + "  ".join(f"{k}={v[0]:.2f}" for k, v in res.items())
+            + (f"  -> {row['speedup_vs_best_peer']:.2f}x vs {best}" if best else ""),
+            flush=True,
+        )
+    return rows
+
+
+def _no_grad(fn):
+    def run():
+        with torch.no_grad():
+            return fn()
+
+    return run
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="reduced sizes and repetitions")
+    ap.add_argument("--models", nargs="+", default=["realnvp", "maf"], choices=["realnvp", "maf"])
+    ap.add_argument("--dims", nargs="+", type=int, default=None)
+    ap.add_argument("--batches", nargs="+", type=int, default=None)
+    ap.add_argument("--threads", nargs="+", type=int, default=[1, 2])
+    ap.add_argument("--rounds", type=int, default=None)
+    ap.add_argument("--out", default="train_step")
+    args = ap.parse_args(argv)
+    require_native()
+    dims = args.dims or ([2, 16, 64] if args.quick else [2, 16, 64, 256])
+    batches = args.batches or ([256] if args.quick else [256, 4096])
+    rounds = args.rounds or (3 if args.quick else 5)
+    rows = []
+    for t in args.threads:
+        torch.set_num_threads(t)
+        for model in args.models:
+            for d in dims:
+                for b in batches:
+                    reps = 10 if b <= 256 else 3
+                    rows += vector_case(model, d, b, rounds, reps)
+    cols = ["model", "D", "batch", "threads", "what", "fastflow_ms", "best_peer"]
+    print(table([{**r, "x": r["speedup_vs_best_peer"]} for r in rows], [*cols, "x"]))
+    data = {
+        "method": "min over rounds of per-round medians, interleaved; ratios peer/fastflow",
+        "environment": environment(),
+        "fastflow": fastflow.info(),
+        "rows": rows,
+    }
+    path = write_results(args.out, data)
+    print(f"wrote {path}")
+    return data
+
+
+if __name__ == "__main__":
+    main()
