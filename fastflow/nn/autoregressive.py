@@ -19,7 +19,8 @@ from torch import Tensor, nn
 
 from fastflow.nn.made import MADE
 from fastflow.ops.coupling import SCALE_FNS
-from fastflow.ops.made import made_affine_forward, made_affine_inverse
+from fastflow.ops.made import made_affine_inverse
+from fastflow.ops.made_density import made_affine_density
 
 __all__ = ["InverseAutoregressive", "MaskedAffineAutoregressive"]
 
@@ -78,15 +79,9 @@ class MaskedAffineAutoregressive(nn.Module):
     def _density(self, x: Tensor, context: Tensor | None, name: str) -> tuple[Tensor, Tensor]:
         self.made.check_input(x, context, name)
         m = self.made
-        return made_affine_forward(
-            x,
-            m.masked_weights_cached(),
-            list(m.biases),
-            m.activation,
-            context,
-            m.context_weight,
-            self.scale_fn,
-            self.clamp,
+        p = m.params if m.params.dtype == x.dtype else m.params.to(x.dtype)
+        return made_affine_density(
+            x, p, m.layout, m.masks(), m.activation, context, self.scale_fn, self.clamp
         )
 
     def _walk(self, u: Tensor, context: Tensor | None, name: str) -> tuple[Tensor, Tensor]:

@@ -8,6 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from fastflow.ops.made import ACTIVATIONS, PackedMADE, made_mlp, pack_made
+from fastflow.ops.made_density import MADELayout, made_views
 
 __all__ = ["MADE"]
 
@@ -122,22 +123,28 @@ class MADE(nn.Module):
                 lo = int(deg.min())
             degrees.append(deg)
 
+        # All weights, biases and the context weight live in one flat parameter (one tensor for
+        # the optimizer, one gradient buffer); `weights`, `biases` and `context_weight` are views.
         sizes = [d, *hidden]
-        self.weights = nn.ParameterList()
-        self.biases = nn.ParameterList()
+        chunks, w_lay, b_lay, off = [], [], [], 0
         for l in range(len(hidden) + 1):
             fan_in = sizes[l]
             fan_out = hidden[l] if l < len(hidden) else self.params_per_dim * d
             bound = 1.0 / math.sqrt(fan_in)
-            self.weights.append(nn.Parameter(torch.empty(fan_out, fan_in).uniform_(-bound, bound)))
-            self.biases.append(nn.Parameter(torch.empty(fan_out).uniform_(-bound, bound)))
+            chunks += [
+                torch.empty(fan_out * fan_in).uniform_(-bound, bound),
+                torch.empty(fan_out).uniform_(-bound, bound),
+            ]
+            w_lay.append((off, fan_out, fan_in))
+            b_lay.append((off + fan_out * fan_in, fan_out))
+            off += fan_out * fan_in + fan_out
+        c_lay = None
         if self.context_features:
             bound = 1.0 / math.sqrt(self.context_features)
-            self.context_weight = nn.Parameter(
-                torch.empty(hidden[0], self.context_features).uniform_(-bound, bound)
-            )
-        else:
-            self.register_parameter("context_weight", None)
+            chunks.append(torch.empty(hidden[0] * self.context_features).uniform_(-bound, bound))
+            c_lay = (off, hidden[0], self.context_features)
+        self.layout = MADELayout(tuple(w_lay), tuple(b_lay), c_lay)
+        self.params = nn.Parameter(torch.cat(chunks))
 
         self.register_buffer("input_degrees", in_deg)
         for l, deg in enumerate(degrees):
@@ -162,13 +169,27 @@ class MADE(nn.Module):
     def masks(self) -> list[Tensor]:
         return [getattr(self, f"mask_{l}") for l in range(len(self.hidden) + 1)]
 
+    @property
+    def weights(self) -> list[Tensor]:
+        """Per-layer weights ``[out, in]`` (views of :attr:`params`)."""
+        return made_views(self.params, self.layout)[0]
+
+    @property
+    def biases(self) -> list[Tensor]:
+        """Per-layer biases (views of :attr:`params`)."""
+        return made_views(self.params, self.layout)[1]
+
+    @property
+    def context_weight(self) -> Tensor | None:
+        """The context weight ``[H_1, C]`` (a view of :attr:`params`), or None."""
+        return made_views(self.params, self.layout)[2]
+
     def masked_weights(self) -> list[Tensor]:
         """The weights times their masks (``nn.Linear`` layout)."""
         return [w * m.to(w.dtype) for w, m in zip(self.weights, self.masks())]
 
     def _params(self) -> list[Tensor]:
-        ps = list(self.weights) + list(self.biases)
-        return ps + ([self.context_weight] if self.context_weight is not None else [])
+        return [self.params]
 
     def _cacheable(self) -> bool:
         return not (torch.is_grad_enabled() and any(p.requires_grad for p in self._params()))
