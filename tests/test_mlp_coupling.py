@@ -63,7 +63,7 @@ def test_native_matches_reference_both_directions_and_grads(d, c, parity, hidden
             torch.testing.assert_close(xs[1].grad, rs[1].grad, **tol)
 
 
-@pytest.mark.parametrize("d,c,parity,hidden,scale_fn", CASES[:3])
+@pytest.mark.parametrize("d,c,parity,hidden,scale_fn", [*CASES[:2], (4, 2, 0, (5, 3), "identity")])
 def test_gradcheck_fp64(d, c, parity, hidden, scale_fn):
     lay, cut, p, x, ctx = _setup(d, c, parity, hidden, torch.float64, n=4)
     inputs = [x.requires_grad_(), p.requires_grad_()] + ([ctx.requires_grad_()] if c else [])

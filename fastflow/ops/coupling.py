@@ -62,7 +62,9 @@ def _ref_scale(raw: Tensor, scale_fn: str, clamp: float) -> Tensor:
 
 
 def _ref_mask(mask: Tensor | None, like: Tensor) -> Tensor | None:
-    return None if mask is None else (mask != 0).to(like.dtype)
+    # boolean, applied with torch.where: a masked-out element passes through unchanged even where
+    # the conditioner's output is NaN/inf there (NaN * 0 would be NaN), as in the kernels
+    return None if mask is None else (mask != 0)
 
 
 def reference_affine_coupling(
@@ -79,7 +81,7 @@ def reference_affine_coupling(
     t = shift.to(acc)
     m = _ref_mask(mask, s)
     if m is not None:
-        s, t = s * m, t * m
+        s, t = torch.where(m, s, 0.0), torch.where(m, t, 0.0)
     y = x.to(acc) * torch.exp(s) + t
     return y.to(x.dtype), s.flatten(1).sum(1)
 
@@ -98,7 +100,7 @@ def reference_affine_coupling_inverse(
     t = shift.to(acc)
     m = _ref_mask(mask, s)
     if m is not None:
-        s, t = s * m, t * m
+        s, t = torch.where(m, s, 0.0), torch.where(m, t, 0.0)
     x = (y.to(acc) - t) * torch.exp(-s)
     return x.to(y.dtype), -s.flatten(1).sum(1)
 
@@ -111,7 +113,7 @@ def reference_additive_coupling(
     t = shift.to(acc)
     m = _ref_mask(mask, t)
     if m is not None:
-        t = t * m
+        t = torch.where(m, t, 0.0)
     y = (x.to(acc) + t).to(x.dtype)
     return y, x.new_zeros(x.shape[0], dtype=acc)
 
@@ -124,7 +126,7 @@ def reference_additive_coupling_inverse(
     t = shift.to(acc)
     m = _ref_mask(mask, t)
     if m is not None:
-        t = t * m
+        t = torch.where(m, t, 0.0)
     x = (y.to(acc) - t).to(y.dtype)
     return x, y.new_zeros(y.shape[0], dtype=acc)
 
@@ -161,21 +163,27 @@ def _sp(name: str, t: Tensor, x: Tensor) -> tuple[int, int]:
     """``(pointer, batch stride)`` of a per-sample input the kernel reads like ``x`` (same shape,
     dtype and device; each sample contiguous, samples not overlapping): the one place the
     coupling ops take such pointers, so a direct ``torch.ops.fastflow`` call cannot hand the
-    kernel a buffer it would misread."""
-    if t.shape != x.shape or t.dtype != x.dtype or t.device != x.device:
+    kernel a buffer it would misread. (Kept cheap: it runs on every call.)"""
+    if t is not x and (
+        t.dtype != x.dtype or t.shape != x.shape or t.get_device() != x.get_device()
+    ):
         raise ValueError(
             f"{name}: the kernel reads {x.dtype} {tuple(x.shape)} on {x.device}, got "
             f"{t.dtype} {tuple(t.shape)} on {t.device}"
         )
-    strided = t.shape[0] > 1 and t[0].is_contiguous() and t.stride(0) >= t[0].numel()
-    if not (t.is_contiguous() or strided):
-        raise ValueError(f"{name}: each sample must be contiguous (batch-strided at most)")
-    return t.data_ptr(), _bs(t)
+    n = t.shape[0]
+    if t.is_contiguous():
+        return t.data_ptr(), (t.stride(0) if n > 1 else max(t.numel(), 1))
+    if n > 1 and t[0].is_contiguous() and t.stride(0) >= t[0].numel():
+        return t.data_ptr(), t.stride(0)
+    raise ValueError(f"{name}: each sample must be contiguous (batch-strided at most)")
 
 
 def _mask_ptr(mask: Tensor | None, x: Tensor) -> int:
-    m = x[0].numel() if x.shape[0] else 0
-    return B.ptr(mask, torch.uint8, m if x.shape[0] else None, x.device, "mask")
+    if mask is None:
+        return 0
+    n = x.shape[0]
+    return B.ptr(mask, torch.uint8, x.numel() // n if n else None, x.device, "mask")
 
 
 def _ld_ptr(name: str, t: Tensor, x: Tensor) -> int:
@@ -191,8 +199,7 @@ def _sizes(x: Tensor) -> tuple[int, int]:
     return n, (x.numel() // n if n else 0)
 
 
-@torch.library.custom_op("fastflow::affine_coupling_fwd", mutates_args=())
-def _affine_fwd(
+def _affine_fwd_impl(
     x: Tensor, raw: Tensor, shift: Tensor, mask: Tensor | None, mode: int, clamp: float
 ) -> tuple[Tensor, Tensor]:
     n, m = _sizes(x)
@@ -204,8 +211,7 @@ def _affine_fwd(
     return y, logdet
 
 
-@torch.library.custom_op("fastflow::affine_coupling_inv", mutates_args=())
-def _affine_inv(
+def _affine_inv_impl(
     y: Tensor, raw: Tensor, shift: Tensor, mask: Tensor | None, mode: int, clamp: float
 ) -> tuple[Tensor, Tensor]:
     n, m = _sizes(y)
@@ -217,8 +223,7 @@ def _affine_inv(
     return x, logdet
 
 
-@torch.library.custom_op("fastflow::affine_coupling_bwd", mutates_args=())
-def _affine_bwd(
+def _affine_bwd_impl(
     x: Tensor,
     raw: Tensor,
     mask: Tensor | None,
@@ -238,8 +243,7 @@ def _affine_bwd(
     return gx, graw
 
 
-@torch.library.custom_op("fastflow::affine_coupling_inv_bwd", mutates_args=())
-def _affine_inv_bwd(
+def _affine_inv_bwd_impl(
     x: Tensor,
     raw: Tensor,
     mask: Tensor | None,
@@ -264,8 +268,7 @@ def _affine_inv_bwd(
     return gy, graw, gshift
 
 
-@torch.library.custom_op("fastflow::additive_coupling", mutates_args=())
-def _additive(x: Tensor, shift: Tensor, mask: Tensor | None, inverse: bool) -> Tensor:
+def _additive_impl(x: Tensor, shift: Tensor, mask: Tensor | None, inverse: bool) -> Tensor:
     n, m = _sizes(x)
     y = _new(x)
     # the kernel writes a (zero) log-det; additive couplings have a unit Jacobian
@@ -275,6 +278,25 @@ def _additive(x: Tensor, shift: Tensor, mask: Tensor | None, inverse: bool) -> T
     code = B.DTYPE_CODES[x.dtype]
     _run(name, x, code, _ADDITIVE, 1.0, n, m, *args, B.ptr(y), B.ptr(logdet))
     return y
+
+
+# The kernels as torch.library ops (with fake implementations and autograd formulas below): what
+# torch.compile, opcheck and direct torch.ops.fastflow calls see. Eager calls skip the op
+# dispatcher and run the same implementations under one autograd.Function (_CouplingFn), which
+# costs a fraction of a custom op's per-call overhead (bench/train_step.py).
+_affine_fwd = torch.library.custom_op(
+    "fastflow::affine_coupling_fwd", _affine_fwd_impl, mutates_args=()
+)
+_affine_inv = torch.library.custom_op(
+    "fastflow::affine_coupling_inv", _affine_inv_impl, mutates_args=()
+)
+_affine_bwd = torch.library.custom_op(
+    "fastflow::affine_coupling_bwd", _affine_bwd_impl, mutates_args=()
+)
+_affine_inv_bwd = torch.library.custom_op(
+    "fastflow::affine_coupling_inv_bwd", _affine_inv_bwd_impl, mutates_args=()
+)
+_additive = torch.library.custom_op("fastflow::additive_coupling", _additive_impl, mutates_args=())
 
 
 def _fake_pair(x, *args):
@@ -347,6 +369,51 @@ def _backward_add(ctx, grad_y):
 _affine_fwd.register_autograd(_backward_fwd, setup_context=_setup_fwd)
 _affine_inv.register_autograd(_backward_inv, setup_context=_setup_inv)
 _additive.register_autograd(_backward_add, setup_context=_setup_add)
+
+
+class _CouplingFn(torch.autograd.Function):
+    """Eager native path: the kernels' implementations under one autograd node (no dispatcher).
+    ``mode`` is a scale-mode code or ``_ADDITIVE`` (then ``raw`` is unused)."""
+
+    @staticmethod
+    def forward(ctx, x, raw, shift, mask, mode, clamp, inverse):
+        if mode == _ADDITIVE:
+            y = _additive_impl(x, shift, mask, inverse)
+            ld = torch.zeros(x.shape[0], dtype=B.acc_dtype(x.dtype), device=x.device)
+            ctx.save_for_backward(mask)
+        elif inverse:
+            y, ld = _affine_inv_impl(x, raw, shift, mask, mode, clamp)
+            ctx.save_for_backward(y, raw, mask)  # the inverse's output, not its input
+        else:
+            y, ld = _affine_fwd_impl(x, raw, shift, mask, mode, clamp)
+            ctx.save_for_backward(x, raw, mask)
+        ctx.mode, ctx.clamp, ctx.inverse = mode, clamp, inverse
+        return y, ld
+
+    @staticmethod
+    def backward(ctx, grad_y, grad_logdet):
+        if ctx.mode == _ADDITIVE:
+            (mask,) = ctx.saved_tensors
+            gs = _masked(grad_y, mask)
+            return grad_y, None, (-gs if ctx.inverse else gs), None, None, None, None
+        x, raw, mask = ctx.saved_tensors
+        gy, gl = grad_y.contiguous(), grad_logdet.contiguous()
+        if ctx.inverse:
+            g_in, graw, gshift = _affine_inv_bwd_impl(x, raw, mask, gy, gl, ctx.mode, ctx.clamp)
+        else:
+            g_in, graw = _affine_bwd_impl(x, raw, mask, gy, gl, ctx.mode, ctx.clamp)
+            gshift = _masked(grad_y, mask)
+        return g_in, graw, gshift, None, None, None, None
+
+
+def _native(x, raw, shift, mask, mode, clamp, inverse):
+    """The native kernels: custom ops while compiling, the autograd.Function in eager mode."""
+    if torch.compiler.is_compiling():
+        if mode == _ADDITIVE:
+            y = _additive(x, shift, mask, inverse)
+            return y, torch.zeros(x.shape[0], dtype=B.acc_dtype(x.dtype), device=x.device)
+        return (_affine_inv if inverse else _affine_fwd)(x, raw, shift, mask, mode, clamp)
+    return _CouplingFn.apply(x, raw, shift, mask, mode, clamp, inverse)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -428,7 +495,7 @@ def affine_coupling(
     clamp = _check_scale(scale_fn, clamp)
     x, (raw_scale, shift), mask = _prepare(x, {"raw_scale": raw_scale, "shift": shift}, mask, "x")
     if B.use_native(x):
-        return _affine_fwd(x, raw_scale, shift, mask, SCALE_FNS[scale_fn], clamp)
+        return _native(x, raw_scale, shift, mask, SCALE_FNS[scale_fn], clamp, False)
     return reference_affine_coupling(x, raw_scale, shift, scale_fn, clamp, mask)
 
 
@@ -454,7 +521,7 @@ def affine_coupling_inverse(
     clamp = _check_scale(scale_fn, clamp)
     y, (raw_scale, shift), mask = _prepare(y, {"raw_scale": raw_scale, "shift": shift}, mask, "y")
     if B.use_native(y):
-        return _affine_inv(y, raw_scale, shift, mask, SCALE_FNS[scale_fn], clamp)
+        return _native(y, raw_scale, shift, mask, SCALE_FNS[scale_fn], clamp, True)
     return reference_affine_coupling_inverse(y, raw_scale, shift, scale_fn, clamp, mask)
 
 
@@ -473,7 +540,7 @@ def additive_coupling(
     """
     x, (shift,), mask = _prepare(x, {"shift": shift}, mask, "x")
     if B.use_native(x):
-        return _additive(x, shift, mask, False), x.new_zeros(x.shape[0], dtype=B.acc_dtype(x.dtype))
+        return _native(x, None, shift, mask, _ADDITIVE, 1.0, False)
     return reference_additive_coupling(x, shift, mask)
 
 
@@ -490,5 +557,5 @@ def additive_coupling_inverse(
     """
     y, (shift,), mask = _prepare(y, {"shift": shift}, mask, "y")
     if B.use_native(y):
-        return _additive(y, shift, mask, True), y.new_zeros(y.shape[0], dtype=B.acc_dtype(y.dtype))
+        return _native(y, None, shift, mask, _ADDITIVE, 1.0, True)
     return reference_additive_coupling_inverse(y, shift, mask)

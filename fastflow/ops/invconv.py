@@ -111,6 +111,8 @@ def plain_weight(W: Tensor, inverse: bool = True) -> tuple[Tensor, Tensor | None
     """
     check_float_tensor("W", W, min_dim=2)
     _check_square("W", W)
+    if W.shape[0] == 0:
+        raise ValueError("W must have at least one channel, got shape (0, 0)")
     acc = B.acc_dtype(W.dtype)
     Wa = W.to(acc)
     sign, logabsdet = torch.linalg.slogdet(Wa)

@@ -112,6 +112,8 @@ def made_mlp(
 
     Reference: Germain et al., "MADE: Masked Autoencoder for Distribution Estimation", 2015.
     """
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}")
     _check_mlp(x, weights, biases, context, context_weight)
     return _mlp(x, weights, biases, activation, context, context_weight)
 
@@ -136,6 +138,8 @@ def _check_mlp(x, weights, biases, context, context_weight, min_out: int = 1) ->
                 raise ValueError(f"{name} is on {t.device} but x is on {x.device}")
             if t.dtype not in B.FLOAT_DTYPES:
                 raise TypeError(f"{name} must be a floating tensor, got {t.dtype}")
+            if t.dtype != x.dtype:
+                raise TypeError(f"{name} has dtype {t.dtype} but x has dtype {x.dtype}")
         if w.dim() != 2 or w.shape[1] != cols:
             raise ValueError(f"weights[{l}] must have shape [out, {cols}], got {tuple(w.shape)}")
         if tuple(b.shape) != (w.shape[0],):
@@ -166,6 +170,8 @@ def _check_mlp(x, weights, biases, context, context_weight, min_out: int = 1) ->
         for name, t in (("context", context), ("context_weight", context_weight)):
             if t.device != x.device:
                 raise ValueError(f"{name} is on {t.device} but x is on {x.device}")
+            if t.dtype != x.dtype:
+                raise TypeError(f"{name} has dtype {t.dtype} but x has dtype {x.dtype}")
 
 
 def _mlp(x, weights, biases, activation, context, context_weight) -> Tensor:
@@ -266,7 +272,24 @@ def pack_made(
 
     Reference: Germain et al., "MADE: Masked Autoencoder for Distribution Estimation", 2015.
     """
+    if not isinstance(input_degrees, Tensor):
+        raise TypeError(f"input_degrees must be a tensor, got {type(input_degrees).__name__}")
+    if not isinstance(weights, (list, tuple)) or not isinstance(biases, (list, tuple)):
+        raise TypeError("weights and biases must be lists of tensors")
+    if not isinstance(hidden_degrees, (list, tuple)):
+        raise TypeError("hidden_degrees must be a list of tensors")
+    if len(weights) == 0:
+        raise ValueError("weights must hold at least the output layer")
     d = int(input_degrees.numel())
+    # shapes, dtypes and devices as made_mlp would need them (a stand-in input of D features)
+    probe = weights[0].new_empty(0, d) if isinstance(weights[0], Tensor) else None
+    if probe is None:
+        raise TypeError(f"weights[0] must be a tensor, got {type(weights[0]).__name__}")
+    cw = context_weight
+    if cw is not None and not isinstance(cw, Tensor):
+        raise TypeError(f"context_weight must be a tensor or None, got {type(cw).__name__}")
+    ctx = None if cw is None else probe.new_empty(0, cw.shape[1] if cw.dim() == 2 else 0)
+    _check_mlp(probe, weights, biases, ctx, cw)
     dev = weights[0].device
     in_deg = input_degrees.to(dev, torch.long)
     if d == 0 or not torch.equal(torch.sort(in_deg).values, torch.arange(1, d + 1, device=dev)):
