@@ -178,14 +178,6 @@ def _nice(shape, o):
     return NICE(shape[0], layers=o["depth"], hidden=o["hidden"], hidden_layers=2)
 
 
-def _maf_missing() -> str | None:
-    try:
-        import fastflow.models.maf  # noqa: F401
-    except ImportError as e:
-        return f"fastflow.models.maf cannot be imported ({e})"
-    return None
-
-
 def _autoregressive(cls_name: str):
     def build(shape, o):
         import fastflow.models.maf as maf
@@ -206,5 +198,4 @@ for _name, _cls, _desc in (
         kinds=("vector",),
         defaults={"hidden": 64, "depth": 5},
         description=_desc,
-        available=_maf_missing,
     )(_autoregressive(_cls))

@@ -392,26 +392,13 @@ def sample(
         with torch.random.fork_rng(devices=devices), torch.no_grad():
             torch.manual_seed(seed)
             for i in range(0, n, batch_size):
-                out.append(pre.from_model(_draw(flow, min(batch_size, n - i), temperature)))
+                draw = flow.sample(min(batch_size, n - i), temperature=temperature)
+                out.append(pre.from_model(draw))
     finally:
         flow.train(was_training)
     if not out:
         return np.zeros((0, *pre.data_shape))
     return np.concatenate(out)
-
-
-def _draw(flow: nn.Module, n: int, temperature: float) -> Tensor:
-    """``flow.sample(n, temperature=...)``; for flows whose ``sample`` takes no temperature
-    (e.g. MAF/IAF), invert base draws scaled by the temperature."""
-    import inspect
-
-    if "temperature" in inspect.signature(flow.sample).parameters:
-        return flow.sample(n, temperature=temperature)
-    if temperature == 1.0 or not hasattr(flow, "inverse"):
-        return flow.sample(n)
-    p = next(flow.parameters())
-    z = torch.randn(n, flow.features, dtype=p.dtype, device=p.device) * temperature
-    return flow.inverse(z)[0]
 
 
 def save_samples_png(samples: np.ndarray, pre: Preprocess, path: str, data: np.ndarray | None):
