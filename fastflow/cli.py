@@ -66,7 +66,7 @@ def _demo(args) -> int:
 
 def _configure_train(p: argparse.ArgumentParser) -> None:
     from fastflow.registry import MODELS
-    from fastflow.train import TrainConfig
+    from fastflow.training import TrainConfig
 
     d = TrainConfig()
     g = p.add_argument_group("model")
@@ -138,7 +138,7 @@ def _configure_train(p: argparse.ArgumentParser) -> None:
     "train", "train a flow on a data set (defaults: a small Glow on 8x8 digits)", _configure_train
 )
 def _train_cmd(args) -> int:
-    from fastflow.train import config_from_args, train
+    from fastflow.training import config_from_args, train
 
     train(config_from_args(args))
     return 0
@@ -158,7 +158,7 @@ def _configure_sample(p: argparse.ArgumentParser) -> None:
 def _sample_cmd(args) -> int:
     import numpy as np
 
-    from fastflow.train import load_model, sample, save_samples_png
+    from fastflow.training import load_model, sample, save_samples_png
 
     if args.n < 1:
         raise ValueError(f"--n must be a positive int, got {args.n}")
@@ -207,7 +207,7 @@ def _configure_evaluate(p: argparse.ArgumentParser) -> None:
 def _evaluate_cmd(args) -> int:
     import json
 
-    from fastflow.train import evaluate_checkpoint
+    from fastflow.training import evaluate_checkpoint
 
     r = evaluate_checkpoint(
         args.checkpoint,

@@ -1,0 +1,177 @@
+"""The configuration of a training run and its checks: :class:`TrainConfig` (the ``fastflow
+train`` options), option validation, the extras a run needs, and the check that a ``--resume``
+checkpoint was written with compatible options. Nothing here touches data, models or files, so
+a bad option fails before a run costs anything.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, fields
+
+import torch
+
+from fastflow.checkpoint import CheckpointError
+from fastflow.data import DataError
+
+
+class TrainError(RuntimeError):
+    """A training run that cannot go on (non-finite loss, incompatible ``--resume``...)."""
+
+
+@dataclass
+class TrainConfig:
+    """Options of :func:`~fastflow.training.train` (the ``fastflow train`` flags, same names).
+
+    Example:
+        >>> cfg = TrainConfig(data="moons", model="realnvp", epochs=1, n_data=256)
+        >>> cfg.batch_size
+        64
+    """
+
+    model: str = "glow"
+    hidden: int | None = None
+    depth: int | None = None
+    scales: int | None = None
+    data: str = "digits"
+    n_data: int | None = None
+    val: float = 0.1
+    test: float = 0.1
+    epochs: int = 50
+    max_steps: int | None = None
+    batch_size: int = 64
+    lr: float = 2e-3
+    warmup: int = 100
+    schedule: str = "cosine"
+    clip_grad: float = 50.0
+    weight_decay: float = 0.0
+    device: str = "auto"
+    dtype: str = "float32"
+    autocast: str = "off"
+    seed: int = 0
+    out: str | None = None
+    resume: str | None = None
+    overwrite: bool = False  # start over in an out folder that holds a run
+    save_every: int = 0
+    skip_nonfinite: bool = False
+    progress: bool = True
+    plots: bool = True
+    sample_n: int = 64
+    temperature: float = 0.8
+    eval_batch_size: int = 512
+    threads: int = 1
+    inject_nan_at: int | None = None  # testing aid: make the loss NaN at this step
+
+
+DTYPES = {"float32": torch.float32, "float64": torch.float64}
+AUTOCAST = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+# options that must match the checkpoint on --resume (the rest may change)
+RESUME_KEYS = (
+    "model",
+    "hidden",
+    "depth",
+    "scales",
+    "data",
+    "n_data",
+    "val",
+    "test",
+    "seed",
+    "batch_size",
+    "dtype",
+    "schedule",
+    # the optimisation: Adam's saved state restores the old weight decay whatever the flag says,
+    # and a resumed run reaches an uninterrupted run's parameters only with the same values
+    "lr",
+    "warmup",
+    "clip_grad",
+    "weight_decay",
+)
+
+
+def default_out_dir(data: str, model: str) -> str:
+    """``runs/<data>-<model>`` (a file's base name for a path).
+
+    Example:
+        >>> default_out_dir("/tmp/points.csv", "maf")
+        'runs/points-maf'
+    """
+    name = os.path.splitext(os.path.basename(os.path.normpath(data)))[0] or "data"
+    return os.path.join("runs", f"{name}-{model}")
+
+
+def config_from_args(args) -> TrainConfig:
+    """A :class:`TrainConfig` from parsed ``fastflow train`` arguments (same attribute names)."""
+    names = {f.name for f in fields(TrainConfig)}
+    return TrainConfig(**{k: v for k, v in vars(args).items() if k in names})
+
+
+def model_options(cfg: TrainConfig) -> dict:
+    """The registry options of the run (``None``: the model's default)."""
+    return {"hidden": cfg.hidden, "depth": cfg.depth, "scales": cfg.scales}
+
+
+def _check_positive(name: str, v, allow_none: bool = False) -> None:
+    if allow_none and v is None:
+        return
+    if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+        raise ValueError(f"--{name.replace('_', '-')} must be a positive int, got {v!r}")
+
+
+def check_config(cfg: TrainConfig) -> None:
+    """Raise ``ValueError`` naming the flag for an option out of range."""
+    _check_positive("epochs", cfg.epochs)
+    _check_positive("batch_size", cfg.batch_size)
+    _check_positive("eval_batch_size", cfg.eval_batch_size)
+    _check_positive("max_steps", cfg.max_steps, allow_none=True)
+    if not (cfg.lr > 0 and math.isfinite(cfg.lr)):
+        raise ValueError(f"--lr must be a positive number, got {cfg.lr}")
+    if cfg.warmup < 0 or cfg.save_every < 0 or cfg.clip_grad < 0 or cfg.threads < 0:
+        raise ValueError("--warmup, --save-every, --clip-grad and --threads must be >= 0")
+    if cfg.dtype not in DTYPES:
+        raise ValueError(f"--dtype must be one of {', '.join(DTYPES)}, got {cfg.dtype!r}")
+    if cfg.autocast not in AUTOCAST:
+        raise ValueError(f"--autocast must be one of {', '.join(AUTOCAST)}, got {cfg.autocast!r}")
+    if cfg.schedule not in ("constant", "cosine"):
+        raise ValueError(f"--schedule must be constant or cosine, got {cfg.schedule!r}")
+    if not (cfg.temperature >= 0):
+        raise ValueError(f"--temperature must be >= 0, got {cfg.temperature}")
+    if cfg.overwrite and cfg.resume is not None:
+        raise ValueError("--resume continues a run and --overwrite starts over: pass one of them")
+
+
+def check_extras(cfg: TrainConfig) -> None:
+    """Raise ``DataError`` when the progress bar or the plots need a package that is missing."""
+    missing = []
+    if cfg.progress:
+        try:
+            import tqdm  # noqa: F401
+        except ImportError:
+            missing.append("tqdm (or pass --no-progress)")
+    if cfg.plots:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            missing.append("matplotlib (or pass --no-plots)")
+    if missing:
+        raise DataError(f'training needs {", ".join(missing)}: pip install "fastflow[train]"')
+
+
+def check_resume(cfg: TrainConfig, ck: dict, path: str) -> None:
+    """Refuse to resume from ``ck`` (read from ``path``) with options that shape the run
+    differently (:data:`RESUME_KEYS`; with a cosine schedule also ``epochs``/``max_steps``)."""
+    old = ck.get("config")
+    if not isinstance(old, dict) or "state_dict" not in ck or "optimizer" not in ck:
+        raise CheckpointError(f"{path}: not a resumable 'fastflow train' checkpoint")
+    diffs = [
+        f"--{k.replace('_', '-')} {old.get(k)!r} (checkpoint) vs {getattr(cfg, k)!r} (now)"
+        for k in RESUME_KEYS
+        if old.get(k) != getattr(cfg, k)
+    ]
+    if cfg.schedule == "cosine":
+        for k in ("epochs", "max_steps"):
+            if old.get(k) != getattr(cfg, k):
+                diffs.append(f"--{k.replace('_', '-')} {old.get(k)!r} vs {getattr(cfg, k)!r}")
+    if diffs:
+        raise TrainError(f"incompatible --resume options: {'; '.join(diffs)}")
