@@ -138,7 +138,7 @@ def test_resume_after_sigkill_matches_straight_run(tmp_path):
     import signal
     import time
 
-    from fastflow.train import TrainConfig, train
+    from fastflow.training import TrainConfig, train
 
     rng = np.random.default_rng(0)
     x = rng.integers(0, 60, (240, 1, 4, 4))

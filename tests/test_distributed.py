@@ -33,7 +33,7 @@ def _worker(rank: int, world: int, port: int, data: str, out: str, result_dir: s
         WORLD_SIZE=str(world),
     )
     torch.set_num_threads(1)
-    from fastflow.train import TrainConfig, train
+    from fastflow.training import TrainConfig, train
 
     cfg = TrainConfig(
         data=data,

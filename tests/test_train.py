@@ -12,7 +12,7 @@ import torch
 from fastflow.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from fastflow.images import bits_per_dim
 from fastflow.registry import MODELS, build_model, model_input_shape
-from fastflow.train import (
+from fastflow.training import (
     Preprocess,
     TrainConfig,
     TrainError,
@@ -306,3 +306,19 @@ def test_train_cleans_stale_temporaries_and_files_share_a_mode(tmp_path):
         assert not any(f.startswith(".tmp-") for f in os.listdir(out))
     finally:
         os.umask(old)
+
+
+def test_fastflow_train_module_reexports_fastflow_training():
+    # fastflow.train is the backward-compatible name of the fastflow.training package
+    import fastflow.train as old
+    import fastflow.training as new
+
+    extra = [
+        "LN2",
+        "config_from_args",
+        "evaluate_checkpoint",
+        "save_samples_png",
+        "typicality_scores",
+    ]
+    for name in [*old.__all__, *extra]:
+        assert getattr(old, name) is getattr(new, name), name
