@@ -102,9 +102,7 @@ def realnvp_nflows(d):
     ts = []
     for _ in range(LAYERS):
         ts.append(
-            AffineCouplingTransform(
-                mask, lambda i, o: _NflowsNet(_mlp([i, HIDDEN, HIDDEN, o]))
-            )
+            AffineCouplingTransform(mask, lambda i, o: _NflowsNet(_mlp([i, HIDDEN, HIDDEN, o])))
         )
         ts.append(ReversePermutation(d))
     m = Flow(CompositeTransform(ts), StandardNormal([d]))
@@ -173,6 +171,63 @@ def maf_nflows(d):
     return m, m.log_prob, m.sample
 
 
+def glow_fastflow(shape, levels, steps, hidden):
+    from fastflow.models import Glow
+
+    m = Glow(shape, levels=levels, steps=steps, hidden=hidden)
+    return m, m.log_prob, m.sample
+
+
+def glow_normflows(shape, levels, steps, hidden):
+    """normflows' multi-scale Glow (its README/example construction): per level K GlowBlocks
+    (ActNorm, LU 1x1 conv, affine coupling with a 3-1-3 conv net), squeeze, and a learned
+    diagonal Gaussian per factored-out latent."""
+    c0, h0, w0 = shape
+    q0, merges, flows = [], [], []
+    for i in range(levels):
+        ch = c0 * 2 ** (levels + 1 - i)
+        flows.append(
+            [nf.flows.GlowBlock(ch, hidden, split_mode="channel", scale=True) for _ in range(steps)]
+            + [nf.flows.Squeeze()]
+        )
+        if i > 0:
+            merges.append(nf.flows.Merge())
+            lat = (c0 * 2 ** (levels - i), h0 // 2 ** (levels - i), w0 // 2 ** (levels - i))
+        else:
+            lat = (c0 * 2 ** (levels + 1), h0 // 2**levels, w0 // 2**levels)
+        q0.append(nf.distributions.DiagGaussian(lat))
+    m = nf.MultiscaleFlow(q0, flows, merges)
+    return m, lambda x: m.log_prob(x, None), lambda n: m.sample(n)[0]
+
+
+GLOW_CASES = {
+    # name: (shape, levels, steps, hidden, batch)
+    "1x8x8": ((1, 8, 8), 2, 8, 64, 64),
+    "1x28x28": ((1, 28, 28), 2, 8, 128, 64),
+    "3x32x32": ((3, 32, 32), 3, 8, 256, 32),
+}
+
+
+def glow_case(key: str, rounds: int, reps: int, quick: bool) -> list[dict]:
+    shape, levels, steps, hidden, batch = GLOW_CASES[key]
+    if quick:
+        steps, hidden = max(2, steps // 4), max(16, hidden // 4)
+    impls = {}
+    for name, build, ok in (
+        ("fastflow", glow_fastflow, True),
+        ("normflows", glow_normflows, nf is not None),
+    ):
+        if ok:
+            torch.manual_seed(0)
+            impls[name] = build(shape, levels, steps, hidden)
+    torch.manual_seed(1)
+    x = torch.rand(batch, *shape)
+    with torch.no_grad():  # data-dependent ActNorm initialisation on the first batch
+        for _mod, lp, _ in impls.values():
+            lp(x)
+    return _time_cases(impls, x, "glow", key, batch, rounds, reps, sample_reps=reps)
+
+
 VECTOR_MODELS = {
     "realnvp": [
         ("fastflow", realnvp_fastflow, True),
@@ -189,6 +244,9 @@ VECTOR_MODELS = {
 
 
 # -- timing ---------------------------------------------------------------------------------------
+
+
+MODELS = ("realnvp", "maf", "glow")
 
 
 def _stepper(module, log_prob, x):
@@ -232,6 +290,11 @@ def vector_case(model: str, d: int, batch: int, rounds: int, reps: int) -> list[
             print(f"train_step: {name} cannot build {model} D={d}: {exc}")
     torch.manual_seed(1)
     x = torch.randn(batch, d)
+    sample_reps = reps if model != "maf" else max(1, reps // 4)
+    return _time_cases(impls, x, model, d, batch, rounds, reps, sample_reps)
+
+
+def _time_cases(impls, x, model, size, batch, rounds, reps, sample_reps) -> list[dict]:
     rows = []
     params = {k: n_params(v[0]) for k, v in impls.items()}
     for what in ("train_step", "log_prob", "sample"):
@@ -243,14 +306,13 @@ def vector_case(model: str, d: int, batch: int, rounds: int, reps: int) -> list[
                 fns[k] = _no_grad(lambda lp=lp: lp(x))
             else:
                 fns[k] = _no_grad(lambda sample=sample: sample(batch))
-        n = reps if what != "sample" or model != "maf" else max(1, reps // 4)
-        res = interleaved(fns, rounds, n)
+        res = interleaved(fns, rounds, sample_reps if what == "sample" else reps)
         ff = res["fastflow"][0]
         peers = {k: v for k, v in res.items() if k != "fastflow"}
         best = min(peers, key=lambda k: peers[k][0]) if peers else None
         row = {
             "model": model,
-            "D": d,
+            "size": size,
             "batch": batch,
             "threads": torch.get_num_threads(),
             "what": what,
@@ -263,9 +325,11 @@ def vector_case(model: str, d: int, batch: int, rounds: int, reps: int) -> list[
         }
         rows.append(row)
         print(
-            f"{model:8s} D={d:<4d} B={batch:<5d} t={row['threads']} {what:10s} "
+            f"{model:8s} {size!s:8s} B={batch:<5d} t={row['threads']} {what:10s} "
             + "  ".join(f"{k}={v[0]:.2f}" for k, v in res.items())
-            + (f"  -> {row['speedup_vs_best_peer']:.2f}x vs {best}" if best else ""),
+            + (f"  -> {row['speedup_vs_best_peer']:.2f}x vs {best}" if best else "")
+            + "  params "
+            + " ".join(f"{k}={v}" for k, v in params.items()),
             flush=True,
         )
     return rows
@@ -282,7 +346,10 @@ def _no_grad(fn):
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="reduced sizes and repetitions")
-    ap.add_argument("--models", nargs="+", default=["realnvp", "maf"], choices=["realnvp", "maf"])
+    ap.add_argument(
+        "--models", nargs="+", default=list(MODELS), choices=list(MODELS), help="model families"
+    )
+    ap.add_argument("--glow", nargs="+", default=None, choices=list(GLOW_CASES))
     ap.add_argument("--dims", nargs="+", type=int, default=None)
     ap.add_argument("--batches", nargs="+", type=int, default=None)
     ap.add_argument("--threads", nargs="+", type=int, default=[1, 2])
@@ -297,11 +364,15 @@ def main(argv=None) -> dict:
     for t in args.threads:
         torch.set_num_threads(t)
         for model in args.models:
+            if model == "glow":
+                for key in args.glow or (["1x8x8"] if args.quick else list(GLOW_CASES)):
+                    rows += glow_case(key, rounds, 3 if key != "1x8x8" else 5, args.quick)
+                continue
             for d in dims:
                 for b in batches:
                     reps = 10 if b <= 256 else 3
                     rows += vector_case(model, d, b, rounds, reps)
-    cols = ["model", "D", "batch", "threads", "what", "fastflow_ms", "best_peer"]
+    cols = ["model", "size", "batch", "threads", "what", "fastflow_ms", "best_peer"]
     print(table([{**r, "x": r["speedup_vs_best_peer"]} for r in rows], [*cols, "x"]))
     data = {
         "method": "min over rounds of per-round medians, interleaved; ratios peer/fastflow",

@@ -75,15 +75,14 @@ class InvConv1x1(Transform):
     ) -> tuple[Tensor, Tensor | None, Tensor]:
         """``(W, W_inv, logdet_per_pixel)`` in ``dtype`` (default: the parameters' dtype).
 
-        ``W_inv`` is None when ``inverse=False`` and the layer is plain (the LU path gets the
-        inverse for free with the weight).
+        ``W_inv`` is None when ``inverse=False`` (the density direction needs only ``W``).
         """
         if self.lu:
             ps = (self.P, self.L, self.U, self.log_s, self.sign_s)
             if dtype is not None:
                 ps = tuple(t.to(dtype) for t in ps)
             check = not self._constants_checked
-            out = lu_weight(*ps, check_constants=check)
+            out = lu_weight(*ps, check_constants=check, inverse=inverse)
             self._constants_checked = True
             return out
         w = self.weight if dtype is None else self.weight.to(dtype)

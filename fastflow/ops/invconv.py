@@ -234,8 +234,7 @@ def _backward_lu(ctx, grad_w, grad_w_inv, grad_logdet):
 _lu_weight.register_autograd(_backward_lu, setup_context=_setup_lu)
 
 
-@torch.library.custom_op("fastflow::channel_affine", mutates_args=())
-def _channel_affine(x: Tensor, W: Tensor, b: Tensor | None) -> Tensor:
+def _channel_affine_impl(x: Tensor, W: Tensor, b: Tensor | None) -> Tensor:
     n, c, p = _sizes(x)
     dt, dev = x.dtype, x.device
     px = B.ptr(x, dt, x.numel(), dev, "x")
@@ -245,13 +244,18 @@ def _channel_affine(x: Tensor, W: Tensor, b: Tensor | None) -> Tensor:
     return y
 
 
+# torch.library ops for torch.compile / opcheck / torch.ops; eager calls use _ChannelAffineFn.
+_channel_affine = torch.library.custom_op(
+    "fastflow::channel_affine", _channel_affine_impl, mutates_args=()
+)
+
+
 @_channel_affine.register_fake
 def _(x, W, b):
     return torch.empty_like(x, memory_format=torch.contiguous_format)
 
 
-@torch.library.custom_op("fastflow::channel_affine_grad_params", mutates_args=())
-def _channel_affine_grad_params(x: Tensor, grad_y: Tensor) -> tuple[Tensor, Tensor]:
+def _channel_affine_grad_params_impl(x: Tensor, grad_y: Tensor) -> tuple[Tensor, Tensor]:
     n, c, p = _sizes(x)
     px = B.ptr(x, x.dtype, x.numel(), x.device, "x")
     pg = B.ptr(grad_y, x.dtype, x.numel(), x.device, "grad_y")
@@ -278,6 +282,11 @@ def _channel_affine_grad_params(x: Tensor, grad_y: Tensor) -> tuple[Tensor, Tens
         nbytes,
     )
     return gw, gb
+
+
+_channel_affine_grad_params = torch.library.custom_op(
+    "fastflow::channel_affine_grad_params", _channel_affine_grad_params_impl, mutates_args=()
+)
 
 
 @_channel_affine_grad_params.register_fake
@@ -307,6 +316,28 @@ def _backward_affine(ctx, grad_y):
 
 
 _channel_affine.register_autograd(_backward_affine, setup_context=_setup_affine)
+
+
+class _ChannelAffineFn(torch.autograd.Function):
+    """Eager native path: the same kernels and formulas as the op, without the dispatcher."""
+
+    @staticmethod
+    def forward(ctx, x, W, b):
+        ctx.save_for_backward(x, W)
+        ctx.has_bias = b is not None
+        return _channel_affine_impl(x, W, b)
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        x, W = ctx.saved_tensors
+        grad_y = grad_y.contiguous()
+        need_x, need_w, need_b = ctx.needs_input_grad
+        gx = gw = gb = None
+        if need_x:
+            gx = _channel_affine_impl(grad_y, W.t().contiguous(), None)
+        if need_w or (need_b and ctx.has_bias):
+            gw, gb = _channel_affine_grad_params_impl(x, grad_y)
+        return gx, (gw if need_w else None), (gb if ctx.has_bias and need_b else None)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -372,7 +403,8 @@ def lu_weight(
     log_s: Tensor,
     sign_s: Tensor,
     check_constants: bool = True,
-) -> tuple[Tensor, Tensor, Tensor]:
+    inverse: bool = True,
+) -> tuple[Tensor, Tensor | None, Tensor]:
     """Assemble the LU-parameterized 1x1 convolution weight, its inverse and its log-det.
 
     ``W = P L (U + diag(sign_s * exp(log_s)))`` with ``L`` read only below its diagonal (unit
@@ -390,6 +422,10 @@ def lu_weight(
         sign_s: ``[C]`` its signs (+1 or -1).
         check_constants: check that ``P`` is a permutation matrix and ``sign_s`` is +-1 (a
             module holding them as fixed buffers checks them once and passes False).
+        inverse: also compute ``W_inv`` (else it is returned as None). The density direction
+            (training) needs only ``W`` and the log-det: then ``W`` is two small matmuls with
+            autograd, about 3x cheaper forward+backward than the kernel call that also inverts
+            the triangles (``bench``: C = 4-256, 1 thread), so that path is taken.
 
     Returns:
         ``(W, W_inv, logdet_per_pixel)``: ``[C, C]`` matrices like ``L`` and a scalar (fp32, or
@@ -426,8 +462,15 @@ def lu_weight(
         _check_lu_values(L, U, log_s)
         if check_constants:
             _check_lu_constants(P, sign_s)
+    if not inverse:
+        acc = B.acc_dtype(L.dtype)
+        lower, upper = _lu_factors(*(t.to(acc) for t in (L, U, log_s, sign_s)))
+        W = P.to(acc) @ (lower @ upper)
+        return W.to(L.dtype), None, log_s.to(acc).sum()
     if B.use_native(L):
-        return _lu_weight(P, L, U, log_s, sign_s)
+        W, W_inv, _ = _lu_weight(P, L, U, log_s, sign_s)
+        # the log-det as the inverse=False path computes it, so both directions agree bitwise
+        return W, W_inv, log_s.to(B.acc_dtype(L.dtype)).sum()
     return reference_lu_weight(P, L, U, log_s, sign_s)
 
 
@@ -469,4 +512,6 @@ def channel_affine(x: Tensor, W: Tensor, b: Tensor | None = None) -> Tensor:
         b = b.contiguous()
     if x.numel() == 0 or not B.use_native(x):
         return reference_channel_affine(x, W, b)
-    return _channel_affine(x.contiguous(), W.contiguous(), b)
+    if torch.compiler.is_compiling():
+        return _channel_affine(x.contiguous(), W.contiguous(), b)
+    return _ChannelAffineFn.apply(x.contiguous(), W.contiguous(), b)
