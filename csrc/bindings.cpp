@@ -34,4 +34,5 @@ PYBIND11_MODULE(_C, m) {
   ff::bind_coupling(m);
   ff::bind_invconv(m);
   ff::bind_made(m);
+  ff::bind_mlp(m);
 }

@@ -7,4 +7,5 @@ namespace ff {
 void bind_coupling(pybind11::module_& m);
 void bind_invconv(pybind11::module_& m);
 void bind_made(pybind11::module_& m);
+void bind_mlp(pybind11::module_& m);
 }  // namespace ff

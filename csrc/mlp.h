@@ -1,0 +1,52 @@
+// A whole vector coupling layer in one call each way: ReLU MLP conditioner + affine coupling
+// (fastflow/ops/mlp_coupling.py; DESIGN.md, "Fuse where the time is").
+//
+// x [n, d] splits at `cut`: parity 0: x_a = x[:, :cut], x_b = x[:, cut:]; parity 1: x_a =
+// x[:, cut:], x_b = x[:, :cut]. The MLP `sizes` = (in, hidden..., out) reads [x_a, ctx]
+// (in = |x_a| + n_ctx, out = 2 |x_b|); its flat parameter vector holds per layer the row-major
+// [out, in] weight then the bias (mlp_layout). Hidden activations are ReLU; the output is
+// (raw, shift), raw = out[:, :db], shift = out[:, db:], s = scale_fn(raw) (common.h):
+//   forward:  y_a = x_a, y_b = x_b * exp(s) + shift, logdet[n] = sum s
+//   inverse:  x_a = y_a, x_b = (y_b - shift) * exp(-s), logdet[n] = -sum s
+// acts [n, sum(sizes[1:])]: per sample the hidden activations (layer by layer) then the MLP output
+// (raw, shift); the forward stores them (acts may be 0: inference) and the backward reads them.
+// logdet / grad_logdet are in the dtype (fp32 or fp64: no 16-bit here). Every buffer is
+// contiguous. The workspace holds mlp_coupling_workspace_bytes(...) bytes (any alignment).
+// Results do not depend on nthreads: weight gradients are summed per fixed group of samples
+// (which depends on n only), then over the groups in a fixed order.
+#pragma once
+#include <cstdint>
+#include <vector>
+
+#include "common.h"
+
+namespace ff {
+
+int64_t mlp_coupling_workspace_bytes(int dtype, int64_t n, const std::vector<int64_t>& sizes,
+                                     int nthreads);
+
+void mlp_coupling_forward_cpu(int dtype, int mode, double clamp, int64_t n, int64_t d,
+                              int64_t cut, int parity, int64_t n_ctx,
+                              const std::vector<int64_t>& sizes, std::uintptr_t x,
+                              std::uintptr_t ctx, std::uintptr_t params, std::uintptr_t y,
+                              std::uintptr_t logdet, std::uintptr_t acts, int64_t acts_numel,
+                              std::uintptr_t workspace, int64_t workspace_bytes, int nthreads);
+
+// grad_ctx may be 0 (not wanted) even with a context.
+void mlp_coupling_backward_cpu(int dtype, int mode, double clamp, int64_t n, int64_t d,
+                               int64_t cut, int parity, int64_t n_ctx,
+                               const std::vector<int64_t>& sizes, std::uintptr_t x,
+                               std::uintptr_t ctx, std::uintptr_t params, std::uintptr_t acts,
+                               int64_t acts_numel, std::uintptr_t grad_y,
+                               std::uintptr_t grad_logdet, std::uintptr_t grad_x,
+                               std::uintptr_t grad_ctx, std::uintptr_t grad_params,
+                               std::uintptr_t workspace, int64_t workspace_bytes, int nthreads);
+
+void mlp_coupling_inverse_cpu(int dtype, int mode, double clamp, int64_t n, int64_t d,
+                              int64_t cut, int parity, int64_t n_ctx,
+                              const std::vector<int64_t>& sizes, std::uintptr_t y,
+                              std::uintptr_t ctx, std::uintptr_t params, std::uintptr_t x,
+                              std::uintptr_t logdet, std::uintptr_t workspace,
+                              int64_t workspace_bytes, int nthreads);
+
+}  // namespace ff

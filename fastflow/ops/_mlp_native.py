@@ -1,0 +1,159 @@
+"""Thin wrappers over the native CPU kernel that runs a whole MLP coupling layer in one call.
+
+The kernel (``csrc/mlp_cpu.cpp``) computes what :func:`fastflow.ops.mlp_coupling.
+reference_mlp_affine_coupling` specifies: the ReLU MLP on ``[x_a, context]`` and the affine
+coupling, each way, and the backward of the forward (input, context and flat-parameter
+gradients) from the activations the forward stored. These functions only allocate outputs and
+the workspace with torch and pass pointers (:func:`fastflow._backend.ptr`); shapes, dtypes and the
+layout are the caller's to validate (``mlp_affine_coupling`` does). CPU, fp32 and fp64 only.
+
+``mode`` is the scale function's code (:data:`fastflow.ops.coupling.SCALE_FNS`). ``acts`` is
+``[N, sum(layout.sizes[1:])]``: per sample the hidden activations then the MLP output.
+Results do not depend on the thread count.
+
+Example:
+    >>> import torch
+    >>> from fastflow.ops.mlp_coupling import init_mlp_params, mlp_layout
+    >>> lay = mlp_layout((1, 8, 2))
+    >>> p = init_mlp_params(lay, zero_last=False)
+    >>> x = torch.randn(5, 2)
+    >>> y, ld, acts = forward(x, None, p, lay, 1, 0, 0, 2.0, need_acts=True)
+    >>> x2, ld2 = inverse(y, None, p, lay, 1, 0, 0, 2.0)
+    >>> torch.allclose(x, x2, atol=1e-6) and torch.allclose(ld, -ld2)
+    True
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+import torch
+from torch import Tensor
+
+from fastflow import _backend as B
+from fastflow.ops.mlp_coupling import MLPLayout
+
+__all__ = ["backward", "forward", "inverse", "workspace"]
+
+
+@lru_cache(maxsize=256)
+def _workspace_bytes(code: int, n: int, sizes: tuple[int, ...], nthreads: int) -> int:
+    return int(
+        B._C.mlp_coupling_workspace_bytes(dtype=code, n=n, sizes=list(sizes), nthreads=nthreads)
+    )
+
+
+def workspace(dtype: torch.dtype, n: int, sizes: tuple[int, ...], nthreads: int) -> Tensor:
+    """Scratch for one call (bytes, CPU)."""
+    nbytes = _workspace_bytes(B.DTYPE_CODES[dtype], n, sizes, nthreads)
+    return torch.empty(nbytes, dtype=torch.uint8)
+
+
+def _common(x: Tensor, layout: MLPLayout):
+    if x.device.type != "cpu":
+        raise ValueError(f"the native MLP coupling kernel runs on the CPU, got {x.device}")
+    n, d = x.shape
+    return n, d, B.DTYPE_CODES[x.dtype], list(layout.sizes), B.num_threads()
+
+
+def forward(
+    x: Tensor,
+    ctx: Tensor | None,
+    params: Tensor,
+    layout: MLPLayout,
+    cut: int,
+    parity: int,
+    mode: int,
+    clamp: float,
+    need_acts: bool,
+) -> tuple[Tensor, Tensor, Tensor | None]:
+    """``(y, logdet, acts)`` of the forward map; ``acts`` is None unless ``need_acts``."""
+    n, d, code, sizes, nt = _common(x, layout)
+    x = x.contiguous()
+    dt, dev = x.dtype, x.device
+    nc = 0 if ctx is None else ctx.shape[1]
+    y = torch.empty((n, d), dtype=dt)
+    logdet = torch.empty(n, dtype=dt)
+    width = sum(layout.sizes[1:])
+    acts = torch.empty((n, width), dtype=dt) if need_acts else None
+    ws = workspace(dt, n, layout.sizes, nt)
+    B._C.mlp_coupling_forward_cpu(
+        dtype=code, mode=mode, clamp=float(clamp), n=n, d=d, cut=cut, parity=parity, n_ctx=nc,
+        sizes=sizes,
+        x_ptr=B.ptr(x, dt, n * d, dev, "x"),
+        ctx_ptr=B.ptr(None if ctx is None else ctx.contiguous(), dt, n * nc, dev, "context"),
+        params_ptr=B.ptr(params.contiguous(), dt, layout.numel, dev, "params"),
+        y_ptr=B.ptr(y), logdet_ptr=B.ptr(logdet),
+        acts_ptr=B.ptr(acts), acts_numel=0 if acts is None else n * width,
+        workspace_ptr=B.ptr(ws), workspace_bytes=ws.numel(), nthreads=nt,
+    )  # fmt: skip
+    return y, logdet, acts
+
+
+def backward(
+    x: Tensor,
+    ctx: Tensor | None,
+    params: Tensor,
+    layout: MLPLayout,
+    cut: int,
+    parity: int,
+    mode: int,
+    clamp: float,
+    acts: Tensor,
+    grad_y: Tensor,
+    grad_logdet: Tensor,
+) -> tuple[Tensor, Tensor | None, Tensor]:
+    """``(grad_x, grad_context, grad_params)`` of the forward, from its ``acts``; grad_context
+    is None without a context."""
+    n, d, code, sizes, nt = _common(x, layout)
+    x = x.contiguous()
+    dt, dev = x.dtype, x.device
+    nc = 0 if ctx is None else ctx.shape[1]
+    width = sum(layout.sizes[1:])
+    gx = torch.empty((n, d), dtype=dt)
+    gctx = None if ctx is None else torch.empty((n, nc), dtype=dt)
+    gp = torch.empty(layout.numel, dtype=dt)
+    ws = workspace(dt, n, layout.sizes, nt)
+    B._C.mlp_coupling_backward_cpu(
+        dtype=code, mode=mode, clamp=float(clamp), n=n, d=d, cut=cut, parity=parity, n_ctx=nc,
+        sizes=sizes,
+        x_ptr=B.ptr(x, dt, n * d, dev, "x"),
+        ctx_ptr=B.ptr(None if ctx is None else ctx.contiguous(), dt, n * nc, dev, "context"),
+        params_ptr=B.ptr(params.contiguous(), dt, layout.numel, dev, "params"),
+        acts_ptr=B.ptr(acts, dt, n * width, dev, "acts"), acts_numel=n * width,
+        grad_y_ptr=B.ptr(grad_y.contiguous(), dt, n * d, dev, "grad_y"),
+        grad_logdet_ptr=B.ptr(grad_logdet.contiguous(), dt, n, dev, "grad_logdet"),
+        grad_x_ptr=B.ptr(gx), grad_ctx_ptr=B.ptr(gctx), grad_params_ptr=B.ptr(gp),
+        workspace_ptr=B.ptr(ws), workspace_bytes=ws.numel(), nthreads=nt,
+    )  # fmt: skip
+    return gx, gctx, gp
+
+
+def inverse(
+    y: Tensor,
+    ctx: Tensor | None,
+    params: Tensor,
+    layout: MLPLayout,
+    cut: int,
+    parity: int,
+    mode: int,
+    clamp: float,
+) -> tuple[Tensor, Tensor]:
+    """``(x, logdet)`` of the inverse map (``logdet = -sum s``)."""
+    n, d, code, sizes, nt = _common(y, layout)
+    y = y.contiguous()
+    dt, dev = y.dtype, y.device
+    nc = 0 if ctx is None else ctx.shape[1]
+    x = torch.empty((n, d), dtype=dt)
+    logdet = torch.empty(n, dtype=dt)
+    ws = workspace(dt, n, layout.sizes, nt)
+    B._C.mlp_coupling_inverse_cpu(
+        dtype=code, mode=mode, clamp=float(clamp), n=n, d=d, cut=cut, parity=parity, n_ctx=nc,
+        sizes=sizes,
+        y_ptr=B.ptr(y, dt, n * d, dev, "y"),
+        ctx_ptr=B.ptr(None if ctx is None else ctx.contiguous(), dt, n * nc, dev, "context"),
+        params_ptr=B.ptr(params.contiguous(), dt, layout.numel, dev, "params"),
+        x_ptr=B.ptr(x), logdet_ptr=B.ptr(logdet),
+        workspace_ptr=B.ptr(ws), workspace_bytes=ws.numel(), nthreads=nt,
+    )  # fmt: skip
+    return x, logdet
