@@ -9,7 +9,7 @@ layout are the caller's to validate (``mlp_affine_coupling`` does). CPU, fp32 an
 
 ``mode`` is the scale function's code (:data:`fastflow.ops.coupling.SCALE_FNS`). ``acts`` is
 ``[N, sum(layout.sizes[1:])]``: per sample the hidden activations then the MLP output.
-Results do not depend on the thread count.
+Results do not depend on the thread count (``nthreads``, default torch's).
 
 Example:
     >>> import torch
@@ -49,11 +49,12 @@ def workspace(dtype: torch.dtype, n: int, sizes: tuple[int, ...], nthreads: int)
     return torch.empty(nbytes, dtype=torch.uint8)
 
 
-def _common(x: Tensor, layout: MLPLayout):
+def _common(x: Tensor, layout: MLPLayout, nthreads: int | None):
     if x.device.type != "cpu":
         raise ValueError(f"the native MLP coupling kernel runs on the CPU, got {x.device}")
     n, d = x.shape
-    return n, d, B.DTYPE_CODES[x.dtype], list(layout.sizes), B.num_threads()
+    nt = B.num_threads() if nthreads is None else nthreads
+    return n, d, B.DTYPE_CODES[x.dtype], list(layout.sizes), nt
 
 
 def forward(
@@ -66,9 +67,10 @@ def forward(
     mode: int,
     clamp: float,
     need_acts: bool,
+    nthreads: int | None = None,
 ) -> tuple[Tensor, Tensor, Tensor | None]:
     """``(y, logdet, acts)`` of the forward map; ``acts`` is None unless ``need_acts``."""
-    n, d, code, sizes, nt = _common(x, layout)
+    n, d, code, sizes, nt = _common(x, layout, nthreads)
     x = x.contiguous()
     dt, dev = x.dtype, x.device
     nc = 0 if ctx is None else ctx.shape[1]
@@ -102,10 +104,11 @@ def backward(
     acts: Tensor,
     grad_y: Tensor,
     grad_logdet: Tensor,
+    nthreads: int | None = None,
 ) -> tuple[Tensor, Tensor | None, Tensor]:
     """``(grad_x, grad_context, grad_params)`` of the forward, from its ``acts``; grad_context
     is None without a context."""
-    n, d, code, sizes, nt = _common(x, layout)
+    n, d, code, sizes, nt = _common(x, layout, nthreads)
     x = x.contiguous()
     dt, dev = x.dtype, x.device
     nc = 0 if ctx is None else ctx.shape[1]
@@ -138,9 +141,10 @@ def inverse(
     parity: int,
     mode: int,
     clamp: float,
+    nthreads: int | None = None,
 ) -> tuple[Tensor, Tensor]:
     """``(x, logdet)`` of the inverse map (``logdet = -sum s``)."""
-    n, d, code, sizes, nt = _common(y, layout)
+    n, d, code, sizes, nt = _common(y, layout, nthreads)
     y = y.contiguous()
     dt, dev = y.dtype, y.device
     nc = 0 if ctx is None else ctx.shape[1]
