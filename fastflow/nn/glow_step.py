@@ -207,6 +207,71 @@ class GlowStep(Transform):
         fn = additive_coupling_inverse if inverse else additive_coupling
         return fn(xb, h.to(xb.dtype))
 
+    def _folded(self, dtype: torch.dtype, inverse: bool):
+        """ActNorm folded into the 1x1 convolution: ``(W', b', logdet per pixel)`` of the
+        forward map, or of the inverse map with ``inverse=True``."""
+        acc = B.acc_dtype(dtype)
+        ls = self.actnorm.log_scale.to(dtype)
+        ld_pp = self.actnorm.log_scale.to(acc).sum()
+        if not inverse:
+            w, _, ld_w = self.invconv.weight_and_inverse(dtype, inverse=False)
+            t = self.actnorm.bias.to(dtype)
+            return (w * torch.exp(ls)[None, :]).to(dtype), (w @ t).to(dtype), ld_pp + ld_w.to(acc)
+        _, w_inv, ld_w = self.invconv.weight_and_inverse(dtype)
+        inv_e = torch.exp(-ls)
+        b = (-self.actnorm.bias.to(dtype) * inv_e).to(dtype)
+        return (w_inv * inv_e[:, None]).to(dtype), b, -(ld_pp + ld_w.to(acc))
+
+    def recompute_backward(
+        self, z: Tensor, grad_z: Tensor, grad_logdet: Tensor, index: dict
+    ) -> tuple[Tensor, Tensor, dict] | None:
+        """Invertible recomputation in one go (:mod:`fastflow.nn.recompute`): from the output
+        ``z`` and the gradients of ``(z, logdet)``, rebuild the input ``x`` and return ``(x,
+        grad_x, {index[id(p)]: grad_p})`` for this step's parameters in ``index`` (None where
+        the step is not a fused affine one: the caller then takes the generic path).
+
+        The conditioner runs once: its input ``x_a`` equals ``z_a``, so its pass for the inverse
+        keeps its graph and serves the backward; only the cheap elementwise coupling and the
+        folded 1x1 convolution are recomputed.
+        """
+        if not self.fused or self.coupling != "affine":
+            return None  # the generic path (inverse, then forward with grad)
+        za, zb = z.split([self.split, self.channels - self.split], 1)
+        gza, gzb = grad_z.split([self.split, self.channels - self.split], 1)
+        cond = [p for p in self.conditioner.parameters() if id(p) in index]
+        with torch.enable_grad():
+            xa = za.detach().requires_grad_(True)
+            raw, shift = self._params(self.conditioner(xa))
+            raw, shift = raw.to(zb.dtype), shift.to(zb.dtype)
+            with torch.no_grad():
+                xb, _ = affine_coupling_inverse(
+                    zb, raw.detach(), shift.detach(), scale_fn=self.scale_fn, clamp=self.clamp
+                )
+            xb.requires_grad_(True)
+            yb, ldc = affine_coupling(xb, raw, shift, scale_fn=self.scale_fn, clamp=self.clamp)
+            g = torch.autograd.grad(
+                (yb, ldc), [xa, xb, *cond], (gzb, grad_logdet.to(ldc.dtype)), allow_unused=True
+            )
+        g_y = torch.cat([gza + g[0], g[1]], 1)
+        y = torch.cat([za, xb.detach()], 1)
+        with torch.no_grad():
+            w_i, b_i, _ = self._folded(z.dtype, inverse=True)
+            x = channel_affine(y, w_i, b_i)
+        rest = [
+            p for p in (*self.actnorm.parameters(), *self.invconv.parameters()) if id(p) in index
+        ]
+        with torch.enable_grad():
+            xl = x.requires_grad_(True)
+            w, b, ld_pp = self._folded(z.dtype, inverse=False)
+            y2 = channel_affine(xl, w, b)
+            ld = ld_pp * (z.shape[2] * z.shape[3]) * grad_logdet.to(ld_pp.dtype).sum()
+            g2 = torch.autograd.grad((y2, ld), [xl, *rest], (g_y, None), allow_unused=True)
+        grads = {}
+        for p, gp in (*zip(cond, g[2:]), *zip(rest, g2[1:])):
+            if gp is not None:
+                grads[index[id(p)]] = gp
+        return x.detach(), g2[0], grads
+
     def inverse(self, z: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """``(x, logdet)`` of the inverse map (``logdet`` is minus the forward's)."""
         self._check("z", z, context)

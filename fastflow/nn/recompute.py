@@ -5,7 +5,11 @@ grows with depth. Here a chain of transforms runs forward under ``no_grad`` and 
 final output; the backward pass walks the chain from the end, rebuilding each transform's input
 with its exact inverse, re-running that one transform with grad enabled and back-propagating
 through it. Peak activation memory is one transform's worth, whatever the depth; the price is
-one extra inverse and one extra forward per transform. Parameters are passed to the
+one extra inverse and one extra forward per transform. A transform with a
+``recompute_backward(y, grad_y, grad_logdet, index)`` method (:class:`~fastflow.nn.GlowStep`)
+does both at once and runs its conditioner network once: the conditioner's input is the same
+in both directions (the untouched half), so the inverse's conditioner pass, kept with its graph,
+serves the backward too. Parameters are passed to the
 ``autograd.Function`` explicitly so their gradients flow.
 
 Reference: Gomez et al., "The Reversible Residual Network: Backpropagation Without Storing
@@ -47,6 +51,18 @@ class _InvertibleChain(torch.autograd.Function):
         need_ctx = context is not None and ctx.needs_input_grad[2]
         grad_ctx = None
         for t in reversed(ctx.transforms):
+            hook = getattr(t, "recompute_backward", None)
+            done = None
+            if hook is not None and context is None:
+                # the transform rebuilds its input and back-propagates in one go, running its
+                # conditioner once (the generic path below runs it twice: inverse + forward)
+                done = hook(y, grad_y, grad_logdet, index)
+            if done is not None:
+                x, grad_y, pgrads = done
+                for i, g in pgrads.items():
+                    grad_params[i] = g if grad_params[i] is None else grad_params[i] + g
+                y = x
+                continue
             with torch.no_grad():
                 x, _ = t.inverse(y, context)
             with torch.enable_grad():
