@@ -329,29 +329,29 @@ def _masked(g: Tensor, mask: Tensor | None) -> Tensor:
 def _setup_fwd(ctx, inputs, output):
     x, raw, _shift, mask, mode, clamp = inputs
     ctx.save_for_backward(x, raw, mask)
-    ctx.mode, ctx.clamp = mode, clamp
-
-
-def _backward_fwd(ctx, grad_y, grad_logdet):
-    x, raw, mask = ctx.saved_tensors
-    gx, graw = _affine_bwd(
-        x, raw, mask, grad_y.contiguous(), grad_logdet.contiguous(), ctx.mode, ctx.clamp
-    )
-    return gx, graw, _masked(grad_y, mask), None, None, None
+    ctx.mode, ctx.clamp, ctx.inverse = mode, clamp, False
 
 
 def _setup_inv(ctx, inputs, output):
     _y, raw, _shift, mask, mode, clamp = inputs
     ctx.save_for_backward(output[0], raw, mask)  # the inverse's output x, not y or shift
-    ctx.mode, ctx.clamp = mode, clamp
+    ctx.mode, ctx.clamp, ctx.inverse = mode, clamp, True
 
 
-def _backward_inv(ctx, grad_x, grad_logdet):
+def _affine_grads(ctx, grad_y, grad_logdet, bwd, inv_bwd):
+    """Gradients for ``(input, raw, shift)``; ``bwd``/``inv_bwd`` are the backward custom ops
+    (op path) or their implementations (eager path)."""
     x, raw, mask = ctx.saved_tensors
-    gy, graw, gshift = _affine_inv_bwd(
-        x, raw, mask, grad_x.contiguous(), grad_logdet.contiguous(), ctx.mode, ctx.clamp
-    )
-    return gy, graw, gshift, None, None, None
+    gy, gl = grad_y.contiguous(), grad_logdet.contiguous()
+    if ctx.inverse:
+        return inv_bwd(x, raw, mask, gy, gl, ctx.mode, ctx.clamp)
+    g_in, graw = bwd(x, raw, mask, gy, gl, ctx.mode, ctx.clamp)
+    return g_in, graw, _masked(grad_y, mask)
+
+
+def _backward_affine(ctx, grad_y, grad_logdet):
+    grads = _affine_grads(ctx, grad_y, grad_logdet, _affine_bwd, _affine_inv_bwd)
+    return (*grads, None, None, None)
 
 
 def _setup_add(ctx, inputs, output):
@@ -366,8 +366,8 @@ def _backward_add(ctx, grad_y):
     return grad_y, (-gs if ctx.inverse else gs), None, None
 
 
-_affine_fwd.register_autograd(_backward_fwd, setup_context=_setup_fwd)
-_affine_inv.register_autograd(_backward_inv, setup_context=_setup_inv)
+_affine_fwd.register_autograd(_backward_affine, setup_context=_setup_fwd)
+_affine_inv.register_autograd(_backward_affine, setup_context=_setup_inv)
 _additive.register_autograd(_backward_add, setup_context=_setup_add)
 
 
@@ -378,32 +378,22 @@ class _CouplingFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, raw, shift, mask, mode, clamp, inverse):
         if mode == _ADDITIVE:
+            _setup_add(ctx, (x, shift, mask, inverse), None)
             y = _additive_impl(x, shift, mask, inverse)
-            ld = torch.zeros(x.shape[0], dtype=B.acc_dtype(x.dtype), device=x.device)
-            ctx.save_for_backward(mask)
-        elif inverse:
-            y, ld = _affine_inv_impl(x, raw, shift, mask, mode, clamp)
-            ctx.save_for_backward(y, raw, mask)  # the inverse's output, not its input
-        else:
-            y, ld = _affine_fwd_impl(x, raw, shift, mask, mode, clamp)
-            ctx.save_for_backward(x, raw, mask)
-        ctx.mode, ctx.clamp, ctx.inverse = mode, clamp, inverse
-        return y, ld
+            return y, torch.zeros(x.shape[0], dtype=B.acc_dtype(x.dtype), device=x.device)
+        impl, setup = (_affine_inv_impl, _setup_inv) if inverse else (_affine_fwd_impl, _setup_fwd)
+        out = impl(x, raw, shift, mask, mode, clamp)
+        setup(ctx, (x, raw, shift, mask, mode, clamp), out)
+        ctx.additive = False
+        return out
 
     @staticmethod
     def backward(ctx, grad_y, grad_logdet):
-        if ctx.mode == _ADDITIVE:
-            (mask,) = ctx.saved_tensors
-            gs = _masked(grad_y, mask)
-            return grad_y, None, (-gs if ctx.inverse else gs), None, None, None, None
-        x, raw, mask = ctx.saved_tensors
-        gy, gl = grad_y.contiguous(), grad_logdet.contiguous()
-        if ctx.inverse:
-            g_in, graw, gshift = _affine_inv_bwd_impl(x, raw, mask, gy, gl, ctx.mode, ctx.clamp)
-        else:
-            g_in, graw = _affine_bwd_impl(x, raw, mask, gy, gl, ctx.mode, ctx.clamp)
-            gshift = _masked(grad_y, mask)
-        return g_in, graw, gshift, None, None, None, None
+        if getattr(ctx, "additive", True):
+            g_x, g_shift, _, _ = _backward_add(ctx, grad_y)
+            return g_x, None, g_shift, None, None, None, None
+        grads = _affine_grads(ctx, grad_y, grad_logdet, _affine_bwd_impl, _affine_inv_bwd_impl)
+        return (*grads, None, None, None, None)
 
 
 def _native(x, raw, shift, mask, mode, clamp, inverse):

@@ -301,18 +301,23 @@ def _setup_affine(ctx, inputs, output):
     ctx.has_bias = b is not None
 
 
-def _backward_affine(ctx, grad_y):
+def _affine_grads(ctx, grad_y, apply, grad_params):
     # y = W x + b per pixel: grad_x = W^T grad_y (the same kernel with W^T, no bias),
     # grad_W = sum_{n,p} grad_y x^T and grad_b = sum_{n,p} grad_y (one reduction pass).
+    # `apply`/`grad_params`: the custom ops (op path) or their implementations (eager path).
     x, W = ctx.saved_tensors
     grad_y = grad_y.contiguous()
     need_x, need_w, need_b = ctx.needs_input_grad
     gx = gw = gb = None
     if need_x:
-        gx = _channel_affine(grad_y, W.t().contiguous(), None)
+        gx = apply(grad_y, W.t().contiguous(), None)
     if need_w or (need_b and ctx.has_bias):
-        gw, gb = _channel_affine_grad_params(x, grad_y)
+        gw, gb = grad_params(x, grad_y)
     return gx, (gw if need_w else None), (gb if ctx.has_bias and need_b else None)
+
+
+def _backward_affine(ctx, grad_y):
+    return _affine_grads(ctx, grad_y, _channel_affine, _channel_affine_grad_params)
 
 
 _channel_affine.register_autograd(_backward_affine, setup_context=_setup_affine)
@@ -323,21 +328,12 @@ class _ChannelAffineFn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, W, b):
-        ctx.save_for_backward(x, W)
-        ctx.has_bias = b is not None
+        _setup_affine(ctx, (x, W, b), None)
         return _channel_affine_impl(x, W, b)
 
     @staticmethod
     def backward(ctx, grad_y):
-        x, W = ctx.saved_tensors
-        grad_y = grad_y.contiguous()
-        need_x, need_w, need_b = ctx.needs_input_grad
-        gx = gw = gb = None
-        if need_x:
-            gx = _channel_affine_impl(grad_y, W.t().contiguous(), None)
-        if need_w or (need_b and ctx.has_bias):
-            gw, gb = _channel_affine_grad_params_impl(x, grad_y)
-        return gx, (gw if need_w else None), (gb if ctx.has_bias and need_b else None)
+        return _affine_grads(ctx, grad_y, _channel_affine_impl, _channel_affine_grad_params_impl)
 
 
 # ----------------------------------------------------------------------------------------------
