@@ -1,7 +1,32 @@
+import os
+
 import pytest
 import torch
 
 import fastflow
+from fastflow import _backend
+
+# SIMD variants of the CPU kernels, narrowest first (csrc/common.h, cpu_isa_level)
+_ISA_ORDER = ("base", "avx2", "avx512")
+
+
+def _cpu_isas() -> list[str]:
+    """The variants this CPU runs, narrowest first, up to its widest (detected with
+    FASTFLOW_CPU_ISA unset); ``["base", "avx2"]`` without the native module (the fixture skips)."""
+    if _backend._C is None:
+        return list(_ISA_ORDER[:2])
+    saved = os.environ.pop("FASTFLOW_CPU_ISA", None)
+    try:
+        widest = _backend._C.cpu_isa()
+    finally:
+        if saved is not None:
+            os.environ["FASTFLOW_CPU_ISA"] = saved
+    if widest not in _ISA_ORDER:
+        return [widest]
+    return list(_ISA_ORDER[: _ISA_ORDER.index(widest) + 1])
+
+
+_CPU_ISAS = _cpu_isas()
 
 
 def pytest_collection_modifyitems(config, items):
@@ -20,6 +45,23 @@ def _restore_backend():
     fastflow.set_backend(before)
 
 
+@pytest.fixture(params=_CPU_ISAS)
+def cpu_isa(request, monkeypatch):
+    """Runs the test once per SIMD variant of the CPU kernels this CPU supports ("base", "avx2"
+    and the widest, e.g. "avx512") and returns its name. The kernels dispatch to the widest
+    variant; FASTFLOW_CPU_ISA=base|avx2 caps it (read on every call), so every copy is tested on
+    one machine. The widest runs with the variable unset (the default dispatch); the variable is
+    restored after the test."""
+    if _backend._C is None:
+        pytest.skip("needs fastflow._C")
+    isa = request.param
+    if isa == _CPU_ISAS[-1]:
+        monkeypatch.delenv("FASTFLOW_CPU_ISA", raising=False)
+    else:
+        monkeypatch.setenv("FASTFLOW_CPU_ISA", isa)
+    return isa
+
+
 @pytest.fixture
 def fp64_default():
     old = torch.get_default_dtype()
@@ -30,10 +72,6 @@ def fp64_default():
 
 def pytest_sessionstart(session):
     # In CI the native module must load: a broken build must fail the run, not skip the tests.
-    import os
-
-    from fastflow import _backend
-
     if os.environ.get("FASTFLOW_REQUIRE_NATIVE") == "1" and _backend._C is None:
         raise pytest.UsageError(
             f"FASTFLOW_REQUIRE_NATIVE=1 but fastflow._C failed to import: {_backend._IMPORT_ERROR}"
