@@ -2,19 +2,24 @@
 // CPU MLP coupling layer (mlp.h): the whole layer in one call each way, OpenMP over blocks of
 // kBlock samples.
 //
-// Every matrix product is C[r][v] (+)= sum_p A(r, p) * B[p][v] with v a run of vector lanes,
-// done by one register-blocked micro-kernel (R rows x NV vectors of accumulators; per p one
-// broadcast of A per row and NV vector loads of B), written once with GCC/Clang vector extensions
-// and compiled per ISA (AVX-512, AVX2+FMA, baseline SSE2) like made_cpu.cpp. Activations of a
-// block live sample-major in the per-thread workspace, each row padded to 64 bytes with zeros:
-//   forward      H_{l+1}[s][:] = relu(H_l[s][:] @ W_l^T + b_l)  (r = sample, p = input unit,
-//                                                                 B = W_l^T padded, made per call)
-//   grad input   G_l[s][:] = (G_{l+1}[s][:] @ W_l) * (H_l > 0)  (r = sample, p = output unit,
-//                                                                 B = W_l row-padded)
-//   grad weight  dW_l[j][:] += sum_s G_{l+1}[s][j] H_l[s][:]    (r = output unit, p = sample)
-// Weight gradients are summed per group of blocks (a partition that depends on n only) into the
-// group's buffer in the workspace, then over the groups in order: no atomics, and the same bits
-// for any thread count.
+// Activations of a block live sample-major in the per-thread workspace, each row zero-padded to
+// 64 bytes. Every matrix product is one of two register-blocked micro-kernels, written once with
+// GCC/Clang vector extensions and compiled per ISA (AVX-512, AVX2+FMA, baseline SSE2) like
+// made_cpu.cpp:
+//   lanes: C[r][v] (+)= sum_p A(r, p) * B[p][v], v a run of vector lanes: R rows x NV vectors of
+//          accumulators, per p one broadcast of A per row and NV vector loads of B;
+//   dots:  C[r][c] = sum_p A[r][p] * Bt[c][p] along the lanes, summed across them at the end: for
+//          layers with fewer outputs than a vector has lanes (a 2-D flow's last layer).
+//   forward      H_{l+1}[s][:] = relu(H_l[s][:] @ W_l^T + b_l)   lanes over outputs (B = W_l^T
+//                                                                  padded) or dots (Bt = W_l)
+//   grad input   G_l[s][:] = (G_{l+1}[s][:] @ W_l) * (H_l > 0)   lanes over inputs (B = W_l) or,
+//                                                                  for the MLP input, dots
+//   grad weight  dW_l[j][:] += sum_s G_{l+1}[s][j] H_l[s][:]     lanes over inputs, p = sample
+//                (or dW_l^T[k][:] += sum_s H_l[s][k] G_{l+1}[s][:] when the inputs are few)
+// The weights are copied once per call into the layout each product reads, zero-padded. Weight
+// gradients are summed per group of blocks (a partition that depends on n only) into the group's
+// buffer in the workspace, then over the groups in order: no atomics, and the same bits for any
+// thread count. Which kernel a layer uses depends on the ISA (vector width), not on the threads.
 #include <algorithm>
 #include <cstring>
 #include <string>
@@ -26,6 +31,12 @@
 #if defined(FF_WITH_OPENMP)
 #include <omp.h>
 #endif
+
+// Checks whose message is only built when they fail (the calls are on the per-step path).
+#define FF_MLP_CHECK(cond, msg)                   \
+  do {                                            \
+    if (!(cond)) ::ff::check(false, (msg));       \
+  } while (0)
 
 namespace ff {
 namespace mlp_cpu_detail {
@@ -47,14 +58,16 @@ struct Plan {
   int64_t n, d, da, db, nc, a_off, b_off, L;
   const int64_t* s;  // sizes [L + 1]
   const int64_t* P;  // sizes padded to 64 bytes [L + 1]
-  // per-layer weights in this direction's layout (forward: W^T [s_l][P_{l+1}] and the bias
-  // [P_{l+1}]; backward: W [s_{l+1}][P_l]), zero-padded, and their offsets in `w`
+  // per-layer weights, copied into the layout this direction's product reads (see pack), and the
+  // forward's biases [P_{l+1}]
   const T* w;
   const int64_t* woff;
   const int64_t* boff;
+  const uint8_t* dot;    // [L] forward: layer l by dots; backward: the input gradient (l = 0)
+  const uint8_t* gtr;    // [L] backward: dW_l^T [s_l][P_{l+1}] instead of dW_l [s_{l+1}][P_l]
   const int64_t* hoff;   // [L + 1] per-thread H_i [kBlock][P_i]
   const int64_t* goff;   // [L + 1] per-thread G_i [kBlock][P_i]
-  const int64_t* gwoff;  // [L] group dW_l [s_{l+1}][P_l]
+  const int64_t* gwoff;  // [L] group dW_l (or dW_l^T)
   const int64_t* gboff;  // [L] group db_l [P_{l+1}]
   int64_t acts_w;
   const int64_t* aoff;  // [L + 1] offset of layer i's outputs in an acts row (i >= 1)
@@ -85,11 +98,13 @@ struct Plan {
 #define FF_MLP_VBYTES 64
 #define FF_MLP_NV 4
 #define FF_MLP_R 6
+#define FF_MLP_CC 4
 #include "mlp_cpu.cpp"  // NOLINT(build/include): deliberate self-inclusion
 #undef FF_MLP_ISA
 #undef FF_MLP_VBYTES
 #undef FF_MLP_NV
 #undef FF_MLP_R
+#undef FF_MLP_CC
 #if defined(__clang__)
 #pragma clang attribute pop
 #pragma clang attribute push(__attribute__((target("avx2,fma"))), apply_to = function)
@@ -102,11 +117,13 @@ struct Plan {
 #define FF_MLP_VBYTES 32
 #define FF_MLP_NV 2
 #define FF_MLP_R 6
+#define FF_MLP_CC 2
 #include "mlp_cpu.cpp"  // NOLINT(build/include)
 #undef FF_MLP_ISA
 #undef FF_MLP_VBYTES
 #undef FF_MLP_NV
 #undef FF_MLP_R
+#undef FF_MLP_CC
 #if defined(__clang__)
 #pragma clang attribute pop
 #else
@@ -118,11 +135,13 @@ struct Plan {
 #define FF_MLP_VBYTES 16
 #define FF_MLP_NV 2
 #define FF_MLP_R 4
+#define FF_MLP_CC 2
 #include "mlp_cpu.cpp"  // NOLINT(build/include)
 #undef FF_MLP_ISA
 #undef FF_MLP_VBYTES
 #undef FF_MLP_NV
 #undef FF_MLP_R
+#undef FF_MLP_CC
 #undef FF_MLP_CPU_BODY
 
 namespace ff {
@@ -132,56 +151,69 @@ template <typename T>
 using FwdFn = void (*)(const Plan<T>&, int64_t, int64_t, T*, bool);
 template <typename T>
 using BwdFn = void (*)(const Plan<T>&, int64_t, int64_t, T*, T*, bool);
+template <typename T>
+using SumFn = void (*)(T*, int64_t, const T*, int64_t, int64_t, int64_t);
+
+// The block functions and vector width of the widest ISA the CPU has, capped by
+// FASTFLOW_CPU_ISA=base|avx2 (common.h).
+template <typename T>
+struct Kernels {
+  FwdFn<T> forward;
+  BwdFn<T> backward;
+  SumFn<T> sum_groups;
+  int64_t lanes;
+};
 
 template <typename T>
-FwdFn<T> pick_forward() {
+Kernels<T> pick_kernels() {
 #if defined(FF_MLP_HAVE_X86)
   const int isa = cpu_isa_level();
-  if (isa == kIsaAvx512) return &avx512::forward_block<T>;
-  if (isa == kIsaAvx2) return &avx2::forward_block<T>;
+  if (isa == kIsaAvx512)
+    return {&avx512::forward_block<T>, &avx512::backward_block<T>, &avx512::sum_groups<T>,
+            int64_t(64 / sizeof(T))};
+  if (isa == kIsaAvx2)
+    return {&avx2::forward_block<T>, &avx2::backward_block<T>, &avx2::sum_groups<T>,
+            int64_t(32 / sizeof(T))};
 #endif
-  return &generic::forward_block<T>;
-}
-
-template <typename T>
-BwdFn<T> pick_backward() {
-#if defined(FF_MLP_HAVE_X86)
-  const int isa = cpu_isa_level();
-  if (isa == kIsaAvx512) return &avx512::backward_block<T>;
-  if (isa == kIsaAvx2) return &avx2::backward_block<T>;
-#endif
-  return &generic::backward_block<T>;
+  return {&generic::forward_block<T>, &generic::backward_block<T>, &generic::sum_groups<T>,
+          int64_t(16 / sizeof(T))};
 }
 
 int64_t mul(int64_t a, int64_t b) {
   int64_t r;
-  check(!__builtin_mul_overflow(a, b, &r), "mlp_coupling: sizes too large");
+  FF_MLP_CHECK(!__builtin_mul_overflow(a, b, &r), "mlp_coupling: sizes too large");
   return r;
 }
 int64_t add(int64_t a, int64_t b) {
   int64_t r;
-  check(!__builtin_add_overflow(a, b, &r), "mlp_coupling: sizes too large");
+  FF_MLP_CHECK(!__builtin_add_overflow(a, b, &r), "mlp_coupling: sizes too large");
   return r;
 }
 
+inline void check_buffer(std::uintptr_t p, int64_t count, const char* name) {
+  FF_MLP_CHECK(count == 0 || p != 0,
+               std::string(name) + ": null pointer for a non-empty buffer");
+}
+
 // Where everything lives in the workspace, in elements (every offset a multiple of 64 bytes).
+// Each layer's weight copy and gradient have room for either orientation.
 struct Geometry {
   int64_t L = 0, pe = 0, nblocks = 0, ngroups = 0, nthreads = 0;
-  std::vector<int64_t> P, woff, boff, wpoff, hoff, goff, gwoff, gboff, aoff;
+  std::vector<int64_t> P, woff, boff, hoff, goff, gwoff, gboff, aoff;
   int64_t acts_w = 0, numel = 0, wregion = 0, thread_elems = 0, group_elems = 0, total = 0;
 };
 
-Geometry geometry(const char* name, int dtype, int64_t n, const std::vector<int64_t>& sizes,
-                  int nthreads) {
-  const std::string nm(name);
-  check(dtype == kFloat32 || dtype == kFloat64,
-        nm + ": dtype must be float32 or float64 (cast 16-bit inputs first)");
-  check(n >= 0, nm + ": negative batch size");
-  check(nthreads >= 1, nm + ": nthreads must be >= 1");
-  check(sizes.size() >= 2 && sizes.size() <= 1025,
-        nm + ": sizes must be (in, hidden..., out): 2 to 1025 entries");
-  for (int64_t v : sizes) check(v >= 1 && v <= (int64_t(1) << 24), nm + ": sizes must be in [1, 2^24]");
-  Geometry g;
+void geometry(const char* name, int dtype, int64_t n, const std::vector<int64_t>& sizes,
+              int nthreads, Geometry& g) {
+  FF_MLP_CHECK(dtype == kFloat32 || dtype == kFloat64,
+               std::string(name) + ": dtype must be float32 or float64 (cast 16-bit inputs first)");
+  FF_MLP_CHECK(n >= 0, std::string(name) + ": negative batch size");
+  FF_MLP_CHECK(nthreads >= 1, std::string(name) + ": nthreads must be >= 1");
+  FF_MLP_CHECK(sizes.size() >= 2 && sizes.size() <= 1025,
+               std::string(name) + ": sizes must be (in, hidden..., out): 2 to 1025 entries");
+  for (int64_t v : sizes)
+    FF_MLP_CHECK(v >= 1 && v <= (int64_t(1) << 24),
+                 std::string(name) + ": sizes must be in [1, 2^24]");
   const int64_t L = int64_t(sizes.size()) - 1;
   g.L = L;
   g.pe = dtype == kFloat32 ? 16 : 8;
@@ -189,25 +221,23 @@ Geometry geometry(const char* name, int dtype, int64_t n, const std::vector<int6
   for (int64_t i = 0; i <= L; ++i) g.P[i] = (sizes[i] + g.pe - 1) / g.pe * g.pe;
   g.woff.resize(L);
   g.boff.resize(L);
-  g.wpoff.resize(L);
   g.gwoff.resize(L);
   g.gboff.resize(L);
-  int64_t fw = 0, bw = 0, gr = 0, numel = 0;
+  int64_t fw = 0, gr = 0, numel = 0;
   for (int64_t l = 0; l < L; ++l) {
+    const int64_t wl = std::max(mul(sizes[l], g.P[l + 1]), mul(sizes[l + 1], g.P[l]));
     g.woff[l] = fw;
-    fw = add(fw, mul(sizes[l], g.P[l + 1]));
+    fw = add(fw, wl);
     g.boff[l] = fw;
     fw = add(fw, g.P[l + 1]);
-    g.wpoff[l] = bw;
-    bw = add(bw, mul(sizes[l + 1], g.P[l]));
     g.gwoff[l] = gr;
-    gr = add(gr, mul(sizes[l + 1], g.P[l]));
+    gr = add(gr, wl);
     g.gboff[l] = gr;
     gr = add(gr, g.P[l + 1]);
     numel = add(numel, mul(sizes[l + 1], sizes[l] + 1));
   }
   g.numel = numel;
-  g.wregion = std::max(fw, bw);
+  g.wregion = fw;
   g.group_elems = gr;
   g.hoff.resize(L + 1);
   g.goff.resize(L + 1);
@@ -229,7 +259,6 @@ Geometry geometry(const char* name, int dtype, int64_t n, const std::vector<int6
   g.ngroups = std::min(g.nblocks, kMaxGroups);
   g.nthreads = std::max<int64_t>(1, std::min<int64_t>(nthreads, g.nblocks));
   g.total = add(add(g.wregion, mul(g.nthreads, g.thread_elems)), mul(g.ngroups, g.group_elems));
-  return g;
 }
 
 int64_t workspace_bytes(const Geometry& g, int dtype) {
@@ -243,23 +272,23 @@ struct Split {
 
 Split check_call(const char* name, int mode, double clamp, int64_t n, int64_t d, int64_t cut,
                  int parity, int64_t n_ctx, const std::vector<int64_t>& sizes) {
-  const std::string nm(name);
-  check(mode == kSoftClamp || mode == kGlowSigmoid || mode == kIdentity,
-        nm + ": mode must be 0 (softclamp), 1 (glow) or 2 (identity)");
-  check(mode != kSoftClamp || (clamp > 0 && std::isfinite(clamp)),
-        nm + ": clamp must be finite and > 0");
-  check(d >= 2 && d <= (int64_t(1) << 24), nm + ": d must be in [2, 2^24]");
-  check(cut >= 1 && cut < d, nm + ": need 0 < cut < d");
-  check(parity == 0 || parity == 1, nm + ": parity must be 0 or 1");
-  check(n_ctx >= 0 && n_ctx <= (int64_t(1) << 24), nm + ": n_ctx must be in [0, 2^24]");
+  const auto nm = [name] { return std::string(name); };
+  FF_MLP_CHECK(mode == kSoftClamp || mode == kGlowSigmoid || mode == kIdentity,
+               nm() + ": mode must be 0 (softclamp), 1 (glow) or 2 (identity)");
+  FF_MLP_CHECK(mode != kSoftClamp || (clamp > 0 && std::isfinite(clamp)),
+               nm() + ": clamp must be finite and > 0");
+  FF_MLP_CHECK(d >= 2 && d <= (int64_t(1) << 24), nm() + ": d must be in [2, 2^24]");
+  FF_MLP_CHECK(cut >= 1 && cut < d, nm() + ": need 0 < cut < d");
+  FF_MLP_CHECK(parity == 0 || parity == 1, nm() + ": parity must be 0 or 1");
+  FF_MLP_CHECK(n_ctx >= 0 && n_ctx <= (int64_t(1) << 24), nm() + ": n_ctx must be in [0, 2^24]");
   Split sp;
   sp.da = parity == 0 ? cut : d - cut;
   sp.db = d - sp.da;
   sp.a_off = parity == 0 ? 0 : cut;
   sp.b_off = parity == 0 ? cut : 0;
-  check(sizes.size() >= 2 && sizes.front() == sp.da + n_ctx && sizes.back() == 2 * sp.db,
-        nm + ": sizes must run from |x_a| + n_ctx = " + std::to_string(sp.da + n_ctx) +
-            " to 2 |x_b| = " + std::to_string(2 * sp.db));
+  FF_MLP_CHECK(sizes.size() >= 2 && sizes.front() == sp.da + n_ctx && sizes.back() == 2 * sp.db,
+               nm() + ": sizes must run from |x_a| + n_ctx = " + std::to_string(sp.da + n_ctx) +
+                   " to 2 |x_b| = " + std::to_string(2 * sp.db));
   return sp;
 }
 
@@ -273,47 +302,64 @@ T* aligned_base(std::uintptr_t ws) {
   return ptr<T>((ws + 63) & ~std::uintptr_t(63));
 }
 
-// Forward weights: W_l^T [s_l][P_{l+1}] and the bias [P_{l+1}], zero-padded.
-template <typename T>
-void pack_forward(const Geometry& g, const std::vector<int64_t>& s, const T* params, T* w) {
-  int64_t off = 0;
-  for (int64_t l = 0; l < g.L; ++l) {
-    const int64_t in = s[l], out = s[l + 1], po = g.P[l + 1];
-    const T* wl = params + off;
-    const T* bl = wl + out * in;
-    T* wt = w + g.woff[l];
-    for (int64_t k = 0; k < in; ++k) {
-      T* row = wt + k * po;
-      for (int64_t j = 0; j < out; ++j) row[j] = wl[j * in + k];
-      for (int64_t j = out; j < po; ++j) row[j] = T(0);
-    }
-    T* b = w + g.boff[l];
-    for (int64_t j = 0; j < out; ++j) b[j] = bl[j];
-    for (int64_t j = out; j < po; ++j) b[j] = T(0);
-    off += out * (in + 1);
-  }
+// Vector-FMA counts per sample of the two ways to compute out = sum_{k < K} a[k] w[k] for N
+// outputs: lanes over the outputs, or N dot products of K (plus their sums across the lanes).
+inline bool dots_are_cheaper(int64_t K, int64_t N, int64_t lanes) {
+  return N * ((K + lanes - 1) / lanes + 2) < K * ((N + lanes - 1) / lanes);
 }
 
-// Backward weights: W_l [s_{l+1}][P_l], rows zero-padded.
+// Layer l's weight W_l [out][in] (params row-major) into dst, zero-padded: transposed (W_l^T
+// [in][P_{l+1}]) or as is (W_l [out][P_l]).
 template <typename T>
-void pack_backward(const Geometry& g, const std::vector<int64_t>& s, const T* params, T* w) {
-  int64_t off = 0;
-  for (int64_t l = 0; l < g.L; ++l) {
-    const int64_t in = s[l], out = s[l + 1], pi = g.P[l];
-    const T* wl = params + off;
-    T* wp = w + g.wpoff[l];
+void pack_layer(const T* wl, int64_t in, int64_t out, int64_t pin, int64_t pout, bool transposed,
+                T* dst) {
+  if (transposed) {
+    // eight source rows at a time: contiguous stores of 8, reads from 8 streams
+    int64_t j0 = 0;
+    for (; j0 + 8 <= out; j0 += 8) {
+      const T* r = wl + j0 * in;
+      for (int64_t k = 0; k < in; ++k) {
+        T* o = dst + k * pout + j0;
+#pragma GCC unroll 8
+        for (int i = 0; i < 8; ++i) o[i] = r[i * in + k];
+      }
+    }
+    for (; j0 < out; ++j0)
+      for (int64_t k = 0; k < in; ++k) dst[k * pout + j0] = wl[j0 * in + k];
+    for (int64_t k = 0; k < in; ++k)
+      for (int64_t j = out; j < pout; ++j) dst[k * pout + j] = T(0);
+  } else {
     for (int64_t j = 0; j < out; ++j) {
-      std::memcpy(wp + j * pi, wl + j * in, sizeof(T) * in);
-      for (int64_t k = in; k < pi; ++k) wp[j * pi + k] = T(0);
+      std::memcpy(dst + j * pin, wl + j * in, sizeof(T) * in);
+      for (int64_t k = in; k < pin; ++k) dst[j * pin + k] = T(0);
     }
-    off += out * (in + 1);
   }
 }
 
+// The per-call state shared by the entry points: geometry, kernel choice and the plan.
 template <typename T>
-Plan<T> make_plan(const Geometry& g, const std::vector<int64_t>& sizes, const Split& sp, int mode,
-                  double clamp, int64_t n, int64_t d, int64_t n_ctx, const T* w) {
+struct Call {
+  Geometry g;
+  Kernels<T> k;
+  std::vector<uint8_t> dot, gtr;
   Plan<T> P{};
+};
+
+template <typename T>
+void make_plan(Call<T>& C, const std::vector<int64_t>& sizes, const Split& sp, int mode,
+               double clamp, int64_t n, int64_t d, int64_t n_ctx, bool backward) {
+  const Geometry& g = C.g;
+  C.k = pick_kernels<T>();
+  const int64_t L = g.L, lanes = C.k.lanes;
+  C.dot.assign(L, 0);
+  C.gtr.assign(L, 0);
+  for (int64_t l = 0; l < L; ++l) {
+    if (!backward) C.dot[l] = dots_are_cheaper(sizes[l], sizes[l + 1], lanes);
+    C.gtr[l] = sizes[l] * ((sizes[l + 1] + lanes - 1) / lanes) <
+               sizes[l + 1] * ((sizes[l] + lanes - 1) / lanes);
+  }
+  if (backward) C.dot[0] = dots_are_cheaper(sizes[1], sizes[0], lanes);
+  Plan<T>& P = C.P;
   P.mode = mode;
   P.c = T(clamp);
   P.inv_c = T(1) / T(clamp);
@@ -324,19 +370,19 @@ Plan<T> make_plan(const Geometry& g, const std::vector<int64_t>& sizes, const Sp
   P.nc = n_ctx;
   P.a_off = sp.a_off;
   P.b_off = sp.b_off;
-  P.L = g.L;
+  P.L = L;
   P.s = sizes.data();
   P.P = g.P.data();
-  P.w = w;
   P.woff = g.woff.data();
   P.boff = g.boff.data();
+  P.dot = C.dot.data();
+  P.gtr = C.gtr.data();
   P.hoff = g.hoff.data();
   P.goff = g.goff.data();
   P.gwoff = g.gwoff.data();
   P.gboff = g.gboff.data();
   P.acts_w = g.acts_w;
   P.aoff = g.aoff.data();
-  return P;
 }
 
 int thread_id() {
@@ -347,20 +393,54 @@ int thread_id() {
 #endif
 }
 
+// Forward weights: W_l^T (lanes) or W_l (dots), and the biases.
 template <typename T>
-void run_forward(const Geometry& g, Plan<T>& P, const T* params, std::uintptr_t workspace,
-                 bool inverse) {
+void pack_forward(const Call<T>& C, const T* params, T* w) {
+  const Geometry& g = C.g;
+  const int64_t* s = C.P.s;
+  int64_t off = 0;
+  for (int64_t l = 0; l < g.L; ++l) {
+    const int64_t in = s[l], out = s[l + 1];
+    pack_layer<T>(params + off, in, out, g.P[l], g.P[l + 1], !C.dot[l], w + g.woff[l]);
+    T* b = w + g.boff[l];
+    std::memcpy(b, params + off + out * in, sizeof(T) * out);
+    for (int64_t j = out; j < g.P[l + 1]; ++j) b[j] = T(0);
+    off += out * (in + 1);
+  }
+}
+
+// Backward weights: W_l (lanes over the inputs) or, for the input gradient by dots, W_0^T.
+template <typename T>
+void pack_backward(const Call<T>& C, const T* params, T* w) {
+  const Geometry& g = C.g;
+  const int64_t* s = C.P.s;
+  int64_t off = 0;
+  for (int64_t l = 0; l < g.L; ++l) {
+    const int64_t in = s[l], out = s[l + 1];
+    pack_layer<T>(params + off, in, out, g.P[l], g.P[l + 1], l == 0 && C.dot[0], w + g.woff[l]);
+    off += out * (in + 1);
+  }
+}
+
+template <typename T>
+void run_forward(Call<T>& C, const T* params, std::uintptr_t workspace, bool inverse) {
+  const Geometry& g = C.g;
   T* base = aligned_base<T>(workspace);
-  T* w = base;
   T* threads = base + g.wregion;
-  pack_forward<T>(g, std::vector<int64_t>(P.s, P.s + g.L + 1), params, w);
-  P.w = w;
-  const FwdFn<T> fn = pick_forward<T>();
+  pack_forward<T>(C, params, base);
+  C.P.w = base;
+  const Plan<T>& P = C.P;
+  const FwdFn<T> fn = C.k.forward;
   const int nt = int(g.nthreads);
-  const int64_t n = P.n, nblocks = g.nblocks;
-#pragma omp parallel num_threads(nt) if (nt > 1)
+  const int64_t n = P.n, nblocks = g.nblocks, te = g.thread_elems;
+  if (nt == 1) {  // no parallel region at all: even an inactive one costs a few microseconds
+    for (int64_t blk = 0; blk < nblocks; ++blk)
+      fn(P, blk * kBlock, std::min<int64_t>(kBlock, n - blk * kBlock), threads, inverse);
+    return;
+  }
+#pragma omp parallel num_threads(nt)
   {
-    T* mine = threads + int64_t(thread_id()) * g.thread_elems;
+    T* mine = threads + int64_t(thread_id()) * te;
 #pragma omp for schedule(static)
     for (int64_t blk = 0; blk < nblocks; ++blk) {
       const int64_t b0 = blk * kBlock;
@@ -370,54 +450,65 @@ void run_forward(const Geometry& g, Plan<T>& P, const T* params, std::uintptr_t 
 }
 
 template <typename T>
-void run_backward(const Geometry& g, Plan<T>& P, const T* params, T* grad_params,
-                  std::uintptr_t workspace) {
+void run_backward(Call<T>& C, const T* params, T* grad_params, std::uintptr_t workspace) {
+  const Geometry& g = C.g;
   T* base = aligned_base<T>(workspace);
-  T* w = base;
   T* threads = base + g.wregion;
   T* groups = threads + g.nthreads * g.thread_elems;
-  const std::vector<int64_t> sizes(P.s, P.s + g.L + 1);
-  pack_backward<T>(g, sizes, params, w);
-  P.w = w;
-  // rows of the flat gradient: (destination, source in a group buffer, length)
-  struct Row {
-    int64_t dst, src, len;
+  pack_backward<T>(C, params, base);
+  C.P.w = base;
+  const Plan<T>& P = C.P;
+  // runs of the flat gradient: `len` values at dst, dst + stride, ... summed over the groups from
+  // src (contiguous) in each group buffer
+  struct Run {
+    int64_t dst, stride, src, len;
   };
-  std::vector<Row> rows;
+  std::vector<Run> runs;
+  int64_t nr = 0;
+  for (int64_t l = 0; l < g.L; ++l) nr += (C.gtr[l] ? P.s[l] : P.s[l + 1]) + 1;
+  runs.reserve(nr);
   int64_t off = 0;
   for (int64_t l = 0; l < g.L; ++l) {
-    const int64_t in = sizes[l], out = sizes[l + 1];
-    for (int64_t j = 0; j < out; ++j) rows.push_back({off + j * in, g.gwoff[l] + j * g.P[l], in});
-    rows.push_back({off + out * in, g.gboff[l], out});
+    const int64_t in = P.s[l], out = P.s[l + 1];
+    if (C.gtr[l]) {
+      for (int64_t k = 0; k < in; ++k)
+        runs.push_back({off + k, in, g.gwoff[l] + k * g.P[l + 1], out});
+    } else {
+      for (int64_t j = 0; j < out; ++j)
+        runs.push_back({off + j * in, 1, g.gwoff[l] + j * g.P[l], in});
+    }
+    runs.push_back({off + out * in, 1, g.gboff[l], out});
     off += out * (in + 1);
   }
-  const BwdFn<T> fn = pick_backward<T>();
-  const int64_t n = P.n, nblocks = g.nblocks, ngroups = g.ngroups;
+  const BwdFn<T> fn = C.k.backward;
+  const SumFn<T> sum = C.k.sum_groups;
+  const int64_t n = P.n, nblocks = g.nblocks, ngroups = g.ngroups, ge = g.group_elems;
+  const int64_t te = g.thread_elems;
   const int nt = int(std::min(g.nthreads, ngroups));
-  const int64_t nrows = int64_t(rows.size());
-#pragma omp parallel num_threads(nt) if (nt > 1)
+  const int64_t nruns = int64_t(runs.size());
+  const Run* rp = runs.data();
+  const auto group = [&](int64_t q, T* mine) {
+    T* grp = groups + q * ge;
+    const int64_t lo = q * nblocks / ngroups, hi = (q + 1) * nblocks / ngroups;
+    for (int64_t blk = lo; blk < hi; ++blk) {
+      const int64_t b0 = blk * kBlock;
+      fn(P, b0, std::min<int64_t>(kBlock, n - b0), mine, grp, blk == lo);
+    }
+  };
+  if (nt == 1) {
+    for (int64_t q = 0; q < ngroups; ++q) group(q, threads);
+    for (int64_t r = 0; r < nruns; ++r)
+      sum(grad_params + rp[r].dst, rp[r].stride, groups + rp[r].src, rp[r].len, ngroups, ge);
+    return;
+  }
+#pragma omp parallel num_threads(nt)
   {
-    T* mine = threads + int64_t(thread_id()) * g.thread_elems;
+    T* mine = threads + int64_t(thread_id()) * te;
 #pragma omp for schedule(static)
-    for (int64_t q = 0; q < ngroups; ++q) {
-      T* grp = groups + q * g.group_elems;
-      const int64_t lo = q * nblocks / ngroups, hi = (q + 1) * nblocks / ngroups;
-      for (int64_t blk = lo; blk < hi; ++blk) {
-        const int64_t b0 = blk * kBlock;
-        fn(P, b0, std::min<int64_t>(kBlock, n - b0), mine, grp, blk == lo);
-      }
-    }
+    for (int64_t q = 0; q < ngroups; ++q) group(q, mine);
 #pragma omp for schedule(static)
-    for (int64_t r = 0; r < nrows; ++r) {
-      const Row rw = rows[r];
-      T* dst = grad_params + rw.dst;
-      const T* src = groups + rw.src;
-      for (int64_t k = 0; k < rw.len; ++k) dst[k] = src[k];
-      for (int64_t q = 1; q < ngroups; ++q) {
-        const T* sq = src + q * g.group_elems;
-        for (int64_t k = 0; k < rw.len; ++k) dst[k] += sq[k];
-      }
-    }
+    for (int64_t r = 0; r < nruns; ++r)
+      sum(grad_params + rp[r].dst, rp[r].stride, groups + rp[r].src, rp[r].len, ngroups, ge);
   }
 }
 
@@ -427,17 +518,23 @@ using namespace mlp_cpu_detail;
 
 int64_t mlp_coupling_workspace_bytes(int dtype, int64_t n, const std::vector<int64_t>& sizes,
                                      int nthreads) {
-  return workspace_bytes(geometry("mlp_coupling_workspace_bytes", dtype, n, sizes, nthreads),
-                         dtype);
+  Geometry g;
+  geometry("mlp_coupling_workspace_bytes", dtype, n, sizes, nthreads, g);
+  return workspace_bytes(g, dtype);
 }
 
 namespace {
 
 void check_workspace(const char* name, const Geometry& g, int dtype, std::uintptr_t workspace,
                      int64_t workspace_bytes_given) {
-  check_ptr(workspace, 1, "workspace");
-  check(workspace_bytes_given >= workspace_bytes(g, dtype),
-        std::string(name) + ": workspace too small (see mlp_coupling_workspace_bytes)");
+  check_buffer(workspace, 1, "workspace");
+  FF_MLP_CHECK(workspace_bytes_given >= workspace_bytes(g, dtype),
+               std::string(name) + ": workspace too small (see mlp_coupling_workspace_bytes)");
+}
+
+void check_acts(const char* name, int64_t need, int64_t acts_numel) {
+  FF_MLP_CHECK(acts_numel >= need, std::string(name) + ": acts must hold n * sum(sizes[1:]) = " +
+                                       std::to_string(need) + " elements");
 }
 
 template <typename T>
@@ -448,25 +545,23 @@ void forward_impl(const char* name, int dtype, int mode, double clamp, int64_t n
                   std::uintptr_t workspace, int64_t workspace_bytes_given, int nthreads,
                   bool inverse) {
   const Split sp = check_call(name, mode, clamp, n, d, cut, parity, n_ctx, sizes);
-  const Geometry g = geometry(name, dtype, n, sizes, nthreads);
-  check_ptr(params, g.numel, "params");
+  Call<T> C;
+  geometry(name, dtype, n, sizes, nthreads, C.g);
+  check_buffer(params, C.g.numel, "params");
   if (n == 0) return;
-  check_ptr(in, mul(n, d), inverse ? "y" : "x");
-  check_ptr(ctx, mul(n, n_ctx), "ctx");
-  check_ptr(out, mul(n, d), inverse ? "x" : "y");
-  check_ptr(logdet, n, "logdet");
-  if (acts != 0)
-    check(acts_numel >= mul(n, g.acts_w),
-          std::string(name) + ": acts must hold n * sum(sizes[1:]) = " +
-              std::to_string(mul(n, g.acts_w)) + " elements");
-  check_workspace(name, g, dtype, workspace, workspace_bytes_given);
-  Plan<T> P = make_plan<T>(g, sizes, sp, mode, clamp, n, d, n_ctx, nullptr);
-  P.in = ptr<const T>(in);
-  P.ctx = ptr<const T>(ctx);
-  P.out = ptr<T>(out);
-  P.logdet = ptr<T>(logdet);
-  P.acts = ptr<T>(acts);
-  run_forward<T>(g, P, ptr<const T>(params), workspace, inverse);
+  check_buffer(in, mul(n, d), inverse ? "y" : "x");
+  check_buffer(ctx, mul(n, n_ctx), "ctx");
+  check_buffer(out, mul(n, d), inverse ? "x" : "y");
+  check_buffer(logdet, n, "logdet");
+  if (acts != 0) check_acts(name, mul(n, C.g.acts_w), acts_numel);
+  check_workspace(name, C.g, dtype, workspace, workspace_bytes_given);
+  make_plan<T>(C, sizes, sp, mode, clamp, n, d, n_ctx, false);
+  C.P.in = ptr<const T>(in);
+  C.P.ctx = ptr<const T>(ctx);
+  C.P.out = ptr<T>(out);
+  C.P.logdet = ptr<T>(logdet);
+  C.P.acts = ptr<T>(acts);
+  run_forward<T>(C, ptr<const T>(params), workspace, inverse);
 }
 
 }  // namespace
@@ -513,34 +608,32 @@ void backward_impl(int dtype, int mode, double clamp, int64_t n, int64_t d, int6
                    std::uintptr_t workspace, int64_t workspace_bytes_given, int nthreads) {
   const char* name = "mlp_coupling_backward_cpu";
   const Split sp = check_call(name, mode, clamp, n, d, cut, parity, n_ctx, sizes);
-  const Geometry g = geometry(name, dtype, n, sizes, nthreads);
-  check_ptr(params, g.numel, "params");
-  check_ptr(grad_params, g.numel, "grad_params");
+  Call<T> C;
+  geometry(name, dtype, n, sizes, nthreads, C.g);
+  check_buffer(params, C.g.numel, "params");
+  check_buffer(grad_params, C.g.numel, "grad_params");
   if (n == 0) {
     T* gp = ptr<T>(grad_params);
-    for (int64_t i = 0; i < g.numel; ++i) gp[i] = T(0);
+    for (int64_t i = 0; i < C.g.numel; ++i) gp[i] = T(0);
     return;
   }
-  check_ptr(x, mul(n, d), "x");
-  check_ptr(ctx, mul(n, n_ctx), "ctx");
-  check_ptr(acts, mul(n, g.acts_w), "acts");
-  check(acts_numel >= mul(n, g.acts_w), std::string(name) +
-                                            ": acts must hold n * sum(sizes[1:]) = " +
-                                            std::to_string(mul(n, g.acts_w)) + " elements");
-  check_ptr(grad_y, mul(n, d), "grad_y");
-  check_ptr(grad_logdet, n, "grad_logdet");
-  check_ptr(grad_x, mul(n, d), "grad_x");
-  check_workspace(name, g, dtype, workspace, workspace_bytes_given);
-  Plan<T> P = make_plan<T>(g, sizes, sp, mode, clamp, n, d, n_ctx, nullptr);
-  P.in = ptr<const T>(x);
-  P.ctx = ptr<const T>(ctx);
-  P.acts = ptr<T>(acts);
-  P.gy = ptr<const T>(grad_y);
-  P.gl = ptr<const T>(grad_logdet);
-  P.gx = ptr<T>(grad_x);
-  P.gctx = n_ctx > 0 ? ptr<T>(grad_ctx) : nullptr;
-  P.woff = g.wpoff.data();  // the backward's weight layout
-  run_backward<T>(g, P, ptr<const T>(params), ptr<T>(grad_params), workspace);
+  check_buffer(x, mul(n, d), "x");
+  check_buffer(ctx, mul(n, n_ctx), "ctx");
+  check_buffer(acts, mul(n, C.g.acts_w), "acts");
+  check_acts(name, mul(n, C.g.acts_w), acts_numel);
+  check_buffer(grad_y, mul(n, d), "grad_y");
+  check_buffer(grad_logdet, n, "grad_logdet");
+  check_buffer(grad_x, mul(n, d), "grad_x");
+  check_workspace(name, C.g, dtype, workspace, workspace_bytes_given);
+  make_plan<T>(C, sizes, sp, mode, clamp, n, d, n_ctx, true);
+  C.P.in = ptr<const T>(x);
+  C.P.ctx = ptr<const T>(ctx);
+  C.P.acts = ptr<T>(acts);
+  C.P.gy = ptr<const T>(grad_y);
+  C.P.gl = ptr<const T>(grad_logdet);
+  C.P.gx = ptr<T>(grad_x);
+  C.P.gctx = n_ctx > 0 ? ptr<T>(grad_ctx) : nullptr;
+  run_backward<T>(C, ptr<const T>(params), ptr<T>(grad_params), workspace);
 }
 
 }  // namespace
@@ -590,9 +683,24 @@ FF_MLP_INLINE void vstore(T* p, V v) {
   std::memcpy(p, &v, sizeof(V));
 }
 
-// C[r * ldc + v * W + :W] = epi(init + sum_{p < K} A(r, p) * B[p * ldb + v * W + :W]) for RR rows
-// and NVV vectors; A(r, p) = a[r * lda + p], or a[p * lda + r] with AT. Init: zero, the bias
-// vector, or what C holds; epilogue: none, relu, or zero where the mask m (C's layout) is <= 0.
+// Short copies inline (a memcpy call per row of a few values costs more than the copy).
+template <typename T>
+FF_MLP_INLINE void copy_n(T* dst, const T* src, int64_t n) {
+#pragma omp simd
+  for (int64_t k = 0; k < n; ++k) dst[k] = src[k];
+}
+
+template <typename T>
+FF_MLP_INLINE void zero_n(T* dst, int64_t n) {
+#pragma omp simd
+  for (int64_t k = 0; k < n; ++k) dst[k] = T(0);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Lanes: C[r * ldc + v * W + :W] = epi(init + sum_{p < K} A(r, p) * B[p * ldb + v * W + :W]) for
+// RR rows and NVV vectors; A(r, p) = a[r * lda + p], or a[p * lda + r] with AT. Init: zero, the
+// bias vector, or what C holds; epilogue: none, relu, or zero where the mask m (C's layout) is
+// <= 0.
 template <typename T, int W, int RR, int NVV, int In, int Ep, bool AT>
 FF_MLP_INLINE void micro(int64_t K, const T* a, int64_t lda, const T* b, int64_t ldb, T* c,
                          int64_t ldc, const T* bias, const T* m) {
@@ -603,7 +711,7 @@ FF_MLP_INLINE void micro(int64_t K, const T* a, int64_t lda, const T* b, int64_t
 #pragma GCC unroll 8
     for (int v = 0; v < NVV; ++v) {
       if (In == kInitZero)
-        acc[r][v] = V{} + T(0);
+        acc[r][v] = V{};
       else if (In == kInitBias)
         acc[r][v] = vload<V>(bias + v * W);
       else
@@ -693,33 +801,159 @@ void gemm(int64_t M, int64_t NVEC, int64_t K, const T* a, int64_t lda, const T* 
                                           Ep == kEpiMask ? m + v * W : m);
 }
 
+// ---------------------------------------------------------------------------------------------
+// Dots: C[r * ldc + c] = epi(bias[c] + sum_{p < NVK * W} A[r * lda + p] * Bt[c * ldbt + p]) for
+// RD rows and CC columns, both operands zero-padded to whole vectors; the lanes are summed in a
+// fixed order.
+template <typename T, int W, int RD, int CC, int In, int Ep>
+FF_MLP_INLINE void dot_micro(int64_t NVK, const T* a, int64_t lda, const T* bt, int64_t ldbt,
+                             T* c, int64_t ldc, const T* bias) {
+  typedef T V __attribute__((vector_size(W * sizeof(T))));
+  V acc[RD][CC];
+#pragma GCC unroll 8
+  for (int r = 0; r < RD; ++r)
+#pragma GCC unroll 8
+    for (int j = 0; j < CC; ++j) acc[r][j] = V{};
+  for (int64_t q = 0; q < NVK; ++q) {
+    V bv[CC];
+#pragma GCC unroll 8
+    for (int j = 0; j < CC; ++j) bv[j] = vload<V>(bt + j * ldbt + q * W);
+#pragma GCC unroll 8
+    for (int r = 0; r < RD; ++r) {
+      const V av = vload<V>(a + r * lda + q * W);
+#pragma GCC unroll 8
+      for (int j = 0; j < CC; ++j) acc[r][j] += av * bv[j];
+    }
+  }
+#pragma GCC unroll 8
+  for (int r = 0; r < RD; ++r)
+#pragma GCC unroll 8
+    for (int j = 0; j < CC; ++j) {
+      T lanes[W];
+      std::memcpy(lanes, &acc[r][j], sizeof(lanes));
+#pragma GCC unroll 16
+      for (int h = W / 2; h >= 1; h /= 2)
+#pragma GCC unroll 16
+        for (int i = 0; i < h; ++i) lanes[i] += lanes[i + h];
+      T o = lanes[0];
+      if (In == kInitBias) o += bias[j];
+      if (Ep == kEpiRelu) o = o < T(0) ? T(0) : o;
+      c[r * ldc + j] = o;
+    }
+}
+
+template <typename T, int W, int RD, int CC, int In, int Ep>
+FF_MLP_INLINE void dot_cols(int64_t M, int64_t NVK, const T* a, int64_t lda, const T* bt,
+                            int64_t ldbt, T* c, int64_t ldc, const T* bias) {
+  for (int64_t r = 0; r < M; r += RD)
+    dot_micro<T, W, RD, CC, In, Ep>(NVK, a + r * lda, lda, bt, ldbt, c + r * ldc, ldc, bias);
+}
+
+template <typename T, int W, int RD, int CC, int In, int Ep>
+FF_MLP_INLINE void dot_tail(int64_t rem, int64_t M, int64_t NVK, const T* a, int64_t lda,
+                            const T* bt, int64_t ldbt, T* c, int64_t ldc, const T* bias) {
+  if constexpr (CC >= 1) {
+    if (rem == CC)
+      dot_cols<T, W, RD, CC, In, Ep>(M, NVK, a, lda, bt, ldbt, c, ldc, bias);
+    else
+      dot_tail<T, W, RD, CC - 1, In, Ep>(rem, M, NVK, a, lda, bt, ldbt, c, ldc, bias);
+  }
+}
+
+// C[M][N] by dots over K (M a multiple of RD); the columns outermost (Bt's rows stay in L1).
+template <typename T, int W, int RD, int CC, int In, int Ep>
+void dot_gemm(int64_t M, int64_t N, int64_t K, const T* a, int64_t lda, const T* bt,
+              int64_t ldbt, T* c, int64_t ldc, const T* bias) {
+  const int64_t nvk = (K + W - 1) / W;
+  int64_t j = 0;
+  for (; j + CC <= N; j += CC)
+    dot_cols<T, W, RD, CC, In, Ep>(M, nvk, a, lda, bt + j * ldbt, ldbt, c + j, ldc,
+                                   In == kInitBias ? bias + j : bias);
+  if (j < N)
+    dot_tail<T, W, RD, CC - 1, In, Ep>(N - j, M, nvk, a, lda, bt + j * ldbt, ldbt, c + j, ldc,
+                                       In == kInitBias ? bias + j : bias);
+}
+
+// ---------------------------------------------------------------------------------------------
+
+// gb[:] (+)= sum_{s < nb} g[s * ldg + :] over nvec vectors, in registers across the samples.
+template <typename T, int W>
+FF_MLP_INLINE void bias_grad(int64_t nvec, int64_t nb, const T* g, int64_t ldg, T* gb,
+                             bool first) {
+  typedef T V __attribute__((vector_size(W * sizeof(T))));
+  constexpr int C = 4;
+  int64_t v = 0;
+  for (; v + C <= nvec; v += C) {
+    V acc[C];
+#pragma GCC unroll 4
+    for (int i = 0; i < C; ++i) acc[i] = first ? V{} : vload<V>(gb + (v + i) * W);
+    for (int64_t s = 0; s < nb; ++s)
+#pragma GCC unroll 4
+      for (int i = 0; i < C; ++i) acc[i] += vload<V>(g + s * ldg + (v + i) * W);
+#pragma GCC unroll 4
+    for (int i = 0; i < C; ++i) vstore(gb + (v + i) * W, acc[i]);
+  }
+  for (; v < nvec; ++v) {
+    V acc = first ? V{} : vload<V>(gb + v * W);
+    for (int64_t s = 0; s < nb; ++s) acc += vload<V>(g + s * ldg + v * W);
+    vstore(gb + v * W, acc);
+  }
+}
+
 // H_0 rows [0, mr): [x_a, ctx, 0...] for the nb samples, zero rows after them.
 template <typename T>
 FF_MLP_INLINE void gather_input(const Plan<T>& P, int64_t b0, int64_t nb, int64_t mr, T* h0) {
   const int64_t p0 = P.P[0], da = P.da, nc = P.nc, s0 = P.s[0];
   for (int64_t s = 0; s < mr; ++s) {
     T* row = h0 + s * p0;
-    int64_t k = 0;
     if (s < nb) {
-      std::memcpy(row, P.in + (b0 + s) * P.d + P.a_off, sizeof(T) * da);
-      if (nc > 0) std::memcpy(row + da, P.ctx + (b0 + s) * nc, sizeof(T) * nc);
-      k = s0;
+      copy_n(row, P.in + (b0 + s) * P.d + P.a_off, da);
+      if (nc > 0) copy_n(row + da, P.ctx + (b0 + s) * nc, nc);
+      zero_n(row + s0, p0 - s0);
+    } else {
+      zero_n(row, p0);
     }
-    for (; k < p0; ++k) row[k] = T(0);
   }
 }
 
-template <typename T, int Mode>
+// y = coupling(x, raw, shift) for the block's samples; o: the MLP output rows (raw, shift).
+template <typename T, int Mode, int W>
 FF_MLP_INLINE void couple_rows(const Plan<T>& P, int64_t b0, int64_t nb, const T* o, int64_t ldo,
                                bool inverse) {
   const int64_t d = P.d, da = P.da, db = P.db;
   const T c = P.c, inv_c = P.inv_c;
+  for (int64_t s = 0; s < nb; ++s)
+    copy_n(P.out + (b0 + s) * d + P.a_off, P.in + (b0 + s) * d + P.a_off, da);
+  if (db < W) {
+    // few outputs per sample: vectorize over the samples, one output at a time
+    T ld[kBlock], xs[kBlock], rs[kBlock], ts[kBlock], ys[kBlock], ss[kBlock];
+    for (int64_t s = 0; s < nb; ++s) ld[s] = T(0);
+    for (int64_t j = 0; j < db; ++j) {
+      for (int64_t s = 0; s < nb; ++s) {
+        xs[s] = P.in[(b0 + s) * d + P.b_off + j];
+        rs[s] = o[s * ldo + j];
+        ts[s] = o[s * ldo + db + j];
+      }
+      if (inverse) {
+#pragma omp simd
+        for (int64_t s = 0; s < nb; ++s)
+          ss[s] = coupling_inverse_elem<Mode, T>(xs[s], rs[s], ts[s], true, c, inv_c, ys[s]);
+      } else {
+#pragma omp simd
+        for (int64_t s = 0; s < nb; ++s)
+          ss[s] = coupling_forward_elem<Mode, T>(xs[s], rs[s], ts[s], true, c, inv_c, ys[s]);
+      }
+      for (int64_t s = 0; s < nb; ++s) {
+        P.out[(b0 + s) * d + P.b_off + j] = ys[s];
+        ld[s] += ss[s];
+      }
+    }
+    for (int64_t s = 0; s < nb; ++s) P.logdet[b0 + s] = inverse ? -ld[s] : ld[s];
+    return;
+  }
   for (int64_t s = 0; s < nb; ++s) {
-    const T* xr = P.in + (b0 + s) * d;
-    T* yr = P.out + (b0 + s) * d;
-    std::memcpy(yr + P.a_off, xr + P.a_off, sizeof(T) * da);
-    const T* xb = xr + P.b_off;
-    T* yb = yr + P.b_off;
+    const T* xb = P.in + (b0 + s) * d + P.b_off;
+    T* yb = P.out + (b0 + s) * d + P.b_off;
     const T* raw = o + s * ldo;
     const T* shift = raw + db;
     T acc = T(0);
@@ -742,75 +976,111 @@ FF_MLP_INLINE void couple_rows(const Plan<T>& P, int64_t b0, int64_t nb, const T
   }
 }
 
-template <typename T, int W, int NV, int R>
+template <typename T, int W, int NV, int R, int CC>
 FF_MLP_INLINE void forward_impl(const Plan<T>& P, int64_t b0, int64_t nb, T* tb, bool inverse) {
+  constexpr int RD = R / 2;
   const int64_t L = P.L;
   const int64_t mr = (nb + R - 1) / R * R;
   gather_input<T>(P, b0, nb, mr, tb + P.hoff[0]);
   for (int64_t l = 0; l < L; ++l) {
-    const int64_t pi = P.P[l], po = P.P[l + 1];
-    const int64_t nvec = (P.s[l + 1] + W - 1) / W;
+    const int64_t pi = P.P[l], po = P.P[l + 1], si = P.s[l], so = P.s[l + 1];
     const T* h = tb + P.hoff[l];
     T* o = tb + P.hoff[l + 1];
-    if (l + 1 < L)
-      gemm<T, W, R, NV, kInitBias, kEpiRelu, false>(mr, nvec, P.s[l], h, pi, P.w + P.woff[l], po, o,
-                                                    po, P.w + P.boff[l], nullptr);
-    else
-      gemm<T, W, R, NV, kInitBias, kEpiNone, false>(mr, nvec, P.s[l], h, pi, P.w + P.woff[l], po, o,
-                                                    po, P.w + P.boff[l], nullptr);
+    const T* w = P.w + P.woff[l];
+    const T* bias = P.w + P.boff[l];
+    const bool hidden = l + 1 < L;
+    if (P.dot[l]) {
+      if (hidden)
+        dot_gemm<T, W, RD, CC, kInitBias, kEpiRelu>(mr, so, si, h, pi, w, pi, o, po, bias);
+      else
+        dot_gemm<T, W, RD, CC, kInitBias, kEpiNone>(mr, so, si, h, pi, w, pi, o, po, bias);
+      // the next layer reads whole vectors: zero the padding the dots left alone
+      for (int64_t s = 0; s < mr; ++s) zero_n(o + s * po + so, po - so);
+    } else {
+      const int64_t nvec = (so + W - 1) / W;
+      if (hidden)
+        gemm<T, W, R, NV, kInitBias, kEpiRelu, false>(mr, nvec, si, h, pi, w, po, o, po, bias,
+                                                      nullptr);
+      else
+        gemm<T, W, R, NV, kInitBias, kEpiNone, false>(mr, nvec, si, h, pi, w, po, o, po, bias,
+                                                      nullptr);
+    }
   }
   const T* out = tb + P.hoff[L];
   const int64_t ldo = P.P[L];
   switch (P.mode) {
     case kSoftClamp:
-      couple_rows<T, kSoftClamp>(P, b0, nb, out, ldo, inverse);
+      couple_rows<T, kSoftClamp, W>(P, b0, nb, out, ldo, inverse);
       break;
     case kGlowSigmoid:
-      couple_rows<T, kGlowSigmoid>(P, b0, nb, out, ldo, inverse);
+      couple_rows<T, kGlowSigmoid, W>(P, b0, nb, out, ldo, inverse);
       break;
     default:
-      couple_rows<T, kIdentity>(P, b0, nb, out, ldo, inverse);
+      couple_rows<T, kIdentity, W>(P, b0, nb, out, ldo, inverse);
       break;
   }
   if (P.acts != nullptr) {
     for (int64_t s = 0; s < nb; ++s) {
       T* ar = P.acts + (b0 + s) * P.acts_w;
-      for (int64_t i = 1; i <= L; ++i)
-        std::memcpy(ar + P.aoff[i], tb + P.hoff[i] + s * P.P[i], sizeof(T) * P.s[i]);
+      for (int64_t i = 1; i <= L; ++i) copy_n(ar + P.aoff[i], tb + P.hoff[i] + s * P.P[i], P.s[i]);
     }
   }
 }
 
-// G_L = d loss / d MLP output (raw, shift) for the block, and grad_x_b.
-template <typename T, int Mode>
+// G_L = d loss / d MLP output (raw, shift) for the block (zero-padded, zero rows from nb to mr),
+// and grad_x_b.
+template <typename T, int Mode, int W>
 FF_MLP_INLINE void couple_backward_rows(const Plan<T>& P, int64_t b0, int64_t nb, int64_t mr,
                                         T* g) {
   const int64_t d = P.d, db = P.db, L = P.L, pl = P.P[L];
   const T c = P.c, inv_c = P.inv_c;
-  for (int64_t s = 0; s < nb; ++s) {
-    const T* xb = P.in + (b0 + s) * d + P.b_off;
-    const T* gyb = P.gy + (b0 + s) * d + P.b_off;
-    T* gxb = P.gx + (b0 + s) * d + P.b_off;
-    const T* raw = P.acts + (b0 + s) * P.acts_w + P.aoff[L];
-    const T gl = P.gl[b0 + s];
-    T* gr = g + s * pl;
-#pragma omp simd
+  const T* raw0 = P.acts + b0 * P.acts_w + P.aoff[L];
+  if (db < W) {
+    T xs[kBlock], rs[kBlock], gys[kBlock], gls[kBlock], gxs[kBlock], grs[kBlock];
+    for (int64_t s = 0; s < nb; ++s) gls[s] = P.gl[b0 + s];
     for (int64_t j = 0; j < db; ++j) {
-      T a_gx, a_graw;
-      coupling_backward_elem<Mode, T>(xb[j], raw[j], gyb[j], gl, true, c, inv_c, a_gx, a_graw);
-      gxb[j] = a_gx;
-      gr[j] = a_graw;
+      for (int64_t s = 0; s < nb; ++s) {
+        xs[s] = P.in[(b0 + s) * d + P.b_off + j];
+        gys[s] = P.gy[(b0 + s) * d + P.b_off + j];
+        rs[s] = raw0[s * P.acts_w + j];
+      }
+#pragma omp simd
+      for (int64_t s = 0; s < nb; ++s)
+        coupling_backward_elem<Mode, T>(xs[s], rs[s], gys[s], gls[s], true, c, inv_c, gxs[s],
+                                        grs[s]);
+      for (int64_t s = 0; s < nb; ++s) {
+        P.gx[(b0 + s) * d + P.b_off + j] = gxs[s];
+        g[s * pl + j] = grs[s];
+        g[s * pl + db + j] = gys[s];
+      }
     }
-    std::memcpy(gr + db, gyb, sizeof(T) * db);
-    for (int64_t k = 2 * db; k < pl; ++k) gr[k] = T(0);
+    for (int64_t s = 0; s < nb; ++s) zero_n(g + s * pl + 2 * db, pl - 2 * db);
+  } else {
+    for (int64_t s = 0; s < nb; ++s) {
+      const T* xb = P.in + (b0 + s) * d + P.b_off;
+      const T* gyb = P.gy + (b0 + s) * d + P.b_off;
+      T* gxb = P.gx + (b0 + s) * d + P.b_off;
+      const T* raw = raw0 + s * P.acts_w;
+      const T gl = P.gl[b0 + s];
+      T* gr = g + s * pl;
+#pragma omp simd
+      for (int64_t j = 0; j < db; ++j) {
+        T a_gx, a_graw;
+        coupling_backward_elem<Mode, T>(xb[j], raw[j], gyb[j], gl, true, c, inv_c, a_gx, a_graw);
+        gxb[j] = a_gx;
+        gr[j] = a_graw;
+      }
+      copy_n(gr + db, gyb, db);
+      zero_n(gr + 2 * db, pl - 2 * db);
+    }
   }
-  for (int64_t s = nb; s < mr; ++s)
-    for (int64_t k = 0; k < pl; ++k) g[s * pl + k] = T(0);
+  for (int64_t s = nb; s < mr; ++s) zero_n(g + s * pl, pl);
 }
 
-template <typename T, int W, int NV, int R>
+template <typename T, int W, int NV, int R, int CC>
 FF_MLP_INLINE void backward_impl(const Plan<T>& P, int64_t b0, int64_t nb, T* tb, T* grp,
                                  bool first) {
+  constexpr int RD = R / 2;
   const int64_t L = P.L;
   const int64_t mr = (nb + R - 1) / R * R;
   gather_input<T>(P, b0, nb, mr, tb + P.hoff[0]);
@@ -819,53 +1089,58 @@ FF_MLP_INLINE void backward_impl(const Plan<T>& P, int64_t b0, int64_t nb, T* tb
     T* h = tb + P.hoff[i];
     for (int64_t s = 0; s < mr; ++s) {
       T* row = h + s * pi;
-      int64_t k = 0;
       if (s < nb) {
-        std::memcpy(row, P.acts + (b0 + s) * P.acts_w + P.aoff[i], sizeof(T) * si);
-        k = si;
+        copy_n(row, P.acts + (b0 + s) * P.acts_w + P.aoff[i], si);
+        zero_n(row + si, pi - si);
+      } else {
+        zero_n(row, pi);
       }
-      for (; k < pi; ++k) row[k] = T(0);
     }
   }
   T* gL = tb + P.goff[L];
   switch (P.mode) {
     case kSoftClamp:
-      couple_backward_rows<T, kSoftClamp>(P, b0, nb, mr, gL);
+      couple_backward_rows<T, kSoftClamp, W>(P, b0, nb, mr, gL);
       break;
     case kGlowSigmoid:
-      couple_backward_rows<T, kGlowSigmoid>(P, b0, nb, mr, gL);
+      couple_backward_rows<T, kGlowSigmoid, W>(P, b0, nb, mr, gL);
       break;
     default:
-      couple_backward_rows<T, kIdentity>(P, b0, nb, mr, gL);
+      couple_backward_rows<T, kIdentity, W>(P, b0, nb, mr, gL);
       break;
   }
   for (int64_t l = L - 1; l >= 0; --l) {
     const int64_t pi = P.P[l], po = P.P[l + 1], si = P.s[l], so = P.s[l + 1];
-    const int64_t nvec_in = (si + W - 1) / W;
+    const int64_t nvec_in = (si + W - 1) / W, nvec_out = (so + W - 1) / W;
     const T* go = tb + P.goff[l + 1];  // d loss / d pre-activation of layer l's outputs
     const T* h = tb + P.hoff[l];
-    // weight gradient: dW[j][:] += sum_s go[s][j] h[s][:]
     T* gw = grp + P.gwoff[l];
-    if (first)
-      gemm<T, W, R, NV, kInitZero, kEpiNone, true>(so, nvec_in, nb, go, po, h, pi, gw, pi, nullptr,
-                                                   nullptr);
-    else
-      gemm<T, W, R, NV, kInitLoad, kEpiNone, true>(so, nvec_in, nb, go, po, h, pi, gw, pi, nullptr,
-                                                   nullptr);
-    T* gb = grp + P.gboff[l];
-    if (first)
-      for (int64_t k = 0; k < so; ++k) gb[k] = T(0);
-    for (int64_t s = 0; s < nb; ++s) {
-      const T* gr = go + s * po;
-#pragma omp simd
-      for (int64_t k = 0; k < so; ++k) gb[k] += gr[k];
+    if (P.gtr[l]) {
+      // dW^T[k][:] += sum_s h[s][k] go[s][:]
+      if (first)
+        gemm<T, W, R, NV, kInitZero, kEpiNone, true>(si, nvec_out, nb, h, pi, go, po, gw, po,
+                                                     nullptr, nullptr);
+      else
+        gemm<T, W, R, NV, kInitLoad, kEpiNone, true>(si, nvec_out, nb, h, pi, go, po, gw, po,
+                                                     nullptr, nullptr);
+    } else {
+      // dW[j][:] += sum_s go[s][j] h[s][:]
+      if (first)
+        gemm<T, W, R, NV, kInitZero, kEpiNone, true>(so, nvec_in, nb, go, po, h, pi, gw, pi,
+                                                     nullptr, nullptr);
+      else
+        gemm<T, W, R, NV, kInitLoad, kEpiNone, true>(so, nvec_in, nb, go, po, h, pi, gw, pi,
+                                                     nullptr, nullptr);
     }
+    bias_grad<T, W>(nvec_out, nb, go, po, grp + P.gboff[l], first);
     // input gradient: gi[s][:] = go[s][:] @ W_l (masked by relu for hidden inputs)
     T* gi = tb + P.goff[l];
     const T* wl = P.w + P.woff[l];
     if (l > 0)
       gemm<T, W, R, NV, kInitZero, kEpiMask, false>(mr, nvec_in, so, go, po, wl, pi, gi, pi,
                                                     nullptr, h);
+    else if (P.dot[0])
+      dot_gemm<T, W, RD, CC, kInitZero, kEpiNone>(mr, si, so, go, po, wl, po, gi, pi, nullptr);
     else
       gemm<T, W, R, NV, kInitZero, kEpiNone, false>(mr, nvec_in, so, go, po, wl, pi, gi, pi,
                                                     nullptr, nullptr);
@@ -878,7 +1153,27 @@ FF_MLP_INLINE void backward_impl(const Plan<T>& P, int64_t b0, int64_t nb, T* tb
     T* gxa = P.gx + (b0 + s) * d + P.a_off;
 #pragma omp simd
     for (int64_t k = 0; k < da; ++k) gxa[k] = gya[k] + gr[k];
-    if (P.gctx != nullptr) std::memcpy(P.gctx + (b0 + s) * nc, gr + da, sizeof(T) * nc);
+    if (P.gctx != nullptr) copy_n(P.gctx + (b0 + s) * nc, gr + da, nc);
+  }
+}
+
+// dst[k * stride] = sum over the groups q (in order) of src[q * ge + k], k < len; src is padded to
+// whole vectors.
+template <typename T>
+void sum_groups(T* dst, int64_t stride, const T* src, int64_t len, int64_t ngroups, int64_t ge) {
+  constexpr int W = FF_MLP_VBYTES / int(sizeof(T));
+  typedef T V __attribute__((vector_size(W * sizeof(T))));
+  for (int64_t k = 0; k < len; k += W) {
+    V acc = vload<V>(src + k);
+    for (int64_t q = 1; q < ngroups; ++q) acc += vload<V>(src + q * ge + k);
+    const int64_t m = len - k < W ? len - k : W;
+    if (stride == 1 && m == W) {
+      vstore(dst + k, acc);
+    } else {
+      T lanes[W];
+      std::memcpy(lanes, &acc, sizeof(lanes));
+      for (int64_t i = 0; i < m; ++i) dst[(k + i) * stride] = lanes[i];
+    }
   }
 }
 
@@ -886,7 +1181,7 @@ FF_MLP_INLINE void backward_impl(const Plan<T>& P, int64_t b0, int64_t nb, T* tb
 template <typename T>
 void forward_block(const Plan<T>& P, int64_t b0, int64_t nb, T* tb, bool inverse) {
   constexpr int W = FF_MLP_VBYTES / int(sizeof(T));
-  forward_impl<T, W, FF_MLP_NV, FF_MLP_R>(P, b0, nb, tb, inverse);
+  forward_impl<T, W, FF_MLP_NV, FF_MLP_R, FF_MLP_CC>(P, b0, nb, tb, inverse);
 }
 
 // grp: the block's weight-gradient group buffer (first: the group's first block, which
@@ -894,7 +1189,7 @@ void forward_block(const Plan<T>& P, int64_t b0, int64_t nb, T* tb, bool inverse
 template <typename T>
 void backward_block(const Plan<T>& P, int64_t b0, int64_t nb, T* tb, T* grp, bool first) {
   constexpr int W = FF_MLP_VBYTES / int(sizeof(T));
-  backward_impl<T, W, FF_MLP_NV, FF_MLP_R>(P, b0, nb, tb, grp, first);
+  backward_impl<T, W, FF_MLP_NV, FF_MLP_R, FF_MLP_CC>(P, b0, nb, tb, grp, first);
 }
 
 }  // namespace FF_MLP_ISA

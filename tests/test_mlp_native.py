@@ -18,8 +18,9 @@ pytestmark = pytest.mark.skipif(B._C is None, reason="needs fastflow._C")
 SCALES = ["softclamp", "glow", "identity"]
 MODES = {"softclamp": 0, "glow": 1, "identity": 2}
 ISAS = ["default", "base", "avx2"]
-# (n, D, hidden) crossed; the scale function cycles through the three
-SIZES = list(itertools.product([1, 3, 17, 300], [2, 3, 17], [(), (9,), (13, 5, 6)]))
+# (n, D, hidden) crossed; the scale function cycles through the three. Hidden (33, 2): a layer with
+# fewer outputs than a vector has lanes (the kernel's dot-product path, with relu)
+SIZES = list(itertools.product([1, 3, 17, 300], [2, 3, 17], [(), (9,), (13, 5, 6), (33, 2)]))
 
 
 def _isa(isa, monkeypatch):
