@@ -12,6 +12,8 @@ import math
 import torch
 from torch import Tensor, nn
 
+from fastflow._backend import acc_dtype
+
 __all__ = ["StandardNormal", "DiagonalGaussian", "ConditionalDiagonalGaussian"]
 
 _HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
@@ -24,8 +26,7 @@ def _shape(shape: int | tuple[int, ...] | torch.Size) -> tuple[int, ...]:
     return shape
 
 
-def _acc(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
+_acc = acc_dtype
 
 
 def _check_n(n: object) -> int:

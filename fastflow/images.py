@@ -7,6 +7,8 @@ import math
 import torch
 from torch import Tensor
 
+from fastflow._backend import acc_dtype
+
 __all__ = ["dequantize", "bits_per_dim"]
 
 
@@ -43,9 +45,7 @@ def dequantize(x: Tensor, bits: int = 8, generator: torch.Generator | None = Non
     levels = 2**bits
     if x.dtype.is_floating_point:
         out_dtype = x.dtype
-        k = torch.round(
-            x.to(torch.float64 if x.dtype == torch.float64 else torch.float32) * (levels - 1)
-        )
+        k = torch.round(x.to(acc_dtype(x.dtype)) * (levels - 1))
     elif x.dtype == torch.bool or x.dtype.is_complex:
         raise TypeError(f"x must be integer or floating, got {x.dtype}")
     else:

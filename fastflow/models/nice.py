@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from fastflow._backend import acc_dtype
 from fastflow.distributions import StandardNormal
 from fastflow.flow import Flow
 from fastflow.nn.base import Transform
@@ -36,7 +37,7 @@ class DiagonalScaling(Transform):
             raise ValueError(f"{name} must have shape [N, {self.log_scale.numel()}], got {got}")
 
     def _logdet(self, x: Tensor, sign: float) -> Tensor:
-        acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+        acc = acc_dtype(x.dtype)
         return (sign * self.log_scale.to(acc).sum()).expand(x.shape[0])
 
     def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:

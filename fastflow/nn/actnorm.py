@@ -81,6 +81,13 @@ class ActNorm(Transform):
                 f"{name} has {x.shape[1]} channels (dim 1) but ActNorm has {self.channels}"
             )
 
+    def initialize_if_needed(self, x: Tensor) -> None:
+        """Run the data-dependent :meth:`initialize` on ``x`` if this layer is in training mode
+        and not initialised yet (what :meth:`forward` does first; for modules that fold ActNorm
+        into another map, like :class:`~fastflow.nn.GlowStep`)."""
+        if not self._initialized and self.training:
+            self.initialize(x)
+
     @torch.no_grad()
     def initialize(self, x: Tensor) -> None:
         """Set ``log_scale`` and ``bias`` so that ``forward(x)`` has zero mean and unit variance
@@ -112,8 +119,7 @@ class ActNorm(Transform):
     def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """``(x * exp(log_scale) + bias, logdet)`` with ``logdet`` of shape ``[N]``."""
         self._check("x", x)
-        if not self._initialized and self.training:
-            self.initialize(x)
+        self.initialize_if_needed(x)
         shape = (1, self.channels) + (1,) * (x.dim() - 2)
         ls = self.log_scale.to(x.dtype)
         z = torch.addcmul(self.bias.to(x.dtype).view(shape), x, torch.exp(ls).view(shape))

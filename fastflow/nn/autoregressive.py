@@ -18,7 +18,7 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from fastflow.nn.made import MADE
-from fastflow.ops.coupling import SCALE_FNS
+from fastflow.ops.coupling import check_scale
 from fastflow.ops.made import made_affine_inverse
 from fastflow.ops.made_density import made_affine_density
 
@@ -69,8 +69,7 @@ class MaskedAffineAutoregressive(nn.Module):
         clamp: float = 3.0,
     ) -> None:
         super().__init__()
-        if scale_fn not in SCALE_FNS:
-            raise ValueError(f"scale_fn must be one of {sorted(SCALE_FNS)}, got {scale_fn!r}")
+        check_scale(scale_fn, clamp)
         self.made = MADE(features, hidden, 2, context, activation, order, hidden_degrees, seed)
         self.features = self.made.features
         self.scale_fn = scale_fn

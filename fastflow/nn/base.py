@@ -10,16 +10,17 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-import torch
+import torch  # noqa: F401  (the docstring examples use it)
 from torch import Tensor, nn
+
+from fastflow._backend import acc_dtype
 
 __all__ = ["Transform", "Compose", "zero_logdet"]
 
 
 def zero_logdet(x: Tensor) -> Tensor:
     """A zero log-det of shape ``[N]`` in the accumulation dtype (fp64 for fp64, else fp32)."""
-    dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
-    return x.new_zeros(x.shape[0], dtype=dtype)
+    return x.new_zeros(x.shape[0], dtype=acc_dtype(x.dtype))
 
 
 class Transform(nn.Module):

@@ -24,11 +24,11 @@ from torch import Tensor, nn
 
 from fastflow.nn.base import Transform
 from fastflow.ops.coupling import (
-    SCALE_FNS,
     additive_coupling,
     additive_coupling_inverse,
     affine_coupling,
     affine_coupling_inverse,
+    check_scale,
 )
 from fastflow.ops.mlp_coupling import init_mlp_params, mlp_affine_coupling, mlp_layout
 
@@ -296,10 +296,7 @@ class AffineCoupling(_Coupling):
         scale_fn: str = "softclamp",
         clamp: float = 2.0,
     ):
-        if scale_fn not in SCALE_FNS:
-            raise ValueError(f"scale_fn must be one of {sorted(SCALE_FNS)}, got {scale_fn!r}")
-        if not (isinstance(clamp, (int, float)) and clamp > 0):
-            raise ValueError(f"clamp must be a positive number, got {clamp!r}")
+        clamp = check_scale(scale_fn, clamp)
         super().__init__(shape, mask, parity, subnet, hidden, context_features)
         self.scale_fn = scale_fn
         self.clamp = float(clamp)
@@ -385,10 +382,7 @@ class MLPAffineCoupling(Transform):
             not isinstance(context_features, int) or context_features < 1
         ):
             raise ValueError(f"context_features must be a positive int, got {context_features!r}")
-        if scale_fn not in SCALE_FNS:
-            raise ValueError(f"scale_fn must be one of {sorted(SCALE_FNS)}, got {scale_fn!r}")
-        if not (isinstance(clamp, (int, float)) and clamp > 0):
-            raise ValueError(f"clamp must be a positive number, got {clamp!r}")
+        clamp = check_scale(scale_fn, clamp)
         self.features, self.parity = features, parity
         self.cut = features // 2
         da = self.cut if parity == 0 else features - self.cut

@@ -11,11 +11,11 @@ from fastflow.nn.base import Transform
 from fastflow.nn.invconv import InvConv1x1
 from fastflow.ops._checks import check_finite_scalar, check_float_tensor
 from fastflow.ops.coupling import (
-    SCALE_FNS,
     additive_coupling,
     additive_coupling_inverse,
     affine_coupling,
     affine_coupling_inverse,
+    check_scale,
 )
 from fastflow.ops.invconv import channel_affine
 
@@ -133,8 +133,7 @@ class GlowStep(Transform):
             raise ValueError(f"channels must be >= 2 (the coupling splits them), got {channels}")
         if coupling not in ("affine", "additive"):
             raise ValueError(f"coupling must be 'affine' or 'additive', got {coupling!r}")
-        if scale_fn not in SCALE_FNS:
-            raise ValueError(f"scale_fn must be one of {sorted(SCALE_FNS)}, got {scale_fn!r}")
+        check_scale(scale_fn, clamp)
         self.channels = int(channels)
         self.split = self.channels // 2
         self.coupling = coupling
@@ -174,8 +173,7 @@ class GlowStep(Transform):
         self._check("x", x, context)
         acc = B.acc_dtype(x.dtype)
         if self.fused:
-            if not self.actnorm._initialized and self.actnorm.training:
-                self.actnorm.initialize(x)
+            self.actnorm.initialize_if_needed(x)
             w, _, ld_pp = self.invconv.weight_and_inverse(x.dtype, inverse=False)
             ls = self.actnorm.log_scale.to(x.dtype)
             t = self.actnorm.bias.to(x.dtype)

@@ -7,7 +7,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-from fastflow.ops.made import ACTIVATIONS, PackedMADE, made_mlp, pack_made
+from fastflow.ops.made import ACTIVATIONS, PackedMADE, degree_mask, made_mlp, pack_made
 from fastflow.ops.made_density import MADELayout, made_views
 
 __all__ = ["MADE"]
@@ -151,10 +151,10 @@ class MADE(nn.Module):
             self.register_buffer(f"hidden_degrees_{l}", deg)
         prev = in_deg
         for l, deg in enumerate(degrees):
-            self.register_buffer(f"mask_{l}", (deg[:, None] >= prev[None, :]).float())
+            self.register_buffer(f"mask_{l}", degree_mask(deg, prev, strict=False).float())
             prev = deg
         out_deg = in_deg.repeat(self.params_per_dim)
-        self.register_buffer(f"mask_{len(hidden)}", (out_deg[:, None] > prev[None, :]).float())
+        self.register_buffer(f"mask_{len(hidden)}", degree_mask(out_deg, prev, strict=True).float())
         self._cache: tuple | None = None
         self._pack_cache: tuple | None = None
 

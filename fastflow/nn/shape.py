@@ -7,6 +7,7 @@ import math
 import torch
 from torch import Tensor, nn
 
+from fastflow._backend import acc_dtype
 from fastflow.nn.base import Transform, zero_logdet
 
 __all__ = ["Squeeze", "Flatten", "Split"]
@@ -177,7 +178,7 @@ class Split(Transform):
 
     @staticmethod
     def _log_normal(eps: Tensor, log_sigma: Tensor) -> Tensor:
-        acc = torch.float64 if eps.dtype == torch.float64 else torch.float32
+        acc = acc_dtype(eps.dtype)
         e, ls = eps.to(acc), log_sigma.to(acc)
         return (-0.5 * e * e - ls - _HALF_LOG_2PI).flatten(1).sum(1)
 

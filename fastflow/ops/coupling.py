@@ -33,6 +33,7 @@ from fastflow.ops._checks import check_finite_scalar, check_float_tensor, check_
 
 __all__ = [
     "SCALE_FNS",
+    "check_scale",
     "affine_coupling",
     "affine_coupling_inverse",
     "additive_coupling",
@@ -443,7 +444,14 @@ def _batch_contiguous(t: Tensor) -> Tensor:
     return t.contiguous()
 
 
-def _check_scale(scale_fn: str, clamp: float) -> float:
+def check_scale(scale_fn: str, clamp: float) -> float:
+    """``scale_fn`` must name a scale function and ``clamp`` be a finite positive number (the
+    one check every coupling, MADE layer and Glow step uses); returns ``clamp`` as a float.
+
+    Example:
+        >>> check_scale("softclamp", 3)
+        3.0
+    """
     if scale_fn not in SCALE_FNS:
         raise ValueError(f"scale_fn must be one of {sorted(SCALE_FNS)}, got {scale_fn!r}")
     return check_finite_scalar("clamp", clamp, positive=True)
@@ -482,7 +490,7 @@ def affine_coupling(
     References: Dinh et al., "Density estimation using Real NVP", 2017; Kingma & Dhariwal,
     "Glow", 2018.
     """
-    clamp = _check_scale(scale_fn, clamp)
+    clamp = check_scale(scale_fn, clamp)
     x, (raw_scale, shift), mask = _prepare(x, {"raw_scale": raw_scale, "shift": shift}, mask, "x")
     if B.use_native(x):
         return _native(x, raw_scale, shift, mask, SCALE_FNS[scale_fn], clamp, False)
@@ -508,7 +516,7 @@ def affine_coupling_inverse(
         >>> logdet.shape
         torch.Size([5])
     """
-    clamp = _check_scale(scale_fn, clamp)
+    clamp = check_scale(scale_fn, clamp)
     y, (raw_scale, shift), mask = _prepare(y, {"raw_scale": raw_scale, "shift": shift}, mask, "y")
     if B.use_native(y):
         return _native(y, raw_scale, shift, mask, SCALE_FNS[scale_fn], clamp, True)

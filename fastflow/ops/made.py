@@ -38,8 +38,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from fastflow import _backend as B
-from fastflow.ops._checks import check_finite_scalar, check_float_tensor
-from fastflow.ops.coupling import SCALE_FNS, affine_coupling_inverse
+from fastflow.ops._checks import check_float_tensor
+from fastflow.ops.coupling import SCALE_FNS, affine_coupling_inverse, check_scale
 
 __all__ = [
     "ACTIVATIONS",
@@ -48,6 +48,7 @@ __all__ = [
     "made_affine_inverse",
     "made_mlp",
     "check_packed",
+    "degree_mask",
     "pack_made",
     "reference_made_affine_inverse",
     "torch_degree_walk",
@@ -83,9 +84,7 @@ def _scale(raw: Tensor, scale_fn: str, clamp: float) -> Tensor:
 def _check_options(activation: str, scale_fn: str, clamp: float) -> float:
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}")
-    if scale_fn not in SCALE_FNS:
-        raise ValueError(f"scale_fn must be one of {sorted(SCALE_FNS)}, got {scale_fn!r}")
-    return check_finite_scalar("clamp", clamp, positive=True)
+    return check_scale(scale_fn, clamp)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -239,7 +238,14 @@ class PackedMADE(NamedTuple):
     bounds_list: list[int]  #: the same table as a flat Python list (host-side checks)
 
 
-def _degree_mask(out_deg: Tensor, in_deg: Tensor, strict: bool) -> Tensor:
+def degree_mask(out_deg: Tensor, in_deg: Tensor, strict: bool) -> Tensor:
+    """MADE connectivity: unit ``i`` of degree ``out_deg[i]`` reads input ``j`` iff
+    ``out_deg[i] >= in_deg[j]`` (hidden layers) or ``>`` (``strict``: the output layer).
+
+    Example:
+        >>> degree_mask(torch.tensor([1, 2]), torch.tensor([1, 2]), strict=True).int().tolist()
+        [[0, 0], [1, 0]]
+    """
     return (out_deg[:, None] > in_deg[None, :]) if strict else (out_deg[:, None] >= in_deg[None, :])
 
 
@@ -310,7 +316,7 @@ def pack_made(
         if hd.numel() and (int(hd.min()) < 0 or int(hd.max()) > d - 1):
             raise ValueError(f"hidden_degrees[{l}] must lie in [0, D - 1] = [0, {d - 1}]")
         perm = torch.argsort(hd, stable=True)
-        mask = _degree_mask(hd, prev_deg, strict=False).to(weights[l].dtype)
+        mask = degree_mask(hd, prev_deg, strict=False).to(weights[l].dtype)
         ws.append((weights[l] * mask)[perm][:, prev_perm].contiguous())
         bs.append(biases[l][perm].contiguous())
         bounds.append(torch.searchsorted(hd[perm], grid, right=True))
@@ -321,7 +327,7 @@ def pack_made(
             f"the output layer needs at least 2 * D = {2 * d} rows, got {w_out.shape[0]}"
         )
     w_out, b_out = w_out[: 2 * d], b_out[: 2 * d]
-    mask = _degree_mask(in_deg.repeat(2), prev_deg, strict=True).to(w_out.dtype)
+    mask = degree_mask(in_deg.repeat(2), prev_deg, strict=True).to(w_out.dtype)
     rows = torch.cat([order, order + d])
     ws.append((w_out * mask)[rows][:, prev_perm].contiguous())
     bs.append(b_out[rows].contiguous())

@@ -38,10 +38,10 @@ from fastflow import _backend as B
 from fastflow.ops._checks import check_float_tensor
 from fastflow.ops.coupling import (
     SCALE_FNS,
-    _check_scale,
     _ref_scale,
     _run,
     _sp,
+    check_scale,
 )
 
 __all__ = [
@@ -300,7 +300,7 @@ def mlp_affine_coupling(
         >>> torch.allclose(x, x2, atol=1e-5)
         True
     """
-    clamp = _check_scale(scale_fn, clamp)
+    clamp = check_scale(scale_fn, clamp)
     check_float_tensor("x", x, min_dim=2)
     if x.dim() != 2 or not 0 < cut < x.shape[1]:
         raise ValueError(f"x must be [N, D] with 0 < cut < D, got {tuple(x.shape)}, cut={cut}")
