@@ -255,8 +255,49 @@ class _FusedMLPCoupling(torch.autograd.Function):
         return _merge(gxa, gxb, parity), g_ctx, g_params, None, None, None, None, None
 
 
+class _KernelMLPCoupling(torch.autograd.Function):
+    """The whole layer in the native CPU kernel (``csrc/mlp_cpu.cpp``), one call each way."""
+
+    @staticmethod
+    def forward(ctx, x, context, params, layout, cut, parity, mode, clamp):
+        from fastflow.ops import _mlp_native as K
+
+        y, logdet, acts = K.forward(x, context, params, layout, cut, parity, mode, clamp, True)
+        ctx.save_for_backward(x, context, params, acts)
+        ctx.meta = (layout, cut, parity, mode, clamp)
+        return y, logdet
+
+    @staticmethod
+    def backward(ctx, grad_y, grad_logdet):
+        from fastflow.ops import _mlp_native as K
+
+        x, context, params, acts = ctx.saved_tensors
+        layout, cut, parity, mode, clamp = ctx.meta
+        gx, gctx, gp = K.backward(
+            x, context, params, layout, cut, parity, mode, clamp, acts, grad_y, grad_logdet
+        )
+        return gx, gctx, gp, None, None, None, None, None
+
+
+# Use the whole-layer kernel while the layer's arithmetic is small: below this many multiply-adds
+# per call (batch x MLP weights) the kernel wins over the torch-matmul path because per-call costs
+# dominate; above it the BLAS matmuls win (measured with bench/mlp_kernel.py on this CPU).
+KERNEL_MAX_MACS = 256 * 64 * 64 * 3
+
+
+def _use_kernel(x: Tensor, layout: MLPLayout) -> bool:
+    if x.device.type != "cpu" or not hasattr(B._C, "mlp_coupling_forward_cpu"):
+        return False
+    macs = x.shape[0] * sum(o * i for _, o, i in layout.weights)
+    return macs <= KERNEL_MAX_MACS
+
+
 @torch.no_grad()
 def _fused_inverse(x, context, params, layout, cut, parity, mode, clamp):
+    if _use_kernel(x, layout):
+        from fastflow.ops import _mlp_native as K
+
+        return K.inverse(x, context, params, layout, cut, parity, mode, clamp)
     ya, yb = _split(x, cut, parity)
     out, _ = _mlp_forward(_mlp_input(ya, context), _views(params, layout), keep=False)
     db = yb.shape[1]
@@ -341,4 +382,5 @@ def mlp_affine_coupling(
     mode = SCALE_FNS[scale_fn]
     if inverse:
         return _fused_inverse(x, context, params, layout, cut, parity, mode, clamp)
-    return _FusedMLPCoupling.apply(x, context, params, layout, cut, parity, mode, clamp)
+    fn = _KernelMLPCoupling if _use_kernel(x, layout) else _FusedMLPCoupling
+    return fn.apply(x, context, params, layout, cut, parity, mode, clamp)
