@@ -25,6 +25,7 @@ Example:
 
 from __future__ import annotations
 
+import threading
 from functools import lru_cache
 
 import torch
@@ -38,23 +39,28 @@ __all__ = ["backward", "forward", "inverse", "workspace"]
 
 @lru_cache(maxsize=256)
 def _workspace_bytes(code: int, n: int, sizes: tuple[int, ...], nthreads: int) -> int:
-    return int(
-        B._C.mlp_coupling_workspace_bytes(dtype=code, n=n, sizes=list(sizes), nthreads=nthreads)
-    )
+    return int(B._C.mlp_coupling_workspace_bytes(dtype=code, n=n, sizes=sizes, nthreads=nthreads))
+
+
+_local = threading.local()
 
 
 def workspace(dtype: torch.dtype, n: int, sizes: tuple[int, ...], nthreads: int) -> Tensor:
-    """Scratch for one call (bytes, CPU)."""
+    """Scratch for one call (bytes, CPU): a per-thread buffer kept between calls and grown as
+    needed (the kernels hold the GIL, so one thread's calls never overlap)."""
     nbytes = _workspace_bytes(B.DTYPE_CODES[dtype], n, sizes, nthreads)
-    return torch.empty(nbytes, dtype=torch.uint8)
+    buf = getattr(_local, "buf", None)
+    if buf is None or buf.numel() < nbytes:
+        buf = _local.buf = torch.empty(nbytes, dtype=torch.uint8)
+    return buf
 
 
 def _common(x: Tensor, layout: MLPLayout, nthreads: int | None):
-    if x.device.type != "cpu":
+    if not x.is_cpu:
         raise ValueError(f"the native MLP coupling kernel runs on the CPU, got {x.device}")
     n, d = x.shape
     nt = B.num_threads() if nthreads is None else nthreads
-    return n, d, B.DTYPE_CODES[x.dtype], list(layout.sizes), nt
+    return n, d, B.DTYPE_CODES[x.dtype], layout.sizes, nt
 
 
 def forward(
@@ -74,11 +80,11 @@ def forward(
     x = x.contiguous()
     dt, dev = x.dtype, x.device
     nc = 0 if ctx is None else ctx.shape[1]
-    y = torch.empty((n, d), dtype=dt)
-    logdet = torch.empty(n, dtype=dt)
-    width = sum(layout.sizes[1:])
-    acts = torch.empty((n, width), dtype=dt) if need_acts else None
-    ws = workspace(dt, n, layout.sizes, nt)
+    y = torch.empty_like(x)
+    logdet = x.new_empty(n)
+    width = sum(sizes[1:])
+    acts = torch.empty(n, width, dtype=dt) if need_acts else None
+    ws = workspace(dt, n, sizes, nt)
     B._C.mlp_coupling_forward_cpu(
         dtype=code, mode=mode, clamp=float(clamp), n=n, d=d, cut=cut, parity=parity, n_ctx=nc,
         sizes=sizes,
@@ -112,11 +118,11 @@ def backward(
     x = x.contiguous()
     dt, dev = x.dtype, x.device
     nc = 0 if ctx is None else ctx.shape[1]
-    width = sum(layout.sizes[1:])
-    gx = torch.empty((n, d), dtype=dt)
-    gctx = None if ctx is None else torch.empty((n, nc), dtype=dt)
-    gp = torch.empty(layout.numel, dtype=dt)
-    ws = workspace(dt, n, layout.sizes, nt)
+    width = sum(sizes[1:])
+    gx = torch.empty_like(x)
+    gctx = None if ctx is None else torch.empty(n, nc, dtype=dt)
+    gp = x.new_empty(layout.numel)
+    ws = workspace(dt, n, sizes, nt)
     B._C.mlp_coupling_backward_cpu(
         dtype=code, mode=mode, clamp=float(clamp), n=n, d=d, cut=cut, parity=parity, n_ctx=nc,
         sizes=sizes,
@@ -148,9 +154,9 @@ def inverse(
     y = y.contiguous()
     dt, dev = y.dtype, y.device
     nc = 0 if ctx is None else ctx.shape[1]
-    x = torch.empty((n, d), dtype=dt)
-    logdet = torch.empty(n, dtype=dt)
-    ws = workspace(dt, n, layout.sizes, nt)
+    x = torch.empty_like(y)
+    logdet = y.new_empty(n)
+    ws = workspace(dt, n, sizes, nt)
     B._C.mlp_coupling_inverse_cpu(
         dtype=code, mode=mode, clamp=float(clamp), n=n, d=d, cut=cut, parity=parity, n_ctx=nc,
         sizes=sizes,
