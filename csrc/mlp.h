@@ -8,14 +8,19 @@
 // (raw, shift), raw = out[:, :db], shift = out[:, db:], s = scale_fn(raw) (common.h):
 //   forward:  y_a = x_a, y_b = x_b * exp(s) + shift, logdet[n] = sum s
 //   inverse:  x_a = y_a, x_b = (y_b - shift) * exp(-s), logdet[n] = -sum s
-// acts [n, sum(sizes[1:])]: per sample the hidden activations (layer by layer) then the MLP output
-// (raw, shift); the forward stores them (acts may be 0: inference) and the backward reads them.
+// acts [rows, cols] = mlp_coupling_acts_shape(...): row b holds sample b's hidden activations,
+// layer by layer, then the MLP output (raw, shift); layer i (1 <= i <= L = len(sizes) - 1) at
+// columns [off_i, off_i + sizes[i]), off_i = sum_{1 <= j < i} pad(sizes[j]), pad = rounded up to
+// 64 bytes (the gaps hold zeros), and rows = n rounded up to a multiple of 12 (the last rows are
+// scratch). The forward computes the layers in place there (acts may be 0: inference) and the
+// backward reads them there.
 // logdet / grad_logdet are in the dtype (fp32 or fp64: no 16-bit here). Every buffer is
 // contiguous. The workspace holds mlp_coupling_workspace_bytes(...) bytes (any alignment).
 // Results do not depend on nthreads: weight gradients are summed per fixed group of samples
 // (which depends on n only), then over the groups in a fixed order.
 #pragma once
 #include <cstdint>
+#include <utility>
 #include <vector>
 
 #include "common.h"
@@ -24,6 +29,9 @@ namespace ff {
 
 int64_t mlp_coupling_workspace_bytes(int dtype, int64_t n, const std::vector<int64_t>& sizes,
                                      int nthreads);
+// (rows, cols) of acts.
+std::pair<int64_t, int64_t> mlp_coupling_acts_shape(int dtype, int64_t n,
+                                                    const std::vector<int64_t>& sizes);
 
 void mlp_coupling_forward_cpu(int dtype, int mode, double clamp, int64_t n, int64_t d,
                               int64_t cut, int parity, int64_t n_ctx,

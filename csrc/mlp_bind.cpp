@@ -8,6 +8,8 @@ void bind_mlp(pybind11::module_& m) {
   namespace py = pybind11;
   m.def("mlp_coupling_workspace_bytes", &mlp_coupling_workspace_bytes, py::arg("dtype"),
         py::arg("n"), py::arg("sizes"), py::arg("nthreads"));
+  m.def("mlp_coupling_acts_shape", &mlp_coupling_acts_shape, py::arg("dtype"), py::arg("n"),
+        py::arg("sizes"));
   m.def("mlp_coupling_forward_cpu", &mlp_coupling_forward_cpu, py::arg("dtype"), py::arg("mode"),
         py::arg("clamp"), py::arg("n"), py::arg("d"), py::arg("cut"), py::arg("parity"),
         py::arg("n_ctx"), py::arg("sizes"), py::arg("x_ptr"), py::arg("ctx_ptr"),

@@ -47,6 +47,9 @@ namespace mlp_cpu_detail {
 constexpr int kBlock = 48;
 // Weight-gradient groups at most (each holds a copy of the padded gradient).
 constexpr int64_t kMaxGroups = 16;
+// acts has n rounded up to a multiple of this many rows: the kernels compute whole row blocks of
+// R (6, 6 or 4) rows, written in place.
+constexpr int64_t kRowQuantum = 12;
 
 enum Init : int { kInitZero = 0, kInitBias = 1, kInitLoad = 2 };
 enum Epi : int { kEpiNone = 0, kEpiRelu = 1, kEpiMask = 2 };
@@ -69,7 +72,7 @@ struct Plan {
   const int64_t* goff;   // [L + 1] per-thread G_i [kBlock][P_i]
   const int64_t* gwoff;  // [L] group dW_l (or dW_l^T)
   const int64_t* gboff;  // [L] group db_l [P_{l+1}]
-  int64_t acts_w;
+  int64_t acts_w;       // elements per acts row
   const int64_t* aoff;  // [L + 1] offset of layer i's outputs in an acts row (i >= 1)
   const T* in;          // x (forward, backward) or y (inverse)
   const T* ctx;
@@ -200,7 +203,8 @@ inline void check_buffer(std::uintptr_t p, int64_t count, const char* name) {
 struct Geometry {
   int64_t L = 0, pe = 0, nblocks = 0, ngroups = 0, nthreads = 0;
   std::vector<int64_t> P, woff, boff, hoff, goff, gwoff, gboff, aoff;
-  int64_t acts_w = 0, numel = 0, wregion = 0, thread_elems = 0, group_elems = 0, total = 0;
+  int64_t acts_w = 0, acts_rows = 0, numel = 0, wregion = 0, thread_elems = 0, group_elems = 0;
+  int64_t total = 0;
 };
 
 void geometry(const char* name, int dtype, int64_t n, const std::vector<int64_t>& sizes,
@@ -250,11 +254,12 @@ void geometry(const char* name, int dtype, int64_t n, const std::vector<int64_t>
     te = add(te, mul(kBlock, g.P[i]));
     if (i >= 1) {
       g.aoff[i] = aw;
-      aw += sizes[i];
+      aw += g.P[i];
     }
   }
   g.thread_elems = te;
   g.acts_w = aw;
+  g.acts_rows = (n + kRowQuantum - 1) / kRowQuantum * kRowQuantum;
   g.nblocks = (n + kBlock - 1) / kBlock;
   g.ngroups = std::min(g.nblocks, kMaxGroups);
   g.nthreads = std::max<int64_t>(1, std::min<int64_t>(nthreads, g.nblocks));
@@ -523,6 +528,13 @@ int64_t mlp_coupling_workspace_bytes(int dtype, int64_t n, const std::vector<int
   return workspace_bytes(g, dtype);
 }
 
+std::pair<int64_t, int64_t> mlp_coupling_acts_shape(int dtype, int64_t n,
+                                                    const std::vector<int64_t>& sizes) {
+  Geometry g;
+  geometry("mlp_coupling_acts_shape", dtype, n, sizes, 1, g);
+  return {g.acts_rows, g.acts_w};
+}
+
 namespace {
 
 void check_workspace(const char* name, const Geometry& g, int dtype, std::uintptr_t workspace,
@@ -532,9 +544,10 @@ void check_workspace(const char* name, const Geometry& g, int dtype, std::uintpt
                std::string(name) + ": workspace too small (see mlp_coupling_workspace_bytes)");
 }
 
-void check_acts(const char* name, int64_t need, int64_t acts_numel) {
-  FF_MLP_CHECK(acts_numel >= need, std::string(name) + ": acts must hold n * sum(sizes[1:]) = " +
-                                       std::to_string(need) + " elements");
+void check_acts(const char* name, const Geometry& g, int64_t acts_numel) {
+  const int64_t need = mul(g.acts_rows, g.acts_w);
+  FF_MLP_CHECK(acts_numel >= need, std::string(name) + ": acts must hold " + std::to_string(need) +
+                                       " elements (see mlp_coupling_acts_shape)");
 }
 
 template <typename T>
@@ -553,7 +566,7 @@ void forward_impl(const char* name, int dtype, int mode, double clamp, int64_t n
   check_buffer(ctx, mul(n, n_ctx), "ctx");
   check_buffer(out, mul(n, d), inverse ? "x" : "y");
   check_buffer(logdet, n, "logdet");
-  if (acts != 0) check_acts(name, mul(n, C.g.acts_w), acts_numel);
+  if (acts != 0) check_acts(name, C.g, acts_numel);
   check_workspace(name, C.g, dtype, workspace, workspace_bytes_given);
   make_plan<T>(C, sizes, sp, mode, clamp, n, d, n_ctx, false);
   C.P.in = ptr<const T>(in);
@@ -619,8 +632,8 @@ void backward_impl(int dtype, int mode, double clamp, int64_t n, int64_t d, int6
   }
   check_buffer(x, mul(n, d), "x");
   check_buffer(ctx, mul(n, n_ctx), "ctx");
-  check_buffer(acts, mul(n, C.g.acts_w), "acts");
-  check_acts(name, mul(n, C.g.acts_w), acts_numel);
+  check_buffer(acts, 1, "acts");
+  check_acts(name, C.g, acts_numel);
   check_buffer(grad_y, mul(n, d), "grad_y");
   check_buffer(grad_logdet, n, "grad_logdet");
   check_buffer(grad_x, mul(n, d), "grad_x");
@@ -699,11 +712,11 @@ FF_MLP_INLINE void zero_n(T* dst, int64_t n) {
 // ---------------------------------------------------------------------------------------------
 // Lanes: C[r * ldc + v * W + :W] = epi(init + sum_{p < K} A(r, p) * B[p * ldb + v * W + :W]) for
 // RR rows and NVV vectors; A(r, p) = a[r * lda + p], or a[p * lda + r] with AT. Init: zero, the
-// bias vector, or what C holds; epilogue: none, relu, or zero where the mask m (C's layout) is
+// bias vector, or what C holds; epilogue: none, relu, or zero where the mask m[r * ldm + ...] is
 // <= 0.
 template <typename T, int W, int RR, int NVV, int In, int Ep, bool AT>
 FF_MLP_INLINE void micro(int64_t K, const T* a, int64_t lda, const T* b, int64_t ldb, T* c,
-                         int64_t ldc, const T* bias, const T* m) {
+                         int64_t ldc, const T* bias, const T* m, int64_t ldm) {
   typedef T V __attribute__((vector_size(W * sizeof(T))));
   V acc[RR][NVV];
 #pragma GCC unroll 8
@@ -741,7 +754,7 @@ FF_MLP_INLINE void micro(int64_t K, const T* a, int64_t lda, const T* b, int64_t
       if (Ep == kEpiRelu) {
         o = o < V{} ? V{} : o;  // relu(NaN) = NaN, as torch
       } else if (Ep == kEpiMask) {
-        const V mv = vload<V>(m + r * ldc + v * W);
+        const V mv = vload<V>(m + r * ldm + v * W);
         o = mv <= V{} ? V{} : o;  // threshold_backward(g, h, 0)
       }
       vstore(c + r * ldc + v * W, o);
@@ -750,38 +763,40 @@ FF_MLP_INLINE void micro(int64_t K, const T* a, int64_t lda, const T* b, int64_t
 
 template <typename T, int W, int RR, int NVV, int In, int Ep, bool AT>
 FF_MLP_INLINE void rows_tail(int64_t rem, int64_t K, const T* a, int64_t lda, const T* b,
-                             int64_t ldb, T* c, int64_t ldc, const T* bias, const T* m) {
+                             int64_t ldb, T* c, int64_t ldc, const T* bias, const T* m,
+                             int64_t ldm) {
   if constexpr (RR >= 1) {
     if (rem == RR)
-      micro<T, W, RR, NVV, In, Ep, AT>(K, a, lda, b, ldb, c, ldc, bias, m);
+      micro<T, W, RR, NVV, In, Ep, AT>(K, a, lda, b, ldb, c, ldc, bias, m, ldm);
     else
-      rows_tail<T, W, RR - 1, NVV, In, Ep, AT>(rem, K, a, lda, b, ldb, c, ldc, bias, m);
+      rows_tail<T, W, RR - 1, NVV, In, Ep, AT>(rem, K, a, lda, b, ldb, c, ldc, bias, m, ldm);
   }
 }
 
 // Rows [0, M) with NVV vectors.
 template <typename T, int W, int R, int NVV, int In, int Ep, bool AT>
 FF_MLP_INLINE void rows_loop(int64_t M, int64_t K, const T* a, int64_t lda, const T* b,
-                             int64_t ldb, T* c, int64_t ldc, const T* bias, const T* m) {
+                             int64_t ldb, T* c, int64_t ldc, const T* bias, const T* m,
+                             int64_t ldm) {
   int64_t r = 0;
   for (; r + R <= M; r += R)
     micro<T, W, R, NVV, In, Ep, AT>(K, AT ? a + r : a + r * lda, lda, b, ldb, c + r * ldc, ldc,
-                                    bias, Ep == kEpiMask ? m + r * ldc : m);
+                                    bias, Ep == kEpiMask ? m + r * ldm : m, ldm);
   if (r < M)
     rows_tail<T, W, R - 1, NVV, In, Ep, AT>(M - r, K, AT ? a + r : a + r * lda, lda, b, ldb,
                                             c + r * ldc, ldc, bias,
-                                            Ep == kEpiMask ? m + r * ldc : m);
+                                            Ep == kEpiMask ? m + r * ldm : m, ldm);
 }
 
 template <typename T, int W, int R, int NVV, int In, int Ep, bool AT>
 FF_MLP_INLINE void vec_tail(int64_t rem, int64_t M, int64_t K, const T* a, int64_t lda,
                             const T* b, int64_t ldb, T* c, int64_t ldc, const T* bias,
-                            const T* m) {
+                            const T* m, int64_t ldm) {
   if constexpr (NVV >= 1) {
     if (rem == NVV)
-      rows_loop<T, W, R, NVV, In, Ep, AT>(M, K, a, lda, b, ldb, c, ldc, bias, m);
+      rows_loop<T, W, R, NVV, In, Ep, AT>(M, K, a, lda, b, ldb, c, ldc, bias, m, ldm);
     else
-      vec_tail<T, W, R, NVV - 1, In, Ep, AT>(rem, M, K, a, lda, b, ldb, c, ldc, bias, m);
+      vec_tail<T, W, R, NVV - 1, In, Ep, AT>(rem, M, K, a, lda, b, ldb, c, ldc, bias, m, ldm);
   }
 }
 
@@ -789,16 +804,16 @@ FF_MLP_INLINE void vec_tail(int64_t rem, int64_t M, int64_t K, const T* a, int64
 // every row block streams past it.
 template <typename T, int W, int R, int NV, int In, int Ep, bool AT>
 void gemm(int64_t M, int64_t NVEC, int64_t K, const T* a, int64_t lda, const T* b, int64_t ldb,
-          T* c, int64_t ldc, const T* bias, const T* m) {
+          T* c, int64_t ldc, const T* bias = nullptr, const T* m = nullptr, int64_t ldm = 0) {
   int64_t v = 0;
   for (; v + NV <= NVEC; v += NV)
     rows_loop<T, W, R, NV, In, Ep, AT>(M, K, a, lda, b + v * W, ldb, c + v * W, ldc,
                                        In == kInitBias ? bias + v * W : bias,
-                                       Ep == kEpiMask ? m + v * W : m);
+                                       Ep == kEpiMask ? m + v * W : m, ldm);
   if (v < NVEC)
     vec_tail<T, W, R, NV - 1, In, Ep, AT>(NVEC - v, M, K, a, lda, b + v * W, ldb, c + v * W, ldc,
                                           In == kInitBias ? bias + v * W : bias,
-                                          Ep == kEpiMask ? m + v * W : m);
+                                          Ep == kEpiMask ? m + v * W : m, ldm);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -979,35 +994,42 @@ FF_MLP_INLINE void couple_rows(const Plan<T>& P, int64_t b0, int64_t nb, const T
 template <typename T, int W, int NV, int R, int CC>
 FF_MLP_INLINE void forward_impl(const Plan<T>& P, int64_t b0, int64_t nb, T* tb, bool inverse) {
   constexpr int RD = R / 2;
+  static_assert(kRowQuantum % R == 0, "acts rows are rounded to a multiple of every R");
   const int64_t L = P.L;
   const int64_t mr = (nb + R - 1) / R * R;
   gather_input<T>(P, b0, nb, mr, tb + P.hoff[0]);
+  // layer outputs straight into acts when it is kept (its rows are padded like the buffers)
+  T* const acts = P.acts == nullptr ? nullptr : P.acts + b0 * P.acts_w;
   for (int64_t l = 0; l < L; ++l) {
     const int64_t pi = P.P[l], po = P.P[l + 1], si = P.s[l], so = P.s[l + 1];
-    const T* h = tb + P.hoff[l];
-    T* o = tb + P.hoff[l + 1];
+    const T* h = l == 0 ? tb + P.hoff[0] : acts ? acts + P.aoff[l] : tb + P.hoff[l];
+    const int64_t ldh = l == 0 || !acts ? pi : P.acts_w;
+    T* o = acts ? acts + P.aoff[l + 1] : tb + P.hoff[l + 1];
+    const int64_t ldo = acts ? P.acts_w : po;
     const T* w = P.w + P.woff[l];
     const T* bias = P.w + P.boff[l];
     const bool hidden = l + 1 < L;
+    int64_t done;  // columns written
     if (P.dot[l]) {
       if (hidden)
-        dot_gemm<T, W, RD, CC, kInitBias, kEpiRelu>(mr, so, si, h, pi, w, pi, o, po, bias);
+        dot_gemm<T, W, RD, CC, kInitBias, kEpiRelu>(mr, so, si, h, ldh, w, pi, o, ldo, bias);
       else
-        dot_gemm<T, W, RD, CC, kInitBias, kEpiNone>(mr, so, si, h, pi, w, pi, o, po, bias);
-      // the next layer reads whole vectors: zero the padding the dots left alone
-      for (int64_t s = 0; s < mr; ++s) zero_n(o + s * po + so, po - so);
+        dot_gemm<T, W, RD, CC, kInitBias, kEpiNone>(mr, so, si, h, ldh, w, pi, o, ldo, bias);
+      done = so;
     } else {
       const int64_t nvec = (so + W - 1) / W;
       if (hidden)
-        gemm<T, W, R, NV, kInitBias, kEpiRelu, false>(mr, nvec, si, h, pi, w, po, o, po, bias,
-                                                      nullptr);
+        gemm<T, W, R, NV, kInitBias, kEpiRelu, false>(mr, nvec, si, h, ldh, w, po, o, ldo, bias);
       else
-        gemm<T, W, R, NV, kInitBias, kEpiNone, false>(mr, nvec, si, h, pi, w, po, o, po, bias,
-                                                      nullptr);
+        gemm<T, W, R, NV, kInitBias, kEpiNone, false>(mr, nvec, si, h, ldh, w, po, o, ldo, bias);
+      done = nvec * W;
     }
+    // whole padded rows are defined (the next layer and the backward read whole vectors)
+    if (done < po)
+      for (int64_t s = 0; s < mr; ++s) zero_n(o + s * ldo + done, po - done);
   }
-  const T* out = tb + P.hoff[L];
-  const int64_t ldo = P.P[L];
+  const T* out = acts ? acts + P.aoff[L] : tb + P.hoff[L];
+  const int64_t ldo = acts ? P.acts_w : P.P[L];
   switch (P.mode) {
     case kSoftClamp:
       couple_rows<T, kSoftClamp, W>(P, b0, nb, out, ldo, inverse);
@@ -1019,12 +1041,6 @@ FF_MLP_INLINE void forward_impl(const Plan<T>& P, int64_t b0, int64_t nb, T* tb,
       couple_rows<T, kIdentity, W>(P, b0, nb, out, ldo, inverse);
       break;
   }
-  if (P.acts != nullptr) {
-    for (int64_t s = 0; s < nb; ++s) {
-      T* ar = P.acts + (b0 + s) * P.acts_w;
-      for (int64_t i = 1; i <= L; ++i) copy_n(ar + P.aoff[i], tb + P.hoff[i] + s * P.P[i], P.s[i]);
-    }
-  }
 }
 
 // G_L = d loss / d MLP output (raw, shift) for the block (zero-padded, zero rows from nb to mr),
@@ -1032,9 +1048,9 @@ FF_MLP_INLINE void forward_impl(const Plan<T>& P, int64_t b0, int64_t nb, T* tb,
 template <typename T, int Mode, int W>
 FF_MLP_INLINE void couple_backward_rows(const Plan<T>& P, int64_t b0, int64_t nb, int64_t mr,
                                         T* g) {
-  const int64_t d = P.d, db = P.db, L = P.L, pl = P.P[L];
+  const int64_t d = P.d, db = P.db, L = P.L, pl = P.P[L], aw = P.acts_w;
   const T c = P.c, inv_c = P.inv_c;
-  const T* raw0 = P.acts + b0 * P.acts_w + P.aoff[L];
+  const T* raw0 = P.acts + b0 * aw + P.aoff[L];
   if (db < W) {
     T xs[kBlock], rs[kBlock], gys[kBlock], gls[kBlock], gxs[kBlock], grs[kBlock];
     for (int64_t s = 0; s < nb; ++s) gls[s] = P.gl[b0 + s];
@@ -1042,7 +1058,7 @@ FF_MLP_INLINE void couple_backward_rows(const Plan<T>& P, int64_t b0, int64_t nb
       for (int64_t s = 0; s < nb; ++s) {
         xs[s] = P.in[(b0 + s) * d + P.b_off + j];
         gys[s] = P.gy[(b0 + s) * d + P.b_off + j];
-        rs[s] = raw0[s * P.acts_w + j];
+        rs[s] = raw0[s * aw + j];
       }
 #pragma omp simd
       for (int64_t s = 0; s < nb; ++s)
@@ -1060,7 +1076,7 @@ FF_MLP_INLINE void couple_backward_rows(const Plan<T>& P, int64_t b0, int64_t nb
       const T* xb = P.in + (b0 + s) * d + P.b_off;
       const T* gyb = P.gy + (b0 + s) * d + P.b_off;
       T* gxb = P.gx + (b0 + s) * d + P.b_off;
-      const T* raw = raw0 + s * P.acts_w;
+      const T* raw = raw0 + s * aw;
       const T gl = P.gl[b0 + s];
       T* gr = g + s * pl;
 #pragma omp simd
@@ -1081,22 +1097,10 @@ template <typename T, int W, int NV, int R, int CC>
 FF_MLP_INLINE void backward_impl(const Plan<T>& P, int64_t b0, int64_t nb, T* tb, T* grp,
                                  bool first) {
   constexpr int RD = R / 2;
-  const int64_t L = P.L;
+  const int64_t L = P.L, aw = P.acts_w;
   const int64_t mr = (nb + R - 1) / R * R;
   gather_input<T>(P, b0, nb, mr, tb + P.hoff[0]);
-  for (int64_t i = 1; i < L; ++i) {
-    const int64_t pi = P.P[i], si = P.s[i];
-    T* h = tb + P.hoff[i];
-    for (int64_t s = 0; s < mr; ++s) {
-      T* row = h + s * pi;
-      if (s < nb) {
-        copy_n(row, P.acts + (b0 + s) * P.acts_w + P.aoff[i], si);
-        zero_n(row + si, pi - si);
-      } else {
-        zero_n(row, pi);
-      }
-    }
-  }
+  const T* acts = P.acts + b0 * aw;  // the hidden activations, read in place
   T* gL = tb + P.goff[L];
   switch (P.mode) {
     case kSoftClamp:
@@ -1113,24 +1117,21 @@ FF_MLP_INLINE void backward_impl(const Plan<T>& P, int64_t b0, int64_t nb, T* tb
     const int64_t pi = P.P[l], po = P.P[l + 1], si = P.s[l], so = P.s[l + 1];
     const int64_t nvec_in = (si + W - 1) / W, nvec_out = (so + W - 1) / W;
     const T* go = tb + P.goff[l + 1];  // d loss / d pre-activation of layer l's outputs
-    const T* h = tb + P.hoff[l];
+    const T* h = l == 0 ? tb + P.hoff[0] : acts + P.aoff[l];
+    const int64_t ldh = l == 0 ? pi : aw;
     T* gw = grp + P.gwoff[l];
     if (P.gtr[l]) {
       // dW^T[k][:] += sum_s h[s][k] go[s][:]
       if (first)
-        gemm<T, W, R, NV, kInitZero, kEpiNone, true>(si, nvec_out, nb, h, pi, go, po, gw, po,
-                                                     nullptr, nullptr);
+        gemm<T, W, R, NV, kInitZero, kEpiNone, true>(si, nvec_out, nb, h, ldh, go, po, gw, po);
       else
-        gemm<T, W, R, NV, kInitLoad, kEpiNone, true>(si, nvec_out, nb, h, pi, go, po, gw, po,
-                                                     nullptr, nullptr);
+        gemm<T, W, R, NV, kInitLoad, kEpiNone, true>(si, nvec_out, nb, h, ldh, go, po, gw, po);
     } else {
       // dW[j][:] += sum_s go[s][j] h[s][:]
       if (first)
-        gemm<T, W, R, NV, kInitZero, kEpiNone, true>(so, nvec_in, nb, go, po, h, pi, gw, pi,
-                                                     nullptr, nullptr);
+        gemm<T, W, R, NV, kInitZero, kEpiNone, true>(so, nvec_in, nb, go, po, h, ldh, gw, pi);
       else
-        gemm<T, W, R, NV, kInitLoad, kEpiNone, true>(so, nvec_in, nb, go, po, h, pi, gw, pi,
-                                                     nullptr, nullptr);
+        gemm<T, W, R, NV, kInitLoad, kEpiNone, true>(so, nvec_in, nb, go, po, h, ldh, gw, pi);
     }
     bias_grad<T, W>(nvec_out, nb, go, po, grp + P.gboff[l], first);
     // input gradient: gi[s][:] = go[s][:] @ W_l (masked by relu for hidden inputs)
@@ -1138,12 +1139,11 @@ FF_MLP_INLINE void backward_impl(const Plan<T>& P, int64_t b0, int64_t nb, T* tb
     const T* wl = P.w + P.woff[l];
     if (l > 0)
       gemm<T, W, R, NV, kInitZero, kEpiMask, false>(mr, nvec_in, so, go, po, wl, pi, gi, pi,
-                                                    nullptr, h);
+                                                    nullptr, h, ldh);
     else if (P.dot[0])
       dot_gemm<T, W, RD, CC, kInitZero, kEpiNone>(mr, si, so, go, po, wl, po, gi, pi, nullptr);
     else
-      gemm<T, W, R, NV, kInitZero, kEpiNone, false>(mr, nvec_in, so, go, po, wl, pi, gi, pi,
-                                                    nullptr, nullptr);
+      gemm<T, W, R, NV, kInitZero, kEpiNone, false>(mr, nvec_in, so, go, po, wl, pi, gi, pi);
   }
   const T* g0 = tb + P.goff[0];
   const int64_t p0 = P.P[0], d = P.d, da = P.da, nc = P.nc;

@@ -97,17 +97,23 @@ def test_matches_reference(dtype, parity, nc, isa, monkeypatch):
         assert none is None and torch.equal(y2, y) and torch.equal(ld2, ld)
 
 
-def test_acts_hold_the_hidden_activations_and_the_mlp_output():
-    lay, cut, p, x, ctx = _setup(17, 5, 2, 0, (7, 4), torch.float64)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_acts_hold_the_hidden_activations_and_the_mlp_output(dtype):
+    lay, cut, p, x, ctx = _setup(17, 5, 2, 0, (7, 20), dtype)
     _, _, acts = M.forward(x, ctx, p, lay, cut, 0, 0, 2.0, need_acts=True)
+    shape, cols = M.acts_layout(dtype, 17, lay.sizes)
+    assert acts.shape == shape == (24, 16 + 32 + 16 if dtype == torch.float32 else 8 + 24 + 8)
     h = torch.cat((x[:, :cut], ctx), 1)
-    parts = []
     for l, ((wo, o, i), (bo, _)) in enumerate(zip(lay.weights, lay.biases)):
         h = h @ p[wo : wo + o * i].view(o, i).t() + p[bo : bo + o]
         if l < len(lay.weights) - 1:
             h = h.relu()
-        parts.append(h)
-    torch.testing.assert_close(acts, torch.cat(parts, 1))
+        off, width = cols[l]
+        assert width == o
+        _close(acts[:17, off : off + o], h.double(), dtype)
+        # the padding between layers is zero
+        end = cols[l + 1][0] if l + 1 < len(cols) else shape[1]
+        assert torch.equal(acts[:17, off + o : end], torch.zeros(17, end - off - o, dtype=dtype))
 
 
 @pytest.mark.parametrize("isa", ISAS)
@@ -123,7 +129,8 @@ def test_results_do_not_depend_on_the_thread_count(dtype, isa, monkeypatch):
             y, ld, acts = M.forward(x, ctx, p, lay, cut, 1, 0, 2.0, True, nthreads=nt)
             grads = M.backward(x, ctx, p, lay, cut, 1, 0, 2.0, acts, gy, gl, nthreads=nt)
             xi, ldi = M.inverse(y, ctx, p, lay, cut, 1, 0, 2.0, nthreads=nt)
-            outs.append([y, ld, acts, *(g for g in grads if g is not None), xi, ldi])
+            # acts rows from n on are scratch
+            outs.append([y, ld, acts[:n], *(g for g in grads if g is not None), xi, ldi])
         for other in outs[1:]:
             for a, b in zip(outs[0], other):
                 assert torch.equal(a, b)
@@ -162,7 +169,7 @@ def test_large_layers_and_round_trip():
 def test_empty_batch():
     lay, cut, p, x, ctx = _setup(0, 4, 2, 0, (8,), torch.float64)
     y, ld, acts = M.forward(x, ctx, p, lay, cut, 0, 0, 2.0, True)
-    assert y.shape == (0, 4) and ld.shape == (0,) and acts.shape == (0, 8 + 4)
+    assert y.shape == (0, 4) and ld.shape == (0,) and acts.shape == (0, 8 + 8)
     gx, gctx, gp = M.backward(x, ctx, p, lay, cut, 0, 0, 2.0, acts, y, ld)
     assert gx.shape == (0, 4) and gctx.shape == (0, 2) and torch.equal(gp, torch.zeros_like(p))
 
@@ -171,7 +178,7 @@ def _raw_forward_args(**over):
     lay, cut, p, x, _ = _setup(5, 4, 0, 0, (8,), torch.float32)
     sizes = list(lay.sizes)
     y, ld = torch.empty(5, 4), torch.empty(5)
-    acts = torch.empty(5, sum(sizes[1:]))
+    acts = torch.empty(B._C.mlp_coupling_acts_shape(dtype=0, n=5, sizes=sizes))
     nbytes = B._C.mlp_coupling_workspace_bytes(dtype=0, n=5, sizes=sizes, nthreads=1)
     ws = torch.empty(nbytes, dtype=torch.uint8)
     args = dict(
@@ -202,7 +209,7 @@ def _raw_forward_args(**over):
         (dict(n_ctx=1), "sizes"),
         (dict(n=-1), "negative"),
         (dict(nthreads=0), "nthreads"),
-        (dict(acts_numel=5 * 12 - 1), "acts"),
+        (dict(acts_numel=12 * 32 - 1), "acts"),
         (dict(workspace_bytes=64), "workspace"),
         (dict(workspace_ptr=0), "workspace"),
         (dict(x_ptr=0), "x"),
@@ -233,7 +240,7 @@ def test_cpp_rechecks_backward_and_inverse():
     B._C.mlp_coupling_backward_cpu(**bwd)
     for key, val, match in [
         ("acts_ptr", 0, "acts"),
-        ("acts_numel", 59, "acts"),
+        ("acts_numel", 12 * 32 - 1, "acts"),
         ("grad_params_ptr", 0, "grad_params"),
         ("grad_y_ptr", 0, "grad_y"),
         ("grad_logdet_ptr", 0, "grad_logdet"),

@@ -7,8 +7,9 @@ gradients) from the activations the forward stored. These functions only allocat
 the workspace with torch and pass pointers (:func:`fastflow._backend.ptr`); shapes, dtypes and the
 layout are the caller's to validate (``mlp_affine_coupling`` does). CPU, fp32 and fp64 only.
 
-``mode`` is the scale function's code (:data:`fastflow.ops.coupling.SCALE_FNS`). ``acts`` is
-``[N, sum(layout.sizes[1:])]``: per sample the hidden activations then the MLP output.
+``mode`` is the scale function's code (:data:`fastflow.ops.coupling.SCALE_FNS`). ``acts``
+(:func:`acts_layout`) holds per sample the hidden activations then the MLP output, which the
+forward computes in place and the backward reads.
 Results do not depend on the thread count (``nthreads``, default torch's).
 
 Example:
@@ -34,12 +35,39 @@ from torch import Tensor
 from fastflow import _backend as B
 from fastflow.ops.mlp_coupling import MLPLayout
 
-__all__ = ["backward", "forward", "inverse", "workspace"]
+__all__ = ["acts_layout", "backward", "forward", "inverse", "workspace"]
 
 
 @lru_cache(maxsize=256)
 def _workspace_bytes(code: int, n: int, sizes: tuple[int, ...], nthreads: int) -> int:
     return int(B._C.mlp_coupling_workspace_bytes(dtype=code, n=n, sizes=sizes, nthreads=nthreads))
+
+
+@lru_cache(maxsize=256)
+def _acts_shape(code: int, n: int, sizes: tuple[int, ...]) -> tuple[int, int]:
+    rows, cols = B._C.mlp_coupling_acts_shape(dtype=code, n=n, sizes=sizes)
+    return int(rows), int(cols)
+
+
+def acts_layout(
+    dtype: torch.dtype, n: int, sizes: tuple[int, ...]
+) -> tuple[tuple[int, int], list[tuple[int, int]]]:
+    """Shape ``(rows, cols)`` of ``acts`` and the ``(column offset, width)`` of each layer's
+    outputs in it (hidden layers, then the MLP output): row ``b < n`` is sample ``b``; rows are
+    rounded up to a multiple of 12 and each layer's columns to 64 bytes (the kernel computes
+    whole register blocks in place).
+
+    Example:
+        >>> acts_layout(torch.float32, 5, (1, 20, 2))
+        ((12, 48), [(0, 20), (32, 2)])
+    """
+    shape = _acts_shape(B.DTYPE_CODES[dtype], n, tuple(sizes))
+    pad = 16 if dtype == torch.float32 else 8
+    cols, off = [], 0
+    for s in sizes[1:]:
+        cols.append((off, s))
+        off += -(-s // pad) * pad
+    return shape, cols
 
 
 _local = threading.local()
@@ -82,8 +110,7 @@ def forward(
     nc = 0 if ctx is None else ctx.shape[1]
     y = torch.empty_like(x)
     logdet = x.new_empty(n)
-    width = sum(sizes[1:])
-    acts = torch.empty(n, width, dtype=dt) if need_acts else None
+    acts = torch.empty(_acts_shape(code, n, sizes), dtype=dt) if need_acts else None
     ws = workspace(dt, n, sizes, nt)
     B._C.mlp_coupling_forward_cpu(
         dtype=code, mode=mode, clamp=float(clamp), n=n, d=d, cut=cut, parity=parity, n_ctx=nc,
@@ -92,7 +119,7 @@ def forward(
         ctx_ptr=B.ptr(None if ctx is None else ctx.contiguous(), dt, n * nc, dev, "context"),
         params_ptr=B.ptr(params.contiguous(), dt, layout.numel, dev, "params"),
         y_ptr=B.ptr(y), logdet_ptr=B.ptr(logdet),
-        acts_ptr=B.ptr(acts), acts_numel=0 if acts is None else n * width,
+        acts_ptr=B.ptr(acts), acts_numel=0 if acts is None else acts.numel(),
         workspace_ptr=B.ptr(ws), workspace_bytes=ws.numel(), nthreads=nt,
     )  # fmt: skip
     return y, logdet, acts
@@ -118,7 +145,7 @@ def backward(
     x = x.contiguous()
     dt, dev = x.dtype, x.device
     nc = 0 if ctx is None else ctx.shape[1]
-    width = sum(sizes[1:])
+    rows, cols = _acts_shape(code, n, sizes)
     gx = torch.empty_like(x)
     gctx = None if ctx is None else torch.empty(n, nc, dtype=dt)
     gp = x.new_empty(layout.numel)
@@ -129,7 +156,7 @@ def backward(
         x_ptr=B.ptr(x, dt, n * d, dev, "x"),
         ctx_ptr=B.ptr(None if ctx is None else ctx.contiguous(), dt, n * nc, dev, "context"),
         params_ptr=B.ptr(params.contiguous(), dt, layout.numel, dev, "params"),
-        acts_ptr=B.ptr(acts, dt, n * width, dev, "acts"), acts_numel=n * width,
+        acts_ptr=B.ptr(acts, dt, rows * cols, dev, "acts"), acts_numel=rows * cols,
         grad_y_ptr=B.ptr(grad_y.contiguous(), dt, n * d, dev, "grad_y"),
         grad_logdet_ptr=B.ptr(grad_logdet.contiguous(), dt, n, dev, "grad_logdet"),
         grad_x_ptr=B.ptr(gx), grad_ctx_ptr=B.ptr(gctx), grad_params_ptr=B.ptr(gp),
