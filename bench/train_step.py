@@ -381,8 +381,34 @@ def main(argv=None) -> dict:
         "rows": rows,
     }
     path = write_results(args.out, data)
-    print(f"wrote {path}")
+    md = path[: -len(".json")] + ".md"
+    with open(md + ".tmp", "w") as f:
+        f.write(markdown(rows, data["environment"]))
+    os.replace(md + ".tmp", md)
+    print(f"wrote {path} and {md}")
     return data
+
+
+def markdown(rows: list[dict], env: dict) -> str:
+    """The results as a markdown table: ms per call of fastflow and every peer, and the ratio
+    against the fastest peer of the same run."""
+    peers = sorted({k for r in rows for k in r["ms"] if k != "fastflow"})
+    head = ["model", "size", "batch", "threads", "what", "fastflow ms", *peers, "vs fastest peer"]
+    out = [
+        f"Machine: {env.get('cpu_model')} ({env.get('cpu_count')} cores), torch "
+        f"{env.get('torch')}; ms per call, min over rounds of per-round medians, interleaved.",
+        "",
+        "| " + " | ".join(head) + " |",
+        "|" + "---|" * len(head),
+    ]
+    for r in rows:
+        cells = [r["model"], str(r["size"]), str(r["batch"]), str(r["threads"]), r["what"]]
+        cells.append(f"{r['fastflow_ms']:.2f}")
+        cells += [f"{r['ms'][k]:.2f}" if k in r["ms"] else "-" for k in peers]
+        x = r["speedup_vs_best_peer"]
+        cells.append("-" if x is None else f"**{x:.2f}x** ({r['best_peer']})")
+        out.append("| " + " | ".join(cells) + " |")
+    return "\n".join(out) + "\n"
 
 
 if __name__ == "__main__":
