@@ -5,7 +5,8 @@ For a few layer sizes, the time of one coupling layer's forward + backward (ReLU
 kernel through ``fastflow.ops._mlp_native`` (forward storing activations, then backward) and the
 torch path of ``fastflow.ops.mlp_coupling._FusedMLPCoupling`` (addmm per layer, native coupling
 kernel, hand-written backward). Also the native forward alone (no activations) and the inverse.
-Reports the minimum over rounds of each round's median. fp32 unless ``--fp64``.
+Reports the minimum over rounds of each round's median, and in brackets the fastest single call
+(the machine may be shared: the latter is the least disturbed estimate). fp32 unless ``--fp64``.
 
     python bench/mlp_kernel.py [--rounds 7] [--reps 30] [--threads 1] [--fp64]
 """
@@ -14,12 +15,14 @@ from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import sys
+import time
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import timeit  # noqa: E402
+import _common  # noqa: E402, F401  (its malloc settings: reused heap blocks, as in a long run)
 
 from fastflow.ops import _mlp_native as M  # noqa: E402
 from fastflow.ops.mlp_coupling import _FusedMLPCoupling, init_mlp_params, mlp_layout  # noqa: E402
@@ -66,6 +69,17 @@ def make(n, d, hidden, nc, dtype):
             "native inv": native_inv}  # fmt: skip
 
 
+def _times(fn, reps: int) -> list[float]:
+    for _ in range(2):
+        fn()
+    out = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        out.append(time.perf_counter() - t0)
+    return out
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=7)
@@ -83,24 +97,23 @@ def main():
 
     print(f"cpu_isa={B._C.cpu_isa()} threads={args.threads} dtype={dtype} "
           f"(min over {args.rounds} rounds of the median of {args.reps})")  # fmt: skip
-    header = f"{'case':14s} {'n':>5s} {'sizes':>22s} " + " ".join(
-        f"{k:>11s}" for k in ("native f+b", "torch f+b", "speedup", "native fwd", "native inv")
-    )
-    print(header)
+    keys = ("native f+b", "torch f+b", "native fwd", "native inv")
+    print(f"{'case':12s} {'n':>5s} {'sizes':>20s} " + " ".join(f"{k:>19s}" for k in keys)
+          + f" {'speedup':>8s}")  # fmt: skip
     for name, n, d, hidden, nc in cases:
         fns = make(n, d, hidden, nc, dtype)
-        best = {k: float("inf") for k in fns}
+        med = {k: float("inf") for k in fns}
+        fast = {k: float("inf") for k in fns}
         reps = max(3, args.reps * 256 // max(n * max(hidden) // 64, 256))
         for _ in range(args.rounds):
-            for k, f in fns.items():
-                best[k] = min(best[k], timeit(f, warmup=2, reps=reps))
+            for k, f in fns.items():  # interleaved: every variant in every round
+                ts = _times(f, reps)
+                med[k] = min(med[k], statistics.median(ts))
+                fast[k] = min(fast[k], min(ts))
         sizes = str((d // 2 + nc, *hidden, 2 * (d - d // 2)))
-        us = {k: v * 1e6 for k, v in best.items()}
-        print(
-            f"{name:14s} {n:5d} {sizes:>22s} {us['native f+b']:9.1f}us {us['torch f+b']:9.1f}us "
-            f"{us['torch f+b'] / us['native f+b']:10.2f}x {us['native fwd']:9.1f}us "
-            f"{us['native inv']:9.1f}us"
-        )
+        cells = " ".join(f"{med[k] * 1e6:9.1f} [{fast[k] * 1e6:7.1f}]" for k in keys)
+        speedup = med["torch f+b"] / med["native f+b"]
+        print(f"{name:12s} {n:5d} {sizes:>20s} {cells} {speedup:7.2f}x")
 
 
 if __name__ == "__main__":

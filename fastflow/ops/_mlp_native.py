@@ -110,7 +110,7 @@ def forward(
     nc = 0 if ctx is None else ctx.shape[1]
     y = torch.empty_like(x)
     logdet = x.new_empty(n)
-    acts = torch.empty(_acts_shape(code, n, sizes), dtype=dt) if need_acts else None
+    acts = torch.empty(*_acts_shape(code, n, sizes), dtype=dt) if need_acts else None
     ws = workspace(dt, n, sizes, nt)
     B._C.mlp_coupling_forward_cpu(
         dtype=code, mode=mode, clamp=float(clamp), n=n, d=d, cut=cut, parity=parity, n_ctx=nc,
