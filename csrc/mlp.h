@@ -33,28 +33,26 @@ int64_t mlp_coupling_workspace_bytes(int dtype, int64_t n, const std::vector<int
 std::pair<int64_t, int64_t> mlp_coupling_acts_shape(int dtype, int64_t n,
                                                     const std::vector<int64_t>& sizes);
 
-void mlp_coupling_forward_cpu(int dtype, int mode, double clamp, int64_t n, int64_t d,
-                              int64_t cut, int parity, int64_t n_ctx,
-                              const std::vector<int64_t>& sizes, std::uintptr_t x,
-                              std::uintptr_t ctx, std::uintptr_t params, std::uintptr_t y,
-                              std::uintptr_t logdet, std::uintptr_t acts, int64_t acts_numel,
-                              std::uintptr_t workspace, int64_t workspace_bytes, int nthreads);
+void mlp_coupling_forward_cpu(int dtype, int mode, double clamp, int64_t n, int64_t d, int64_t cut,
+                              int parity, int64_t n_ctx, const std::vector<int64_t>& sizes,
+                              std::uintptr_t x, std::uintptr_t ctx, std::uintptr_t params,
+                              std::uintptr_t y, std::uintptr_t logdet, std::uintptr_t acts,
+                              int64_t acts_numel, std::uintptr_t workspace, int64_t workspace_bytes,
+                              int nthreads);
 
 // grad_ctx may be 0 (not wanted) even with a context.
-void mlp_coupling_backward_cpu(int dtype, int mode, double clamp, int64_t n, int64_t d,
-                               int64_t cut, int parity, int64_t n_ctx,
-                               const std::vector<int64_t>& sizes, std::uintptr_t x,
-                               std::uintptr_t ctx, std::uintptr_t params, std::uintptr_t acts,
-                               int64_t acts_numel, std::uintptr_t grad_y,
+void mlp_coupling_backward_cpu(int dtype, int mode, double clamp, int64_t n, int64_t d, int64_t cut,
+                               int parity, int64_t n_ctx, const std::vector<int64_t>& sizes,
+                               std::uintptr_t x, std::uintptr_t ctx, std::uintptr_t params,
+                               std::uintptr_t acts, int64_t acts_numel, std::uintptr_t grad_y,
                                std::uintptr_t grad_logdet, std::uintptr_t grad_x,
                                std::uintptr_t grad_ctx, std::uintptr_t grad_params,
                                std::uintptr_t workspace, int64_t workspace_bytes, int nthreads);
 
-void mlp_coupling_inverse_cpu(int dtype, int mode, double clamp, int64_t n, int64_t d,
-                              int64_t cut, int parity, int64_t n_ctx,
-                              const std::vector<int64_t>& sizes, std::uintptr_t y,
-                              std::uintptr_t ctx, std::uintptr_t params, std::uintptr_t x,
-                              std::uintptr_t logdet, std::uintptr_t workspace,
+void mlp_coupling_inverse_cpu(int dtype, int mode, double clamp, int64_t n, int64_t d, int64_t cut,
+                              int parity, int64_t n_ctx, const std::vector<int64_t>& sizes,
+                              std::uintptr_t y, std::uintptr_t ctx, std::uintptr_t params,
+                              std::uintptr_t x, std::uintptr_t logdet, std::uintptr_t workspace,
                               int64_t workspace_bytes, int nthreads);
 
 }  // namespace ff

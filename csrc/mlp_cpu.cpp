@@ -2,10 +2,11 @@
 // CPU MLP coupling layer (mlp.h): the whole layer in one call each way, OpenMP over blocks of
 // kBlock samples.
 //
-// Activations of a block live sample-major in the per-thread workspace, each row zero-padded to
-// 64 bytes. Every matrix product is one of two register-blocked micro-kernels, written once with
-// GCC/Clang vector extensions and compiled per ISA (AVX-512, AVX2+FMA, baseline SSE2) like
-// made_cpu.cpp:
+// Activations live sample-major, each row zero-padded to 64 bytes: in acts when the forward keeps
+// them (computed there in place; the backward reads them there), else in the per-thread
+// workspace, like the block's input and gradients. Every matrix product is one of two
+// register-blocked micro-kernels, written once with GCC/Clang vector extensions and compiled per
+// ISA (AVX-512, AVX2+FMA, baseline SSE2) like made_cpu.cpp:
 //   lanes: C[r][v] (+)= sum_p A(r, p) * B[p][v], v a run of vector lanes: R rows x NV vectors of
 //          accumulators, per p one broadcast of A per row and NV vector loads of B;
 //   dots:  C[r][c] = sum_p A[r][p] * Bt[c][p] along the lanes, summed across them at the end: for
@@ -33,9 +34,9 @@
 #endif
 
 // Checks whose message is only built when they fail (the calls are on the per-step path).
-#define FF_MLP_CHECK(cond, msg)                   \
-  do {                                            \
-    if (!(cond)) ::ff::check(false, (msg));       \
+#define FF_MLP_CHECK(cond, msg)             \
+  do {                                      \
+    if (!(cond)) ::ff::check(false, (msg)); \
   } while (0)
 
 namespace ff {
@@ -72,9 +73,9 @@ struct Plan {
   const int64_t* goff;   // [L + 1] per-thread G_i [kBlock][P_i]
   const int64_t* gwoff;  // [L] group dW_l (or dW_l^T)
   const int64_t* gboff;  // [L] group db_l [P_{l+1}]
-  int64_t acts_w;       // elements per acts row
-  const int64_t* aoff;  // [L + 1] offset of layer i's outputs in an acts row (i >= 1)
-  const T* in;          // x (forward, backward) or y (inverse)
+  int64_t acts_w;        // elements per acts row
+  const int64_t* aoff;   // [L + 1] offset of layer i's outputs in an acts row (i >= 1)
+  const T* in;           // x (forward, backward) or y (inverse)
   const T* ctx;
   T* out;  // y (forward) or x (inverse)
   T* logdet;
@@ -92,7 +93,8 @@ struct Plan {
 #define FF_MLP_CPU_BODY 1
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #if defined(__clang__)
-#pragma clang attribute push(__attribute__((target("avx512f,avx512dq,avx512vl,avx512bw,avx2,fma"))), apply_to = function)
+#pragma clang attribute push( \
+    __attribute__((target("avx512f,avx512dq,avx512vl,avx512bw,avx2,fma"))), apply_to = function)
 #else
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512dq,avx512vl,avx512bw,avx2,fma,prefer-vector-width=512")
@@ -194,8 +196,7 @@ int64_t add(int64_t a, int64_t b) {
 }
 
 inline void check_buffer(std::uintptr_t p, int64_t count, const char* name) {
-  FF_MLP_CHECK(count == 0 || p != 0,
-               std::string(name) + ": null pointer for a non-empty buffer");
+  FF_MLP_CHECK(count == 0 || p != 0, std::string(name) + ": null pointer for a non-empty buffer");
 }
 
 // Where everything lives in the workspace, in elements (every offset a multiple of 64 bytes).
@@ -579,32 +580,30 @@ void forward_impl(const char* name, int dtype, int mode, double clamp, int64_t n
 
 }  // namespace
 
-void mlp_coupling_forward_cpu(int dtype, int mode, double clamp, int64_t n, int64_t d,
-                              int64_t cut, int parity, int64_t n_ctx,
-                              const std::vector<int64_t>& sizes, std::uintptr_t x,
-                              std::uintptr_t ctx, std::uintptr_t params, std::uintptr_t y,
-                              std::uintptr_t logdet, std::uintptr_t acts, int64_t acts_numel,
-                              std::uintptr_t workspace, int64_t workspace_bytes, int nthreads) {
+void mlp_coupling_forward_cpu(int dtype, int mode, double clamp, int64_t n, int64_t d, int64_t cut,
+                              int parity, int64_t n_ctx, const std::vector<int64_t>& sizes,
+                              std::uintptr_t x, std::uintptr_t ctx, std::uintptr_t params,
+                              std::uintptr_t y, std::uintptr_t logdet, std::uintptr_t acts,
+                              int64_t acts_numel, std::uintptr_t workspace, int64_t workspace_bytes,
+                              int nthreads) {
   const char* name = "mlp_coupling_forward_cpu";
   if (dtype == kFloat64)
-    forward_impl<double>(name, dtype, mode, clamp, n, d, cut, parity, n_ctx, sizes, x, ctx,
-                         params, y, logdet, acts, acts_numel, workspace, workspace_bytes,
-                         nthreads, false);
+    forward_impl<double>(name, dtype, mode, clamp, n, d, cut, parity, n_ctx, sizes, x, ctx, params,
+                         y, logdet, acts, acts_numel, workspace, workspace_bytes, nthreads, false);
   else
     forward_impl<float>(name, dtype, mode, clamp, n, d, cut, parity, n_ctx, sizes, x, ctx, params,
                         y, logdet, acts, acts_numel, workspace, workspace_bytes, nthreads, false);
 }
 
-void mlp_coupling_inverse_cpu(int dtype, int mode, double clamp, int64_t n, int64_t d,
-                              int64_t cut, int parity, int64_t n_ctx,
-                              const std::vector<int64_t>& sizes, std::uintptr_t y,
-                              std::uintptr_t ctx, std::uintptr_t params, std::uintptr_t x,
-                              std::uintptr_t logdet, std::uintptr_t workspace,
+void mlp_coupling_inverse_cpu(int dtype, int mode, double clamp, int64_t n, int64_t d, int64_t cut,
+                              int parity, int64_t n_ctx, const std::vector<int64_t>& sizes,
+                              std::uintptr_t y, std::uintptr_t ctx, std::uintptr_t params,
+                              std::uintptr_t x, std::uintptr_t logdet, std::uintptr_t workspace,
                               int64_t workspace_bytes, int nthreads) {
   const char* name = "mlp_coupling_inverse_cpu";
   if (dtype == kFloat64)
-    forward_impl<double>(name, dtype, mode, clamp, n, d, cut, parity, n_ctx, sizes, y, ctx,
-                         params, x, logdet, 0, 0, workspace, workspace_bytes, nthreads, true);
+    forward_impl<double>(name, dtype, mode, clamp, n, d, cut, parity, n_ctx, sizes, y, ctx, params,
+                         x, logdet, 0, 0, workspace, workspace_bytes, nthreads, true);
   else
     forward_impl<float>(name, dtype, mode, clamp, n, d, cut, parity, n_ctx, sizes, y, ctx, params,
                         x, logdet, 0, 0, workspace, workspace_bytes, nthreads, true);
@@ -613,8 +612,8 @@ void mlp_coupling_inverse_cpu(int dtype, int mode, double clamp, int64_t n, int6
 namespace {
 
 template <typename T>
-void backward_impl(int dtype, int mode, double clamp, int64_t n, int64_t d, int64_t cut,
-                   int parity, int64_t n_ctx, const std::vector<int64_t>& sizes, std::uintptr_t x,
+void backward_impl(int dtype, int mode, double clamp, int64_t n, int64_t d, int64_t cut, int parity,
+                   int64_t n_ctx, const std::vector<int64_t>& sizes, std::uintptr_t x,
                    std::uintptr_t ctx, std::uintptr_t params, std::uintptr_t acts,
                    int64_t acts_numel, std::uintptr_t grad_y, std::uintptr_t grad_logdet,
                    std::uintptr_t grad_x, std::uintptr_t grad_ctx, std::uintptr_t grad_params,
@@ -651,22 +650,21 @@ void backward_impl(int dtype, int mode, double clamp, int64_t n, int64_t d, int6
 
 }  // namespace
 
-void mlp_coupling_backward_cpu(int dtype, int mode, double clamp, int64_t n, int64_t d,
-                               int64_t cut, int parity, int64_t n_ctx,
-                               const std::vector<int64_t>& sizes, std::uintptr_t x,
-                               std::uintptr_t ctx, std::uintptr_t params, std::uintptr_t acts,
-                               int64_t acts_numel, std::uintptr_t grad_y,
+void mlp_coupling_backward_cpu(int dtype, int mode, double clamp, int64_t n, int64_t d, int64_t cut,
+                               int parity, int64_t n_ctx, const std::vector<int64_t>& sizes,
+                               std::uintptr_t x, std::uintptr_t ctx, std::uintptr_t params,
+                               std::uintptr_t acts, int64_t acts_numel, std::uintptr_t grad_y,
                                std::uintptr_t grad_logdet, std::uintptr_t grad_x,
                                std::uintptr_t grad_ctx, std::uintptr_t grad_params,
                                std::uintptr_t workspace, int64_t workspace_bytes, int nthreads) {
   if (dtype == kFloat64)
-    backward_impl<double>(dtype, mode, clamp, n, d, cut, parity, n_ctx, sizes, x, ctx, params,
-                          acts, acts_numel, grad_y, grad_logdet, grad_x, grad_ctx, grad_params,
-                          workspace, workspace_bytes, nthreads);
+    backward_impl<double>(dtype, mode, clamp, n, d, cut, parity, n_ctx, sizes, x, ctx, params, acts,
+                          acts_numel, grad_y, grad_logdet, grad_x, grad_ctx, grad_params, workspace,
+                          workspace_bytes, nthreads);
   else
-    backward_impl<float>(dtype, mode, clamp, n, d, cut, parity, n_ctx, sizes, x, ctx, params,
-                         acts, acts_numel, grad_y, grad_logdet, grad_x, grad_ctx, grad_params,
-                         workspace, workspace_bytes, nthreads);
+    backward_impl<float>(dtype, mode, clamp, n, d, cut, parity, n_ctx, sizes, x, ctx, params, acts,
+                         acts_numel, grad_y, grad_logdet, grad_x, grad_ctx, grad_params, workspace,
+                         workspace_bytes, nthreads);
 }
 
 }  // namespace ff
@@ -775,9 +773,8 @@ FF_MLP_INLINE void rows_tail(int64_t rem, int64_t K, const T* a, int64_t lda, co
 
 // Rows [0, M) with NVV vectors.
 template <typename T, int W, int R, int NVV, int In, int Ep, bool AT>
-FF_MLP_INLINE void rows_loop(int64_t M, int64_t K, const T* a, int64_t lda, const T* b,
-                             int64_t ldb, T* c, int64_t ldc, const T* bias, const T* m,
-                             int64_t ldm) {
+FF_MLP_INLINE void rows_loop(int64_t M, int64_t K, const T* a, int64_t lda, const T* b, int64_t ldb,
+                             T* c, int64_t ldc, const T* bias, const T* m, int64_t ldm) {
   int64_t r = 0;
   for (; r + R <= M; r += R)
     micro<T, W, R, NVV, In, Ep, AT>(K, AT ? a + r : a + r * lda, lda, b, ldb, c + r * ldc, ldc,
@@ -789,9 +786,9 @@ FF_MLP_INLINE void rows_loop(int64_t M, int64_t K, const T* a, int64_t lda, cons
 }
 
 template <typename T, int W, int R, int NVV, int In, int Ep, bool AT>
-FF_MLP_INLINE void vec_tail(int64_t rem, int64_t M, int64_t K, const T* a, int64_t lda,
-                            const T* b, int64_t ldb, T* c, int64_t ldc, const T* bias,
-                            const T* m, int64_t ldm) {
+FF_MLP_INLINE void vec_tail(int64_t rem, int64_t M, int64_t K, const T* a, int64_t lda, const T* b,
+                            int64_t ldb, T* c, int64_t ldc, const T* bias, const T* m,
+                            int64_t ldm) {
   if constexpr (NVV >= 1) {
     if (rem == NVV)
       rows_loop<T, W, R, NVV, In, Ep, AT>(M, K, a, lda, b, ldb, c, ldc, bias, m, ldm);
@@ -821,8 +818,8 @@ void gemm(int64_t M, int64_t NVEC, int64_t K, const T* a, int64_t lda, const T* 
 // RD rows and CC columns, both operands zero-padded to whole vectors; the lanes are summed in a
 // fixed order.
 template <typename T, int W, int RD, int CC, int In, int Ep>
-FF_MLP_INLINE void dot_micro(int64_t NVK, const T* a, int64_t lda, const T* bt, int64_t ldbt,
-                             T* c, int64_t ldc, const T* bias) {
+FF_MLP_INLINE void dot_micro(int64_t NVK, const T* a, int64_t lda, const T* bt, int64_t ldbt, T* c,
+                             int64_t ldc, const T* bias) {
   typedef T V __attribute__((vector_size(W * sizeof(T))));
   V acc[RD][CC];
 #pragma GCC unroll 8
@@ -877,8 +874,8 @@ FF_MLP_INLINE void dot_tail(int64_t rem, int64_t M, int64_t NVK, const T* a, int
 
 // C[M][N] by dots over K (M a multiple of RD); the columns outermost (Bt's rows stay in L1).
 template <typename T, int W, int RD, int CC, int In, int Ep>
-void dot_gemm(int64_t M, int64_t N, int64_t K, const T* a, int64_t lda, const T* bt,
-              int64_t ldbt, T* c, int64_t ldc, const T* bias) {
+void dot_gemm(int64_t M, int64_t N, int64_t K, const T* a, int64_t lda, const T* bt, int64_t ldbt,
+              T* c, int64_t ldc, const T* bias) {
   const int64_t nvk = (K + W - 1) / W;
   int64_t j = 0;
   for (; j + CC <= N; j += CC)
@@ -893,8 +890,7 @@ void dot_gemm(int64_t M, int64_t N, int64_t K, const T* a, int64_t lda, const T*
 
 // gb[:] (+)= sum_{s < nb} g[s * ldg + :] over nvec vectors, in registers across the samples.
 template <typename T, int W>
-FF_MLP_INLINE void bias_grad(int64_t nvec, int64_t nb, const T* g, int64_t ldg, T* gb,
-                             bool first) {
+FF_MLP_INLINE void bias_grad(int64_t nvec, int64_t nb, const T* g, int64_t ldg, T* gb, bool first) {
   typedef T V __attribute__((vector_size(W * sizeof(T))));
   constexpr int C = 4;
   int64_t v = 0;
