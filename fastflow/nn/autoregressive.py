@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from fastflow.nn.made import MADE
 from fastflow.ops.coupling import check_scale
 from fastflow.ops.made import made_affine_inverse
-from fastflow.ops.made_density import made_affine_density
+from fastflow.ops.made_density import density
 
 __all__ = ["InverseAutoregressive", "MaskedAffineAutoregressive"]
 
@@ -79,9 +79,8 @@ class MaskedAffineAutoregressive(nn.Module):
         self.made.check_input(x, context, name)
         m = self.made
         p = m.params if m.params.dtype == x.dtype else m.params.to(x.dtype)
-        return made_affine_density(
-            x, p, m.layout, m.masks(), m.activation, context, self.scale_fn, self.clamp
-        )
+        # the layer's structure is valid by construction and x/context were just checked
+        return density(x, p, m.layout, m.masks(), m.activation, context, self.scale_fn, self.clamp)
 
     def _walk(self, u: Tensor, context: Tensor | None, name: str) -> tuple[Tensor, Tensor]:
         self.made.check_input(u, context, name)

@@ -182,6 +182,13 @@ def made_affine_density(
             raise ValueError(f"masks[{l}] must have shape [{r}, {c}]")
     weights, biases, cw = made_views(params, layout)
     _check_mlp(x, weights, biases, context, cw, min_out=2 * x.shape[1] if x.dim() == 2 else 2)
+    return density(x, params, layout, masks, activation, context, scale_fn, clamp)
+
+
+def density(x, params, layout, masks, activation, context, scale_fn, clamp):
+    """:func:`made_affine_density` without its argument checks, for a module whose structure is
+    valid by construction (``MaskedAffineAutoregressive`` checks ``x`` and the context itself):
+    per call, only what can change is looked at."""
     d = x.shape[1]
     fast = (
         x.dtype in (torch.float32, torch.float64)
@@ -190,10 +197,11 @@ def made_affine_density(
         and not torch.compiler.is_compiling()
         and not torch.is_autocast_enabled(x.device.type)
         and B.use_native(x)
-        and len(weights) >= 2
-        and weights[-1].shape[0] == 2 * d
+        and len(layout.weights) >= 2
+        and layout.weights[-1][1] == 2 * d
     )
     if not fast:
+        weights, biases, cw = made_views(params, layout)
         mw = [w * m.to(w.dtype) for w, m in zip(weights, masks)]
         return made_affine_forward(x, mw, biases, activation, context, cw, scale_fn, clamp)
     masks = [m if m.dtype == x.dtype else m.to(x.dtype) for m in masks]
