@@ -83,12 +83,25 @@ def workspace(dtype: torch.dtype, n: int, sizes: tuple[int, ...], nthreads: int)
     return buf
 
 
-def _common(x: Tensor, layout: MLPLayout, nthreads: int | None):
+def _common(x, ctx, params, layout, cut, parity, mode, clamp, nthreads):
+    """The arguments every entry point shares, with the input pointers checked: ``(x made
+    contiguous, keyword arguments for _C)``."""
     if not x.is_cpu:
         raise ValueError(f"the native MLP coupling kernel runs on the CPU, got {x.device}")
+    x = x.contiguous()
     n, d = x.shape
+    dt, dev = x.dtype, x.device
+    nc = 0 if ctx is None else ctx.shape[1]
     nt = B.num_threads() if nthreads is None else nthreads
-    return n, d, B.DTYPE_CODES[x.dtype], layout.sizes, nt
+    ws = workspace(dt, n, layout.sizes, nt)
+    kw = dict(
+        dtype=B.DTYPE_CODES[dt], mode=mode, clamp=float(clamp), n=n, d=d, cut=cut, parity=parity,
+        n_ctx=nc, sizes=layout.sizes,
+        ctx_ptr=B.ptr(None if ctx is None else ctx.contiguous(), dt, n * nc, dev, "context"),
+        params_ptr=B.ptr(params.contiguous(), dt, layout.numel, dev, "params"),
+        workspace_ptr=B.ptr(ws), workspace_bytes=ws.numel(), nthreads=nt,
+    )  # fmt: skip
+    return x, kw
 
 
 def forward(
@@ -104,23 +117,16 @@ def forward(
     nthreads: int | None = None,
 ) -> tuple[Tensor, Tensor, Tensor | None]:
     """``(y, logdet, acts)`` of the forward map; ``acts`` is None unless ``need_acts``."""
-    n, d, code, sizes, nt = _common(x, layout, nthreads)
-    x = x.contiguous()
-    dt, dev = x.dtype, x.device
-    nc = 0 if ctx is None else ctx.shape[1]
+    x, kw = _common(x, ctx, params, layout, cut, parity, mode, clamp, nthreads)
+    n, d = x.shape
     y = torch.empty_like(x)
     logdet = x.new_empty(n)
-    acts = torch.empty(*_acts_shape(code, n, sizes), dtype=dt) if need_acts else None
-    ws = workspace(dt, n, sizes, nt)
+    shape = _acts_shape(kw["dtype"], n, layout.sizes)
+    acts = torch.empty(*shape, dtype=x.dtype) if need_acts else None
     B._C.mlp_coupling_forward_cpu(
-        dtype=code, mode=mode, clamp=float(clamp), n=n, d=d, cut=cut, parity=parity, n_ctx=nc,
-        sizes=sizes,
-        x_ptr=B.ptr(x, dt, n * d, dev, "x"),
-        ctx_ptr=B.ptr(None if ctx is None else ctx.contiguous(), dt, n * nc, dev, "context"),
-        params_ptr=B.ptr(params.contiguous(), dt, layout.numel, dev, "params"),
-        y_ptr=B.ptr(y), logdet_ptr=B.ptr(logdet),
-        acts_ptr=B.ptr(acts), acts_numel=0 if acts is None else acts.numel(),
-        workspace_ptr=B.ptr(ws), workspace_bytes=ws.numel(), nthreads=nt,
+        **kw, x_ptr=B.ptr(x, x.dtype, n * d, x.device, "x"), y_ptr=B.ptr(y),
+        logdet_ptr=B.ptr(logdet), acts_ptr=B.ptr(acts),
+        acts_numel=0 if acts is None else acts.numel(),
     )  # fmt: skip
     return y, logdet, acts
 
@@ -141,26 +147,19 @@ def backward(
 ) -> tuple[Tensor, Tensor | None, Tensor]:
     """``(grad_x, grad_context, grad_params)`` of the forward, from its ``acts``; grad_context
     is None without a context."""
-    n, d, code, sizes, nt = _common(x, layout, nthreads)
-    x = x.contiguous()
+    x, kw = _common(x, ctx, params, layout, cut, parity, mode, clamp, nthreads)
+    n, d = x.shape
     dt, dev = x.dtype, x.device
-    nc = 0 if ctx is None else ctx.shape[1]
-    rows, cols = _acts_shape(code, n, sizes)
+    rows, cols = _acts_shape(kw["dtype"], n, layout.sizes)
     gx = torch.empty_like(x)
-    gctx = None if ctx is None else torch.empty(n, nc, dtype=dt)
+    gctx = None if ctx is None else torch.empty(n, kw["n_ctx"], dtype=dt)
     gp = x.new_empty(layout.numel)
-    ws = workspace(dt, n, sizes, nt)
     B._C.mlp_coupling_backward_cpu(
-        dtype=code, mode=mode, clamp=float(clamp), n=n, d=d, cut=cut, parity=parity, n_ctx=nc,
-        sizes=sizes,
-        x_ptr=B.ptr(x, dt, n * d, dev, "x"),
-        ctx_ptr=B.ptr(None if ctx is None else ctx.contiguous(), dt, n * nc, dev, "context"),
-        params_ptr=B.ptr(params.contiguous(), dt, layout.numel, dev, "params"),
+        **kw, x_ptr=B.ptr(x, dt, n * d, dev, "x"),
         acts_ptr=B.ptr(acts, dt, rows * cols, dev, "acts"), acts_numel=rows * cols,
         grad_y_ptr=B.ptr(grad_y.contiguous(), dt, n * d, dev, "grad_y"),
         grad_logdet_ptr=B.ptr(grad_logdet.contiguous(), dt, n, dev, "grad_logdet"),
         grad_x_ptr=B.ptr(gx), grad_ctx_ptr=B.ptr(gctx), grad_params_ptr=B.ptr(gp),
-        workspace_ptr=B.ptr(ws), workspace_bytes=ws.numel(), nthreads=nt,
     )  # fmt: skip
     return gx, gctx, gp
 
@@ -177,20 +176,12 @@ def inverse(
     nthreads: int | None = None,
 ) -> tuple[Tensor, Tensor]:
     """``(x, logdet)`` of the inverse map (``logdet = -sum s``)."""
-    n, d, code, sizes, nt = _common(y, layout, nthreads)
-    y = y.contiguous()
-    dt, dev = y.dtype, y.device
-    nc = 0 if ctx is None else ctx.shape[1]
+    y, kw = _common(y, ctx, params, layout, cut, parity, mode, clamp, nthreads)
+    n, d = y.shape
     x = torch.empty_like(y)
     logdet = y.new_empty(n)
-    ws = workspace(dt, n, sizes, nt)
     B._C.mlp_coupling_inverse_cpu(
-        dtype=code, mode=mode, clamp=float(clamp), n=n, d=d, cut=cut, parity=parity, n_ctx=nc,
-        sizes=sizes,
-        y_ptr=B.ptr(y, dt, n * d, dev, "y"),
-        ctx_ptr=B.ptr(None if ctx is None else ctx.contiguous(), dt, n * nc, dev, "context"),
-        params_ptr=B.ptr(params.contiguous(), dt, layout.numel, dev, "params"),
-        x_ptr=B.ptr(x), logdet_ptr=B.ptr(logdet),
-        workspace_ptr=B.ptr(ws), workspace_bytes=ws.numel(), nthreads=nt,
+        **kw, y_ptr=B.ptr(y, y.dtype, n * d, y.device, "y"), x_ptr=B.ptr(x),
+        logdet_ptr=B.ptr(logdet),
     )  # fmt: skip
     return x, logdet
