@@ -44,6 +44,8 @@ import fastflow
 from fastflow.ops import coupling as C
 from fastflow.ops import invconv as I
 from fastflow.ops import made as M
+from fastflow.ops import made_density as MD
+from fastflow.ops import mlp_coupling as MC
 
 SEED = 20250611
 FAMILIES = ("coupling", "invconv", "made_net", "made_inverse")
@@ -1230,6 +1232,126 @@ def made_net_cases() -> list[Case]:
                 tol=5.0,
             )
         )
+    cases += _fused_layer_cases(name, rng)
+    return cases
+
+
+def _fused_layer_cases(name, rng) -> list[Case]:
+    """mlp_affine_coupling and made_affine_density (whole layers as one op)."""
+    cases: list[Case] = []
+
+    def mlp_build(n, d, hidden, c, dtype, parity, sf, inverse, xl, vals, bad=None):
+        def build(g):
+            cut = d // 2
+            da = cut if parity == 0 else d - cut
+            lay = MC.mlp_layout((da + c, *hidden, 2 * (d - da)))
+            p = (torch.randn(lay.numel, generator=g) * 0.3).to(dtype)
+            x = relayout(g, _values(g, (n, d), dtype, vals, 1.0), xl)
+            ctx = torch.randn(n, c, generator=g).to(dtype) if c else None
+            if bad == "short_params":
+                p = p[:-1]
+            elif bad == "params_dtype":
+                p = p.to(F64 if dtype != F64 else F32)
+            elif bad == "ctx_rows":
+                ctx = torch.randn(n + 1, c, generator=g).to(dtype)
+            elif bad == "cut":
+                cut = d
+            elif bad == "layout":
+                lay = MC.mlp_layout((da + c + 1, *hidden, 2 * (d - da)))
+                p = torch.randn(lay.numel, generator=g).to(dtype)
+            return [x, p, lay, cut, parity, ctx], {"scale_fn": sf, "inverse": inverse}
+
+        return build
+
+    for _ in range(24):
+        n = rng.choice([0, 1, 3, 17])
+        d = rng.choice([2, 3, 5, 16])
+        hidden = rng.choice([(), (7,), (8, 5)])
+        c = rng.choice([0, 0, 2])
+        dtype = rng.choice(FLOATS)
+        parity, inverse = rng.choice([0, 1]), rng.random() < 0.4
+        sf = rng.choice(_SFS)
+        xl = rng.choice(["contig", "t", "strided", "offset"])
+        vals = rng.choices(["randn", "big", "nan", "zero"], [8, 1, 1, 1])[0]
+        grad = not inverse and vals == "randn" and dtype in (F32, F64) and n > 0
+        desc = (
+            f"mlpc-{DNAME[dtype]}-n{n}-d{d}-h{'_'.join(map(str, hidden)) or '0'}-c{c}-p{parity}"
+            f"-{sf}-{'inv' if inverse else 'fwd'}-{xl}-{vals}" + ("-grad" if grad else "")
+        )
+        build = mlp_build(n, d, hidden, c, dtype, parity, sf, inverse, xl, vals)
+        cases.append(
+            Case(
+                name(desc), MC.mlp_affine_coupling, build=build,
+                grad=_grad_args(0, 1) if grad else None, tol=5.0,
+            )
+        )  # fmt: skip
+    for bad in ("short_params", "params_dtype", "ctx_rows", "cut", "layout"):
+        build = mlp_build(4, 4, (6,), 2, F32, 0, "softclamp", False, "contig", "randn", bad)
+        case = Case(name(f"mlpc-bad-{bad}"), MC.mlp_affine_coupling, build=build, reject=True)
+        cases.append(case)
+
+    def dens_build(n, d, hidden, c, dtype, act, sf, xl, vals, bad=None):
+        def build(g):
+            ws, bs, _, _, cw = _made_net(g, d, hidden, c, None, dtype)
+            ts = [*ws, *bs] + ([cw] if cw is not None else [])
+            params = torch.cat([t.detach().flatten() for t in ts])
+            w_lay, b_lay, off = [], [], 0
+            for w in ws:
+                w_lay.append((off, w.shape[0], w.shape[1]))
+                off += w.numel()
+            for b in bs:
+                b_lay.append((off, b.shape[0]))
+                off += b.numel()
+            c_lay = None if cw is None else (off, cw.shape[0], cw.shape[1])
+            lay = MD.MADELayout(tuple(w_lay), tuple(b_lay), c_lay)
+            masks = [(w != 0).to(dtype) for w in ws]
+            x = relayout(g, _values(g, (n, d), dtype, vals, 1.0), xl)
+            ctx = torch.randn(n, c, generator=g).to(dtype) if c else None
+            if bad == "short_params":
+                params = params[:-1]
+            elif bad == "mask_shape":
+                masks[0] = masks[0][:, :-1]
+            elif bad == "mask_count":
+                masks = masks[:-1]
+            elif bad == "x_width":
+                x = torch.randn(n, d + 1, generator=g).to(dtype)
+            return [x, params, lay, masks, act, ctx], {"scale_fn": sf}
+
+        return build
+
+    for _ in range(16):
+        n = rng.choice([0, 1, 3, 17])
+        d = rng.choice([1, 2, 5, 9])
+        hidden = rng.choice([(7,), (8, 5)])
+        c = rng.choice([0, 0, 3])
+        dtype = rng.choice(FLOATS)
+        act, sf = rng.choice(_ACTS), rng.choice(_SFS)
+        xl = rng.choice(["contig", "t", "strided", "offset"])
+        vals = rng.choices(["randn", "big", "nan", "zero"], [8, 1, 1, 1])[0]
+        grad = vals == "randn" and dtype in (F32, F64) and n > 0
+        desc = (
+            f"dens-{DNAME[dtype]}-n{n}-d{d}-h{'_'.join(map(str, hidden))}-c{c}-{act}-{sf}-{xl}"
+            f"-{vals}" + ("-grad" if grad else "")
+        )
+        build = dens_build(n, d, hidden, c, dtype, act, sf, xl, vals)
+        cases.append(
+            Case(
+                name(desc), MD.made_affine_density, build=build,
+                grad=_grad_args(0, 1) if grad else None, tol=5.0,
+            )
+        )  # fmt: skip
+    for bad in ("short_params", "mask_shape", "mask_count", "x_width"):
+        build = dens_build(4, 3, (6,), 2, F32, "relu", "softclamp", "contig", "randn", bad)
+        cases.append(
+            Case(name(f"dens-bad-{bad}"), MD.made_affine_density, build=build, reject=True)
+        )
+    cases.append(
+        Case(
+            name("dens-autocast-f32-c3"), MD.made_affine_density,
+            build=dens_build(6, 4, (9, 7), 3, F32, "relu", "softclamp", "contig", "randn"),
+            autocast=True,
+        )
+    )  # fmt: skip
     return cases
 
 
