@@ -98,6 +98,17 @@ CASES = [
     ("maf-layer/ctx/tanh/random", lambda: ff.MaskedAffineAutoregressive(D, hidden=(8,), context=2, activation="tanh", order="random", hidden_degrees="random", seed=1), (D,), 2),  # noqa: E501
     ("iaf-layer", lambda: ff.InverseAutoregressive(D, hidden=(8,)), (D,), None),
     ("iaf-layer/ctx/elu/glow", lambda: ff.InverseAutoregressive(D, hidden=(8, 8), context=2, activation="elu", scale_fn="glow"), (D,), 2),  # noqa: E501
+    # transformer autoregressive (TarFlow) blocks and the patch layer
+    ("transformer-ar", lambda: ff.TransformerAutoregressive(4, 3, width=8, depth=1, heads=2), (4, 3), None),  # noqa: E501
+    ("transformer-ar/ctx/flip", lambda: ff.TransformerAutoregressive(4, 2, width=8, depth=2, heads=2, context_features=2, flip=True), (4, 2), 2),  # noqa: E501
+    ("patchify", lambda: ff.Patchify((2, 4, 4), 2), (2, 4, 4), None),
+    # neural spline layers
+    ("spline-coupling/half", lambda: ff.SplineCoupling(D, hidden=8, bins=4), (D,), None),
+    ("spline-coupling/p1/ctx", lambda: ff.SplineCoupling(D, parity=1, hidden=8, bins=3, context_features=2), (D,), 2),  # noqa: E501
+    ("spline-coupling/checker/img", lambda: ff.SplineCoupling(IMG, "checkerboard", hidden=4, bins=3, bound=2.0), IMG, None),  # noqa: E501
+    ("spline-ar", lambda: ff.SplineAutoregressive(D, hidden=(8, 8), bins=4), (D,), None),
+    ("spline-ar/ctx/tanh/random", lambda: ff.SplineAutoregressive(D, hidden=(8,), context=2, bins=3, activation="tanh", order="random", hidden_degrees="random", seed=1), (D,), 2),  # noqa: E501
+    ("spline-iaf/ctx", lambda: ff.SplineInverseAutoregressive(D, hidden=(8,), context=2, bins=3), (D,), 2),  # noqa: E501
     # permutations and shapes
     ("reverse/vec", lambda: ff.Reverse(), (D,), None),
     ("reverse/img", lambda: ff.Reverse(), IMG, None),
@@ -125,6 +136,8 @@ CASES = [
     ("MAF/ctx/random", lambda: fm.MAF(D, layers=3, hidden=(8,), context=2, permutation="random", seed=2), (D,), 2),  # noqa: E501
     ("IAF", lambda: fm.IAF(D, layers=2, hidden=(8,)), (D,), None),
     ("IAF/ctx", lambda: fm.IAF(D, layers=2, hidden=(8, 8), context=2), (D,), 2),
+    ("NSF/coupling", lambda: fm.NeuralSplineFlow(D, layers=2, bins=3, hidden=8), (D,), None),
+    ("NSF/ar/ctx", lambda: fm.NeuralSplineFlow(D, layers=2, bins=3, kind="autoregressive", hidden=8, context=2), (D,), 2),  # noqa: E501
     ("Flow/conditional-base", lambda: fastflow.Flow([ff.AffineCoupling(D, hidden=8, context_features=2), ff.LULinear(D)], ConditionalDiagonalGaussian(D, 2, hidden=8)), (D,), 2),  # noqa: E501
 ]
 # fmt: on

@@ -19,6 +19,8 @@ from fastflow.nn.made import MADE
 from fastflow.nn.permutation import RandomPermutation, Reverse
 from fastflow.nn.recompute import invertible_checkpoint
 from fastflow.nn.shape import Flatten, Split, Squeeze
+from fastflow.nn.spline import SplineAutoregressive, SplineCoupling, SplineInverseAutoregressive
+from fastflow.nn.transformer import Patchify, TransformerAutoregressive
 
 __all__ = [
     "ActNorm",
@@ -34,11 +36,16 @@ __all__ = [
     "LULinear",
     "MADE",
     "MaskedAffineAutoregressive",
+    "Patchify",
     "RandomPermutation",
     "Reverse",
     "Split",
+    "SplineAutoregressive",
+    "SplineCoupling",
+    "SplineInverseAutoregressive",
     "Squeeze",
     "Transform",
+    "TransformerAutoregressive",
     "checkerboard_mask",
     "conv_subnet",
     "invertible_checkpoint",

@@ -1,0 +1,195 @@
+"""TarFlow: the transformer autoregressive block (log-det, causality, the three inverses), the
+model (bits/dim, sampling methods, denoising, bad input) and the learned (BiFlow) inverse.
+
+Tiny models; exactness is checked in fp64 against independent references (the fp64 autograd
+Jacobian, the naive decoder, round trips).
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from fastflow.nn.transformer import Patchify, TransformerAutoregressive
+
+T, D = 7, 3
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # tiny tensors: thread handoffs on a loaded machine cost far more than the work
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _perturb(module: torch.nn.Module, scale: float = 0.3, seed: int = 0) -> torch.nn.Module:
+    """Move every parameter away from the (identity) initialisation."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.add_(scale * torch.randn(p.shape, generator=g, dtype=torch.float64).to(p.dtype))
+    return module.eval()
+
+
+def _block(context_features=None, flip=False, depth=2) -> TransformerAutoregressive:
+    torch.manual_seed(0)
+    b = TransformerAutoregressive(
+        T, D, width=16, depth=depth, heads=2, context_features=context_features, flip=flip
+    )
+    return _perturb(b.double())
+
+
+def _inputs(n=3, context_features=None, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, T, D, generator=g, dtype=torch.float64)
+    c = None
+    if context_features:
+        c = torch.randn(n, context_features, generator=g, dtype=torch.float64)
+    return x, c
+
+
+# -- the block ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("ctx,flip", [(None, False), (2, True)])
+def test_block_logdet_is_the_autograd_jacobian(ctx, flip):
+    b = _block(ctx, flip)
+    x, c = _inputs(2, ctx)
+    _, ld = b(x, c)
+    for i in range(x.shape[0]):
+        ci = None if c is None else c[i : i + 1]
+
+        def f(v, ci=ci):
+            return b(v.reshape(1, T, D), ci)[0].reshape(-1)
+
+        jac = torch.autograd.functional.jacobian(f, x[i].reshape(-1))
+        # autoregressive: the Jacobian in the block's token order is triangular
+        sign, logabs = torch.linalg.slogdet(jac)
+        assert sign != 0
+        assert torch.allclose(ld[i], logabs, atol=1e-10, rtol=1e-10)
+
+
+@pytest.mark.parametrize("flip", [False, True])
+def test_block_is_causal(flip):
+    b = _block(None, flip)
+    x, _ = _inputs(2)
+    z, _ = b(x)
+    order = list(range(T))[::-1] if flip else list(range(T))
+    for k in range(T - 1):
+        later = order[k + 1 :]
+        x2 = x.clone()
+        x2[:, later] += torch.randn(2, len(later), D, dtype=torch.float64)
+        z2, _ = b(x2)
+        # output token t and every earlier one (in the block's order) are unchanged
+        assert torch.equal(z2[:, order[: k + 1]], z[:, order[: k + 1]])
+        assert not torch.allclose(z2[:, later], z[:, later])
+    # the first token is passed through without a context
+    assert torch.equal(z[:, order[0]], x[:, order[0]])
+
+
+def test_block_first_token_depends_on_context_only():
+    b = _block(2)
+    x, c = _inputs(2, 2)
+    z, _ = b(x, c)
+    x2 = x.clone()
+    x2[:, 1:] += 1.0
+    assert torch.equal(b(x2, c)[0][:, 0], z[:, 0])
+    assert not torch.allclose(b(x, c + 1.0)[0][:, 0], z[:, 0])
+
+
+def test_new_block_is_the_identity():
+    b = TransformerAutoregressive(T, D, width=8, depth=1, heads=2, context_features=2)
+    x, c = torch.randn(2, T, D), torch.randn(2, 2)
+    z, ld = b(x, c)
+    assert torch.equal(z, x) and torch.equal(ld, torch.zeros(2))
+
+
+@pytest.mark.parametrize("ctx,flip", [(None, False), (2, True)])
+def test_exact_equals_naive_and_round_trips(ctx, flip):
+    b = _block(ctx, flip)
+    x, c = _inputs(3, ctx)
+    z, ld = b(x, c)
+    xn, ldn = b.inverse(z, c, method="naive")
+    xe, lde = b.inverse(z, c, method="exact")
+    assert torch.allclose(xe, xn, atol=1e-12, rtol=0)
+    assert torch.allclose(lde, ldn, atol=1e-12, rtol=0)
+    assert torch.allclose(xe, x, atol=1e-10, rtol=0)
+    assert torch.allclose(lde, -ld, atol=1e-10, rtol=0)
+    assert b.last_iterations == T - 1  # one pass per decoded token
+    # and the other way round: forward(inverse(z0)) == z0
+    z0 = torch.randn(3, T, D, dtype=torch.float64)
+    x0, _ = b.inverse(z0, c, method="exact")
+    assert torch.allclose(b(x0, c)[0], z0, atol=1e-10, rtol=0)
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 16])
+def test_jacobi_converges_to_exact(chunk):
+    b = _block(None, True)
+    x, _ = _inputs(3)
+    with torch.no_grad():
+        z, _ = b(x)
+        xe, lde = b.inverse(z, method="exact")
+    # tol = 0 and a cap >= chunk: exact (each pass fixes at least one more token)
+    xj, ldj = b.inverse(z, method="jacobi", chunk=chunk, tol=0.0, max_iter=max(chunk, 1))
+    assert torch.allclose(xj, xe, atol=1e-12, rtol=0)
+    assert torch.allclose(ldj, lde, atol=1e-12, rtol=0)
+    # with a tolerance: within it (relative to the sequence), with the passes reported
+    for tol in (1e-2, 1e-6):
+        xj, _ = b.inverse(z, method="jacobi", chunk=chunk, tol=tol, max_iter=32)
+        err = (xj - xe).flatten(1).norm(dim=1) / xe.flatten(1).norm(dim=1)
+        assert err.max().item() <= 10 * tol
+        assert 1 <= b.last_iterations <= 32 * math.ceil((T - 1) / chunk)
+    # a cap below the chunk length stops early: fewer passes than the exact decoder needs
+    b.inverse(z, method="jacobi", chunk=6, tol=0.0, max_iter=2)
+    assert b.last_iterations == 2
+
+
+def test_block_fp32_matches_fp64():
+    b64 = _block(2)
+    b32 = TransformerAutoregressive(T, D, width=16, depth=2, heads=2, context_features=2)
+    b32.load_state_dict({k: v.float() for k, v in b64.state_dict().items()})
+    x, c = _inputs(3, 2)
+    z64, ld64 = b64(x, c)
+    z32, ld32 = b32.eval()(x.float(), c.float())
+    assert torch.allclose(z32.double(), z64, atol=1e-4) and torch.allclose(
+        ld32.double(), ld64, atol=1e-3
+    )
+    x32, _ = b32.inverse(z32, c.float(), method="exact")
+    assert torch.allclose(x32.double(), x, atol=1e-4)
+
+
+def test_block_bad_input():
+    b = _block(2)
+    with pytest.raises(ValueError, match="x must have shape"):
+        b(torch.randn(2, T + 1, D, dtype=torch.float64), torch.randn(2, 2, dtype=torch.float64))
+    with pytest.raises(ValueError, match="is conditional"):
+        b(torch.randn(2, T, D, dtype=torch.float64))
+    with pytest.raises(ValueError, match="context must have shape"):
+        b(torch.randn(2, T, D, dtype=torch.float64), torch.randn(2, 3, dtype=torch.float64))
+    z, c = torch.randn(2, T, D, dtype=torch.float64), torch.randn(2, 2, dtype=torch.float64)
+    with pytest.raises(ValueError, match="method"):
+        b.inverse(z, c, method="fast")
+    with pytest.raises(ValueError, match="tol"):
+        b.inverse(z, c, method="jacobi", tol=-1.0)
+    with pytest.raises(ValueError, match="divisible by heads"):
+        TransformerAutoregressive(T, D, width=10, heads=4)
+    with pytest.raises(ValueError, match="tokens"):
+        TransformerAutoregressive(0, D)
+
+
+def test_patchify_round_trip_and_layout():
+    p = Patchify((2, 4, 6), 2)
+    x = torch.randn(3, 2, 4, 6)
+    z, ld = p(x)
+    assert z.shape == (3, 6, 8) and torch.equal(ld, torch.zeros(3))
+    # token (i, j) holds the (2, 2, 2) patch at rows 2i.., columns 2j..
+    assert torch.equal(z[:, 1 * 3 + 2], x[:, :, 2:4, 4:6].reshape(3, -1))
+    assert torch.equal(p.inverse(z)[0], x)
+    with pytest.raises(ValueError, match="does not divide"):
+        Patchify((1, 6, 6), 4)
+    with pytest.raises(ValueError, match="x must have shape"):
+        p(torch.randn(3, 2, 4, 4))
