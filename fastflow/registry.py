@@ -199,3 +199,15 @@ for _name, _cls, _desc in (
         defaults={"hidden": 64, "depth": 5},
         description=_desc,
     )(_autoregressive(_cls))
+
+
+@register_model(
+    "nsf",
+    kinds=("vector",),
+    defaults={"hidden": 64, "depth": 5},
+    description="Neural spline flow (Durkan et al. 2019): rational-quadratic spline couplings",
+)
+def _nsf(shape, o):
+    from fastflow.models.nsf import NeuralSplineFlow
+
+    return NeuralSplineFlow(shape[0], layers=o["depth"], hidden=o["hidden"])

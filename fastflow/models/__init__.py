@@ -1,8 +1,9 @@
-"""Ready flows: NICE, RealNVP, Glow, MAF, IAF (each a :class:`fastflow.Flow`)."""
+"""Ready flows: NICE, RealNVP, Glow, MAF, IAF, NeuralSplineFlow (each a :class:`fastflow.Flow`)."""
 
 from fastflow.models.glow import Glow
 from fastflow.models.maf import IAF, MAF
 from fastflow.models.nice import NICE
+from fastflow.models.nsf import NeuralSplineFlow
 from fastflow.models.realnvp import RealNVP
 
-__all__ = ["Glow", "IAF", "MAF", "NICE", "RealNVP"]
+__all__ = ["Glow", "IAF", "MAF", "NICE", "NeuralSplineFlow", "RealNVP"]
