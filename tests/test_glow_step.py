@@ -1,5 +1,6 @@
 """ActNorm, InvConv1x1 and GlowStep: round trips, log-dets against autograd Jacobians, init."""
 
+import copy
 import os
 import tempfile
 
@@ -320,9 +321,15 @@ def test_glow_conditioner_starts_at_zero_and_splits_in_halves():
             p.normal_()
     x = torch.randn(3, 2, 4, 4)
     raw, shift = net(x)
-    h = net.net(x)  # one convolution: raw scales first, then shifts
-    torch.testing.assert_close(raw, h[:, :3], rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(shift, h[:, 3:], rtol=1e-5, atol=1e-5)
+    # one convolution: raw scales first, then shifts (fp64 network as the reference: the
+    # channels-last convolutions round differently from the default layout's)
+    h = copy.deepcopy(net.net).double()(x.double())
+    torch.testing.assert_close(raw.double(), h[:, :3], rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(shift.double(), h[:, 3:], rtol=1e-5, atol=1e-4)
+    assert raw[0].is_contiguous() and shift[0].is_contiguous()
+    net.channels_last = False
+    raw2, shift2 = net(x)
+    torch.testing.assert_close(raw2.double(), h[:, :3], rtol=1e-5, atol=1e-4)
     assert GlowConditioner(2, 3, hidden=5, affine=False)(x).shape == (3, 3, 4, 4)
 
 

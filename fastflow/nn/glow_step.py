@@ -38,6 +38,11 @@ class GlowConditioner(nn.Module):
         out_channels: channels of the transformed half ``C_b``.
         hidden: width of the hidden layers (Glow uses 512).
         affine: return ``(raw_scale, shift)`` (each ``C_b`` channels); else only ``shift``.
+        channels_last: run the convolutions on a channels-last copy of the input (the output is
+            returned in the default layout). oneDNN's convolutions, forward and backward, are
+            15-25% faster on channels-last activations on the CPU at Glow's sizes (see
+            docs/DESIGN-NOTES.md); the copy of the ``C // 2``-channel input and of the output is
+            small next to the hidden activations. Same result up to rounding.
 
     Example:
         >>> net = GlowConditioner(2, 2, hidden=8)
@@ -50,10 +55,16 @@ class GlowConditioner(nn.Module):
     """
 
     def __init__(
-        self, in_channels: int, out_channels: int, hidden: int = 512, affine: bool = True
+        self,
+        in_channels: int,
+        out_channels: int,
+        hidden: int = 512,
+        affine: bool = True,
+        channels_last: bool = True,
     ) -> None:
         super().__init__()
         self.affine = bool(affine)
+        self.channels_last = bool(channels_last)
         self.net = nn.Sequential(
             nn.Conv2d(in_channels, hidden, 3, padding=1),
             nn.ReLU(),
@@ -65,11 +76,12 @@ class GlowConditioner(nn.Module):
         nn.init.zeros_(self.net[-1].bias)
 
     def forward(self, x: Tensor) -> Tensor | tuple[Tensor, Tensor]:
-        h = self.net[:-1](x)
-        last = self.net[-1]
+        if self.channels_last and x.dim() == 4:
+            out = self.net(x.contiguous(memory_format=torch.channels_last)).contiguous()
+        else:
+            out = self.net(x)
         if not self.affine:
-            return last(h)
-        out = last(h)
+            return out
         c = out.shape[1] // 2
         return out[:, :c], out[:, c:]
 
