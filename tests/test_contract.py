@@ -109,6 +109,11 @@ CASES = [
     ("spline-ar", lambda: ff.SplineAutoregressive(D, hidden=(8, 8), bins=4), (D,), None),
     ("spline-ar/ctx/tanh/random", lambda: ff.SplineAutoregressive(D, hidden=(8,), context=2, bins=3, activation="tanh", order="random", hidden_degrees="random", seed=1), (D,), 2),  # noqa: E501
     ("spline-iaf/ctx", lambda: ff.SplineInverseAutoregressive(D, hidden=(8,), context=2, bins=3), (D,), 2),  # noqa: E501
+    # planar, radial and batch-norm flows
+    ("planar", lambda: ff.PlanarFlow(D), (D,), None),
+    ("radial", lambda: ff.RadialFlow(D), (D,), None),
+    ("batchnorm/vec", lambda: ff.BatchNormFlow(D), (D,), None),
+    ("batchnorm/img", lambda: ff.BatchNormFlow(2), IMG, None),
     # permutations and shapes
     ("reverse/vec", lambda: ff.Reverse(), (D,), None),
     ("reverse/img", lambda: ff.Reverse(), IMG, None),

@@ -17,6 +17,7 @@ from fastflow.nn.invconv import InvConv1x1
 from fastflow.nn.lulinear import LULinear
 from fastflow.nn.made import MADE
 from fastflow.nn.permutation import RandomPermutation, Reverse
+from fastflow.nn.planar import BatchNormFlow, PlanarFlow, RadialFlow
 from fastflow.nn.recompute import invertible_checkpoint
 from fastflow.nn.shape import Flatten, Split, Squeeze
 from fastflow.nn.spline import SplineAutoregressive, SplineCoupling, SplineInverseAutoregressive
@@ -24,6 +25,7 @@ from fastflow.nn.transformer import Patchify, TransformerAutoregressive
 
 __all__ = [
     "ActNorm",
+    "BatchNormFlow",
     "AdditiveCoupling",
     "AffineCoupling",
     "MLPAffineCoupling",
@@ -36,6 +38,8 @@ __all__ = [
     "LULinear",
     "MADE",
     "MaskedAffineAutoregressive",
+    "PlanarFlow",
+    "RadialFlow",
     "Patchify",
     "RandomPermutation",
     "Reverse",
