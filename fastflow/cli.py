@@ -180,6 +180,40 @@ def _sample_cmd(args) -> int:
     return 0
 
 
+def _configure_train_inverse(p: argparse.ArgumentParser) -> None:
+    p.add_argument("checkpoint", help="a TarFlow checkpoint written by fastflow train (best.pt)")
+    p.add_argument("--steps", type=int, default=2000, help="optimizer steps (2000)")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--align-weight", type=float, default=1.0, help="hidden alignment weight")
+    p.add_argument("--out", help="where to write the inverse (default: inverse.pt beside it)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
+    p.add_argument("--device", default="cpu")
+
+
+@command(
+    "train-inverse",
+    "train the learned one-pass inverse (BiFlow) of a TarFlow checkpoint",
+    _configure_train_inverse,
+)
+def _train_inverse_cmd(args) -> int:
+    from fastflow.models.tarflow import train_inverse_checkpoint
+
+    train_inverse_checkpoint(
+        args.checkpoint,
+        steps=args.steps,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        align_weight=args.align_weight,
+        out=args.out,
+        seed=args.seed,
+        threads=args.threads,
+        device=args.device,
+    )
+    return 0
+
+
 def _configure_evaluate(p: argparse.ArgumentParser) -> None:
     p.add_argument("checkpoint", help="a .pt file written by fastflow train")
     p.add_argument("--data", help="data to score (default: the checkpoint's data, --split)")

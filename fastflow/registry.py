@@ -211,3 +211,32 @@ def _nsf(shape, o):
     from fastflow.models.nsf import NeuralSplineFlow
 
     return NeuralSplineFlow(shape[0], layers=o["depth"], hidden=o["hidden"])
+
+
+def _tarflow_patch(shape: tuple[int, ...]) -> int:
+    """The largest of 4, 2, 1 that divides H and W and leaves at least 16 tokens."""
+    _, h, w = shape
+    return next(p for p in (4, 2, 1) if h % p == 0 and w % p == 0 and (h // p) * (w // p) >= 16)
+
+
+@register_model(
+    "tarflow",
+    kinds=("image",),
+    defaults={"hidden": 64, "depth": 4},
+    description="TarFlow (Zhai et al. 2024): causal transformer autoregressive flow on patches "
+    "(--hidden width, --depth blocks; trains on noised data)",
+)
+def _tarflow(shape, o):
+    from fastflow.models.tarflow import TarFlow
+
+    width = o["hidden"]
+    heads = next(h for h in (4, 2, 1) if width % h == 0)
+    return TarFlow(
+        shape,
+        patch_size=_tarflow_patch(shape),
+        width=width,
+        depth=2,
+        blocks=o["depth"],
+        heads=heads,
+        noise_std=0.05,
+    )

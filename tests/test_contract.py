@@ -143,6 +143,8 @@ CASES = [
     ("IAF/ctx", lambda: fm.IAF(D, layers=2, hidden=(8, 8), context=2), (D,), 2),
     ("NSF/coupling", lambda: fm.NeuralSplineFlow(D, layers=2, bins=3, hidden=8), (D,), None),
     ("NSF/ar/ctx", lambda: fm.NeuralSplineFlow(D, layers=2, bins=3, kind="autoregressive", hidden=8, context=2), (D,), 2),  # noqa: E501
+    ("TarFlow", lambda: fm.TarFlow((1, 4, 4), patch_size=2, width=8, depth=1, blocks=2, heads=2), (1, 4, 4), None),  # noqa: E501
+    ("TarFlow/classes", lambda: fm.TarFlow((2, 4, 4), patch_size=2, width=8, depth=1, blocks=3, heads=2, num_classes=3), (2, 4, 4), 3),  # noqa: E501
     ("Flow/conditional-base", lambda: fastflow.Flow([ff.AffineCoupling(D, hidden=8, context_features=2), ff.LULinear(D)], ConditionalDiagonalGaussian(D, 2, hidden=8)), (D,), 2),  # noqa: E501
 ]
 # fmt: on

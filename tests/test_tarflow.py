@@ -12,6 +12,14 @@ import math
 import pytest
 import torch
 
+from fastflow.models.tarflow import (
+    LearnedInverse,
+    TarFlow,
+    load_inverse,
+    reconstruction_error,
+    save_inverse,
+    train_inverse,
+)
 from fastflow.nn.transformer import Patchify, TransformerAutoregressive
 
 T, D = 7, 3
@@ -193,3 +201,162 @@ def test_patchify_round_trip_and_layout():
         Patchify((1, 6, 6), 4)
     with pytest.raises(ValueError, match="x must have shape"):
         p(torch.randn(3, 2, 4, 4))
+
+
+# -- the model ------------------------------------------------------------------------------------
+
+IMG = (1, 8, 8)
+
+
+def _model(num_classes=0, blocks=2, seed=0) -> TarFlow:
+    torch.manual_seed(seed)
+    m = TarFlow(IMG, patch_size=2, width=16, depth=1, blocks=blocks, heads=2, noise_std=0.1,
+                num_classes=num_classes)  # fmt: skip
+    return _perturb(m.double(), 0.2, seed)
+
+
+def _images(n=4, seed=2):
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(n, *IMG, generator=g, dtype=torch.float64) - 0.5
+
+
+def test_model_methods_agree_and_round_trip():
+    m = _model(num_classes=3)
+    labels = torch.tensor([0, 2, 1])
+    g = torch.Generator().manual_seed(5)
+    z = torch.randn(3, 16, 4, generator=g, dtype=torch.float64)
+    with torch.no_grad():
+        xn = m.decode(z, labels, "naive")
+        xe = m.decode(z, labels, "exact")
+        assert m.last_sample_info["iterations"] == [15, 15]
+        xj = m.decode(z, labels, "jacobi", chunk=4, tol=0.0, max_iter=4)
+        # the exact decoder inverts the density direction
+        zz, _ = m(xe, labels)
+    assert torch.allclose(xe, xn, atol=1e-12, rtol=0)
+    assert torch.allclose(xj, xe, atol=1e-12, rtol=0)
+    assert torch.allclose(zz, z, atol=1e-10, rtol=0)
+
+
+def test_bits_per_dim_and_log_prob():
+    m = _model()
+    x = _images()
+    lp = m.log_prob(x)
+    z, ld = m(x)
+    normal = -0.5 * (z**2).flatten(1).sum(1) - 0.5 * 64 * math.log(2 * math.pi)
+    assert torch.allclose(lp, normal + ld, atol=1e-10)
+    bpd = m.bits_per_dim(x, levels=17)
+    assert torch.allclose(bpd, -lp / (64 * math.log(2)) + math.log2(17), atol=1e-12)
+
+
+def test_denoise_is_the_score_step():
+    # a new TarFlow is the identity: log p(x) is the standard normal, grad = -x
+    m = TarFlow(IMG, patch_size=2, width=8, depth=1, blocks=2, heads=2, noise_std=0.3).double()
+    x = _images()
+    assert torch.allclose(m.denoise(x), x * (1 - 0.3**2), atol=1e-12)
+    # a perturbed model: against a central finite difference of log p
+    m = _model()
+    d = m.denoise(x[:1]) - x[:1]
+    e = torch.zeros_like(x[:1])
+    e[0, 0, 3, 5] = 1e-6
+    with torch.no_grad():
+        fd = (m.log_prob(x[:1] + e) - m.log_prob(x[:1] - e)) / 2e-6
+    assert torch.allclose(d[0, 0, 3, 5] / 0.1**2, fd[0], rtol=1e-5)
+
+
+def test_sample_methods_shapes_and_labels():
+    m = _model(num_classes=3)
+    for method in ("naive", "exact", "jacobi"):
+        torch.manual_seed(0)
+        x = m.sample(2, labels=torch.tensor([1]), method=method, denoise=False)
+        assert x.shape == (2, *IMG) and m.last_sample_info["method"] == method
+    torch.manual_seed(0)
+    a = m.sample(2, labels=torch.tensor([1, 1]), method="exact", denoise=False)
+    # same noise: jacobi (default tol 1e-3, relative) is within its tolerance of exact
+    assert ((a - x).norm() / a.norm()).item() < 1e-2
+    assert m.sample((2, 3), labels=torch.tensor([0]), temperature=0.5).shape == (2, 3, *IMG)
+    assert m.sample(labels=torch.tensor([0, 1, 2])).shape == (3, *IMG)
+
+
+def test_model_bad_input():
+    m = _model(num_classes=3)
+    x = _images(2)
+    with pytest.raises(ValueError, match="x must have shape"):
+        m.log_prob(torch.rand(2, 1, 8, 4, dtype=torch.float64), torch.tensor([0, 1]))
+    with pytest.raises(ValueError, match="does not divide"):
+        TarFlow((1, 8, 8), patch_size=3, width=8, depth=1, blocks=1, heads=2)
+    with pytest.raises(ValueError, match=r"labels must be in \[0, 3\)"):
+        m.log_prob(x, torch.tensor([0, 3]))
+    with pytest.raises(ValueError, match=r"labels must be in \[0, 3\)"):
+        m.sample(2, labels=torch.tensor([-1]))
+    with pytest.raises(ValueError, match="class-conditional"):
+        m.log_prob(x)
+    with pytest.raises(ValueError, match="unconditional"):
+        _model().log_prob(x, torch.tensor([0, 1]))
+    with pytest.raises(ValueError, match="method must be one of"):
+        m.sample(2, labels=torch.tensor([0]), method="fast")
+    with pytest.raises(ValueError, match="needs a trained inverse"):
+        m.sample(2, labels=torch.tensor([0]), method="learned")
+    with pytest.raises(ValueError, match="noise_std"):
+        TarFlow(IMG, patch_size=2, width=8, depth=1, blocks=1, heads=2, noise_std=-1.0)
+    with pytest.raises(ValueError, match="image_shape"):
+        TarFlow((8, 8), patch_size=2)
+
+
+# -- the learned inverse --------------------------------------------------------------------------
+
+
+def _digits_model_space(n=256):
+    from fastflow.data import load_data
+
+    ds = load_data("digits")
+    g = torch.Generator().manual_seed(0)
+    x = ds.x[:n].double()
+    return ((x + torch.rand(x.shape, generator=g, dtype=torch.float64)) / ds.levels - 0.5).float()
+
+
+def test_learned_inverse_learns_the_inverse(tmp_path):
+    torch.manual_seed(0)
+    m = TarFlow(IMG, patch_size=2, width=16, depth=1, blocks=2, heads=2, noise_std=0.05)
+    _perturb(m, 0.1)
+    data = _digits_model_space()
+    test = data[-32:]
+    inv0 = LearnedInverse.for_model(m)
+    m.attach_inverse(inv0)
+    before = reconstruction_error(m, test)
+    inv, hist = train_inverse(m, data[:-32], steps=100, batch_size=32, lr=3e-3, inverse=inv0)
+    after = reconstruction_error(m, test)
+    assert after < 0.2 * before, (before, after)
+    # and it reads the latent: well below the error of predicting the mean training image
+    mean_only = (test - data[:-32].mean(0)).pow(2).mean().item()
+    assert after < 0.5 * mean_only, (after, mean_only)
+    assert hist[-1]["recon"] < hist[0]["recon"]
+    assert m.sample(3, method="learned").shape == (3, *IMG)
+    # the flow was frozen: its parameters have no gradients
+    assert all(p.grad is None for p in m.parameters())
+    # save / load
+    path = str(tmp_path / "inverse.pt")
+    save_inverse(inv, path)
+    inv2 = load_inverse(path, TarFlow(IMG, patch_size=2, width=16, depth=1, blocks=2, heads=2))
+    z = torch.randn(2, 16, 4)
+    assert torch.equal(inv2(z), inv(z))
+    with pytest.raises(ValueError, match="does not fit"):
+        TarFlow(IMG, patch_size=2, width=16, depth=1, blocks=3, heads=2).attach_inverse(inv2)
+
+
+def test_registry_and_training_with_noise(tmp_path):
+    from fastflow.cli import main
+    from fastflow.registry import build_model
+    from fastflow.training import load_model
+
+    flow = build_model("tarflow", (1, 8, 8), {"hidden": 8, "depth": 2})
+    assert isinstance(flow, TarFlow) and flow.patch_size == 2 and len(flow.blocks) == 2
+    out = str(tmp_path / "run")
+    args = ["train", "--model", "tarflow", "--data", "digits", "--hidden", "8", "--depth", "1",
+            "--epochs", "1", "--max-steps", "3", "--no-progress", "--no-plots",
+            "--out", out]  # fmt: skip
+    assert main(args) == 0
+    ck = str(tmp_path / "run" / "best.pt")
+    assert main(["train-inverse", ck, "--steps", "3", "--batch-size", "8"]) == 0
+    flow, _, _ = load_model(ck)
+    load_inverse(str(tmp_path / "run" / "inverse.pt"), flow)
+    assert flow.sample(2, method="learned").shape == (2, 1, 8, 8)

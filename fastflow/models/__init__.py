@@ -5,5 +5,6 @@ from fastflow.models.maf import IAF, MAF
 from fastflow.models.nice import NICE
 from fastflow.models.nsf import NeuralSplineFlow
 from fastflow.models.realnvp import RealNVP
+from fastflow.models.tarflow import TarFlow
 
-__all__ = ["Glow", "IAF", "MAF", "NICE", "NeuralSplineFlow", "RealNVP"]
+__all__ = ["Glow", "IAF", "MAF", "NICE", "NeuralSplineFlow", "RealNVP", "TarFlow"]

@@ -304,6 +304,9 @@ def _train_step(run: Run, order: list[int], stats: _EpochStats, bar) -> None:
     idx = order[b * cfg.batch_size : (b + 1) * cfg.batch_size]
     g = noise_generator(cfg.seed, run.epoch, b, run.rank)
     xm = run.pre.to_model(run.splits.train[idx], g, run.dtype).to(run.device)
+    noise_std = getattr(run.flow, "train_noise_std", 0.0)  # models trained on noised data
+    if noise_std:
+        xm = xm + noise_std * torch.randn(xm.shape, generator=g, dtype=xm.dtype).to(xm.device)
     for group in run.opt.param_groups:
         group["lr"] = run.lr()
     loss = _batch_loss(run, xm)
