@@ -1,5 +1,5 @@
 #include "bindings.h"
-#include "common.h"
+#include "cpu_isa.h"
 
 #include <pybind11/stl.h>
 
@@ -27,10 +27,9 @@ PYBIND11_MODULE(_C, m) {
     d["compiler"] = std::string(FASTFLOW_VERSION_INFO);
     return d;
   });
-  m.def("cpu_isa", [] {
-    const int level = ff::cpu_isa_level();
-    return std::string(level == ff::kIsaAvx512 ? "avx512" : level == ff::kIsaAvx2 ? "avx2" : "base");
-  }, "SIMD variant the CPU kernels run (capped by FASTFLOW_CPU_ISA=base|avx2)");
+  m.def(
+      "cpu_isa", [] { return std::string(ff::cpu_isa_name(ff::cpu_isa_level())); },
+      "SIMD variant the CPU kernels run (capped by FASTFLOW_CPU_ISA=base|avx2)");
   ff::bind_coupling(m);
   ff::bind_invconv(m);
   ff::bind_made(m);

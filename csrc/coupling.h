@@ -10,7 +10,7 @@
 #pragma once
 #include <cstdint>
 
-#include "common.h"
+#include "dispatch.h"
 
 namespace ff {
 
@@ -73,6 +73,83 @@ inline int64_t strided_extent(int64_t n, int64_t m, int64_t s) {
 inline void check_strided(std::uintptr_t p, int64_t n, int64_t m, int64_t s, const char* name) {
   check(s >= m, std::string(name) + ": batch stride smaller than the sample size");
   check_ptr(p, strided_extent(n, m, s), name);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Argument checks shared by the CPU and CUDA entry points (each adds its own: threads, grid).
+
+inline void check_coupling_sizes(const char* name, int mode, double clamp, int64_t n, int64_t m,
+                                 bool backward) {
+  check(n >= 0 && m >= 0, std::string(name) + ": negative size");
+  check(mode != kSoftClamp || clamp > 0, std::string(name) + ": clamp must be > 0");
+  if (backward)
+    check(mode != kAdditive, std::string(name) + ": the additive coupling has no native backward");
+}
+
+// forward (in = x, out = y) and inverse (in = y, out = x): in, raw, shift strided.
+inline void check_coupling_affine(const char* name, int mode, double clamp, int64_t n, int64_t m,
+                                  std::uintptr_t in, int64_t s_in, const char* in_name,
+                                  std::uintptr_t raw, int64_t s_raw, std::uintptr_t shift,
+                                  int64_t s_shift, std::uintptr_t out, const char* out_name,
+                                  std::uintptr_t logdet) {
+  check_coupling_sizes(name, mode, clamp, n, m, false);
+  check_strided(in, n, m, s_in, in_name);
+  check_strided(shift, n, m, s_shift, "shift");
+  if (mode != kAdditive) check_strided(raw, n, m, s_raw, "raw_scale");
+  check_ptr(out, n * m, out_name);
+  check_ptr(logdet, n, "logdet");
+}
+
+inline void check_coupling_backward(const char* name, int mode, double clamp, int64_t n,
+                                    int64_t m, std::uintptr_t x, int64_t s_x, std::uintptr_t raw,
+                                    int64_t s_raw, std::uintptr_t grad_y,
+                                    std::uintptr_t grad_logdet, std::uintptr_t grad_x,
+                                    std::uintptr_t grad_raw) {
+  check_coupling_sizes(name, mode, clamp, n, m, true);
+  check_strided(x, n, m, s_x, "x");
+  check_strided(raw, n, m, s_raw, "raw_scale");
+  check_ptr(grad_y, n * m, "grad_y");
+  check_ptr(grad_logdet, n, "grad_logdet");
+  check_ptr(grad_x, n * m, "grad_x");
+  check_ptr(grad_raw, n * m, "grad_raw");
+}
+
+inline void check_coupling_inverse_backward(const char* name, int mode, double clamp, int64_t n,
+                                            int64_t m, std::uintptr_t x, std::uintptr_t raw,
+                                            int64_t s_raw, std::uintptr_t grad_x,
+                                            std::uintptr_t grad_logdet, std::uintptr_t grad_y,
+                                            std::uintptr_t grad_raw, std::uintptr_t grad_shift) {
+  check_coupling_sizes(name, mode, clamp, n, m, true);
+  check_ptr(x, n * m, "x");
+  check_strided(raw, n, m, s_raw, "raw_scale");
+  check_ptr(grad_x, n * m, "grad_x");
+  check_ptr(grad_logdet, n, "grad_logdet");
+  check_ptr(grad_y, n * m, "grad_y");
+  check_ptr(grad_raw, n * m, "grad_raw");
+  check_ptr(grad_shift, n * m, "grad_shift");
+}
+
+// ---------------------------------------------------------------------------------------------
+// dtype x scale mode x mask dispatch shared by the CPU and CUDA files: calls f(CouplingCase<...>{})
+// with the storage type, the scale mode and whether there is a mask as compile-time constants.
+template <typename T, int Mode, bool Masked>
+struct CouplingCase {
+  using scalar = T;
+  using acc = acc_t<T>;
+  static constexpr int mode = Mode;
+  static constexpr bool masked = Masked;
+};
+
+template <typename F>
+void dispatch_coupling(const char* name, int dtype, int mode, bool masked, F&& f) {
+  FF_DISPATCH_FLOAT(dtype, name, [&] {
+    FF_DISPATCH_MODE(mode, name, [&] {
+      if (masked)
+        f(CouplingCase<scalar_t, kMode, true>{});
+      else
+        f(CouplingCase<scalar_t, kMode, false>{});
+    });
+  });
 }
 
 // Per-element math shared by the CPU and CUDA kernels. `mk` is the mask value (1 without a mask).

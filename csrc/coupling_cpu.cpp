@@ -1,64 +1,222 @@
-// CPU coupling kernels: OpenMP over the batch, one vectorizable pass per sample. The loops live in
-// coupling_cpu_kernels.inc, compiled here for the baseline ISA and (x86-64 GCC) for AVX2+FMA and
-// AVX-512, chosen at run time. This file checks arguments and dispatches.
-#include <string>
-#include <type_traits>
-
+// CPU coupling kernels, in three layers read top to bottom like coupling_cuda.cu:
+//   kernels   one pass over a range of samples, a vectorizable loop per sample, built once per
+//             ISA variant (cpu_isa.h); OpenMP splits the batch outside the variants;
+//   dispatch  dtype x scale mode x mask (dispatch_coupling, coupling.h) -> a kernel;
+//   entry     the functions of coupling.h: argument checks (shared with CUDA), then dispatch.
 #include "coupling.h"
+#include "cpu_isa.h"
+#include "cpu_parallel.h"
 
 namespace ff {
-namespace base {
-#include "coupling_cpu_kernels.inc"
-}  // namespace base
-
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
-#define FF_HAVE_AVX2_CLONE 1
-#pragma GCC push_options
-#pragma GCC target("avx2,fma")
-namespace avx2 {
-#include "coupling_cpu_kernels.inc"
-}  // namespace avx2
-#pragma GCC pop_options
-#pragma GCC push_options
-#pragma GCC target("avx512f,avx512dq,avx512vl,avx512bw,avx2,fma,prefer-vector-width=512")
-namespace avx512 {
-#include "coupling_cpu_kernels.inc"
-}  // namespace avx512
-#pragma GCC pop_options
-#endif
-
 namespace {
 
-#if defined(FF_HAVE_AVX2_CLONE)
-#define FF_ISA_CALL(FN, ...)                                \
-  (cpu_isa_level() == kIsaAvx512 ? avx512::FN(__VA_ARGS__)  \
-   : cpu_isa_level() == kIsaAvx2 ? avx2::FN(__VA_ARGS__)    \
-                                 : base::FN(__VA_ARGS__))
-#else
-#define FF_ISA_CALL(FN, ...) base::FN(__VA_ARGS__)
-#endif
+// ---------------------------------------------------------------------------------------------
+// Kernels. Each pass holds its arguments and runs samples [b0, b1) in `rows`. `s_*` are batch
+// strides in elements: sample b of an input starts at in + b * s_in (inputs may be views such as
+// the two halves of a conditioner's output); outputs are contiguous.
 
-void check_common(const char* name, int mode, double clamp, int64_t n, int64_t m, int nthreads) {
-  check(n >= 0 && m >= 0, std::string(name) + ": negative size");
-  check(mode != kSoftClamp || clamp > 0, std::string(name) + ": clamp must be > 0");
-  check(nthreads >= 1, std::string(name) + ": nthreads must be >= 1");
+template <typename C, bool Inverse>
+struct AffinePass {
+  using T = typename C::scalar;
+  using A = typename C::acc;
+  int64_t m;
+  const T* in;
+  int64_t s_in;
+  const T* raw;
+  int64_t s_raw;
+  const T* shift;
+  int64_t s_shift;
+  const uint8_t* mask;
+  T* out;
+  A* logdet;
+  A c;
+
+  FF_INLINE void rows(int64_t b0, int64_t b1) const {
+    constexpr int Mode = C::mode;
+    const int64_t m = this->m;
+    const A c = this->c, inv_c = A(1) / c;
+    for (int64_t b = b0; b < b1; ++b) {
+      const T* in_b = in + b * s_in;
+      const T* raw_b = Mode == kAdditive ? nullptr : raw + b * s_raw;
+      const T* shift_b = shift + b * s_shift;
+      T* out_b = out + b * m;
+      A acc = 0;
+#pragma omp simd reduction(+ : acc)
+      for (int64_t i = 0; i < m; ++i) {
+        A v;
+        const A r = Mode == kAdditive ? A(0) : load(raw_b[i]);
+        const bool mk = C::masked ? mask[i] != 0 : true;
+        if (Inverse)
+          acc += coupling_inverse_elem<Mode, A>(load(in_b[i]), r, load(shift_b[i]), mk, c, inv_c,
+                                                v);
+        else
+          acc += coupling_forward_elem<Mode, A>(load(in_b[i]), r, load(shift_b[i]), mk, c, inv_c,
+                                                v);
+        out_b[i] = store<T>(v);
+      }
+      logdet[b] = Inverse ? -acc : acc;
+    }
+  }
+};
+
+template <typename C>
+struct BackwardPass {
+  using T = typename C::scalar;
+  using A = typename C::acc;
+  int64_t m;
+  const T* x;
+  int64_t s_x;
+  const T* raw;
+  int64_t s_raw;
+  const uint8_t* mask;
+  const T* gy;
+  const A* gl;
+  T* gx;
+  T* graw;
+  A c;
+
+  FF_INLINE void rows(int64_t b0, int64_t b1) const {
+    const int64_t m = this->m;
+    const A c = this->c, inv_c = A(1) / c;
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t o = b * m;
+      const T* x_b = x + b * s_x;
+      const T* raw_b = raw + b * s_raw;
+      const A glb = gl[b];
+#pragma omp simd
+      for (int64_t i = 0; i < m; ++i) {
+        A a_gx, a_graw;
+        coupling_backward_elem<C::mode, A>(load(x_b[i]), load(raw_b[i]), load(gy[o + i]), glb,
+                                           C::masked ? mask[i] != 0 : true, c, inv_c, a_gx,
+                                           a_graw);
+        gx[o + i] = store<T>(a_gx);
+        graw[o + i] = store<T>(a_graw);
+      }
+    }
+  }
+};
+
+template <typename C>
+struct InverseBackwardPass {
+  using T = typename C::scalar;
+  using A = typename C::acc;
+  int64_t m;
+  const T* x;
+  const T* raw;
+  int64_t s_raw;
+  const uint8_t* mask;
+  const T* gx;
+  const A* gl;
+  T* gy;
+  T* graw;
+  T* gshift;
+  A c;
+
+  FF_INLINE void rows(int64_t b0, int64_t b1) const {
+    const int64_t m = this->m;
+    const A c = this->c, inv_c = A(1) / c;
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t o = b * m;
+      const T* raw_b = raw + b * s_raw;
+      const A glb = gl[b];
+#pragma omp simd
+      for (int64_t i = 0; i < m; ++i) {
+        A a_gy, a_graw, a_gt;
+        coupling_inverse_backward_elem<C::mode, A>(load(x[o + i]), load(raw_b[i]),
+                                                   load(gx[o + i]), glb,
+                                                   C::masked ? mask[i] != 0 : true, c, inv_c,
+                                                   a_gy, a_graw, a_gt);
+        gy[o + i] = store<T>(a_gy);
+        graw[o + i] = store<T>(a_graw);
+        gshift[o + i] = store<T>(a_gt);
+      }
+    }
+  }
+};
+
+// The passes need no per-ISA tuning: the same loops, auto-vectorized for each variant.
+template <int Isa, typename Pass>
+FF_INLINE void pass_rows_body(const Pass& pass, int64_t b0, int64_t b1) {
+  pass.rows(b0, b1);
+}
+FF_CPU_VARIANTS(pass_rows, pass_rows_body, (const T& pass, int64_t b0, int64_t b1),
+                (pass, b0, b1))
+
+// n samples of m elements: one contiguous range of samples per thread.
+template <typename Pass>
+void run_pass(const Pass& pass, int64_t n, int nthreads) {
+  const auto fn = pass_rows_for<Pass>(cpu_isa_level());
+  parallel_ranges(n, n * pass.m > kParallelGrain ? nthreads : 1,
+                  [&](int64_t b0, int64_t b1) { fn(pass, b0, b1); });
+}
+
+// ---------------------------------------------------------------------------------------------
+// Dispatch (arguments checked by the entry points below).
+
+template <bool Inverse>
+void run_affine(const char* name, int dtype, int mode, double clamp, int64_t n, int64_t m,
+                std::uintptr_t in, int64_t s_in, std::uintptr_t raw, int64_t s_raw,
+                std::uintptr_t shift, int64_t s_shift, std::uintptr_t mask, std::uintptr_t out,
+                std::uintptr_t logdet, int nthreads) {
+  dispatch_coupling(name, dtype, mode, mask != 0, [&](auto cs) {
+    using C = decltype(cs);
+    using T = typename C::scalar;
+    using A = typename C::acc;
+    const AffinePass<C, Inverse> pass{m,           ptr<const T>(in),    s_in,
+                                      ptr<const T>(raw), s_raw,          ptr<const T>(shift),
+                                      s_shift,     ptr<const uint8_t>(mask), ptr<T>(out),
+                                      ptr<A>(logdet), A(clamp)};
+    run_pass(pass, n, nthreads);
+  });
+}
+
+void run_backward(const char* name, int dtype, int mode, double clamp, int64_t n, int64_t m,
+                  std::uintptr_t x, int64_t s_x, std::uintptr_t raw, int64_t s_raw,
+                  std::uintptr_t mask, std::uintptr_t gy, std::uintptr_t gl, std::uintptr_t gx,
+                  std::uintptr_t graw, int nthreads) {
+  dispatch_coupling(name, dtype, mode, mask != 0, [&](auto cs) {
+    using C = decltype(cs);
+    using T = typename C::scalar;
+    using A = typename C::acc;
+    const BackwardPass<C> pass{m,           ptr<const T>(x),  s_x,        ptr<const T>(raw),
+                               s_raw,       ptr<const uint8_t>(mask),     ptr<const T>(gy),
+                               ptr<const A>(gl), ptr<T>(gx),  ptr<T>(graw), A(clamp)};
+    run_pass(pass, n, nthreads);
+  });
+}
+
+void run_inverse_backward(const char* name, int dtype, int mode, double clamp, int64_t n,
+                          int64_t m, std::uintptr_t x, std::uintptr_t raw, int64_t s_raw,
+                          std::uintptr_t mask, std::uintptr_t gx, std::uintptr_t gl,
+                          std::uintptr_t gy, std::uintptr_t graw, std::uintptr_t gshift,
+                          int nthreads) {
+  dispatch_coupling(name, dtype, mode, mask != 0, [&](auto cs) {
+    using C = decltype(cs);
+    using T = typename C::scalar;
+    using A = typename C::acc;
+    const InverseBackwardPass<C> pass{m,          ptr<const T>(x),  ptr<const T>(raw),
+                                      s_raw,      ptr<const uint8_t>(mask), ptr<const T>(gx),
+                                      ptr<const A>(gl), ptr<T>(gy), ptr<T>(graw),
+                                      ptr<T>(gshift), A(clamp)};
+    run_pass(pass, n, nthreads);
+  });
 }
 
 }  // namespace
+
+// ---------------------------------------------------------------------------------------------
+// Entry points.
 
 void coupling_forward_cpu(int dtype, int mode, double clamp, int64_t n, int64_t m,
                           std::uintptr_t x, int64_t s_x, std::uintptr_t raw, int64_t s_raw,
                           std::uintptr_t shift, int64_t s_shift, std::uintptr_t mask,
                           std::uintptr_t y, std::uintptr_t logdet, int nthreads) {
   const char* name = "coupling_forward_cpu";
-  check_common(name, mode, clamp, n, m, nthreads);
-  check_strided(x, n, m, s_x, "x");
-  check_strided(shift, n, m, s_shift, "shift");
-  if (mode != kAdditive) check_strided(raw, n, m, s_raw, "raw_scale");
-  check_ptr(y, n * m, "y");
-  check_ptr(logdet, n, "logdet");
-  FF_ISA_CALL(run_affine<false>, name, dtype, mode, clamp, n, m, x, s_x, raw, s_raw, shift,
-              s_shift, mask, y, logdet, nthreads);
+  check_coupling_affine(name, mode, clamp, n, m, x, s_x, "x", raw, s_raw, shift, s_shift, y, "y",
+                        logdet);
+  check_threads(name, nthreads);
+  run_affine<false>(name, dtype, mode, clamp, n, m, x, s_x, raw, s_raw, shift, s_shift, mask, y,
+                    logdet, nthreads);
 }
 
 void coupling_inverse_cpu(int dtype, int mode, double clamp, int64_t n, int64_t m,
@@ -66,14 +224,11 @@ void coupling_inverse_cpu(int dtype, int mode, double clamp, int64_t n, int64_t 
                           std::uintptr_t shift, int64_t s_shift, std::uintptr_t mask,
                           std::uintptr_t x, std::uintptr_t logdet, int nthreads) {
   const char* name = "coupling_inverse_cpu";
-  check_common(name, mode, clamp, n, m, nthreads);
-  check_strided(y, n, m, s_y, "y");
-  check_strided(shift, n, m, s_shift, "shift");
-  if (mode != kAdditive) check_strided(raw, n, m, s_raw, "raw_scale");
-  check_ptr(x, n * m, "x");
-  check_ptr(logdet, n, "logdet");
-  FF_ISA_CALL(run_affine<true>, name, dtype, mode, clamp, n, m, y, s_y, raw, s_raw, shift,
-              s_shift, mask, x, logdet, nthreads);
+  check_coupling_affine(name, mode, clamp, n, m, y, s_y, "y", raw, s_raw, shift, s_shift, x, "x",
+                        logdet);
+  check_threads(name, nthreads);
+  run_affine<true>(name, dtype, mode, clamp, n, m, y, s_y, raw, s_raw, shift, s_shift, mask, x,
+                   logdet, nthreads);
 }
 
 void coupling_backward_cpu(int dtype, int mode, double clamp, int64_t n, int64_t m,
@@ -81,16 +236,11 @@ void coupling_backward_cpu(int dtype, int mode, double clamp, int64_t n, int64_t
                            std::uintptr_t mask, std::uintptr_t grad_y, std::uintptr_t grad_logdet,
                            std::uintptr_t grad_x, std::uintptr_t grad_raw, int nthreads) {
   const char* name = "coupling_backward_cpu";
-  check_common(name, mode, clamp, n, m, nthreads);
-  check(mode != kAdditive, std::string(name) + ": the additive coupling has no native backward");
-  check_strided(x, n, m, s_x, "x");
-  check_strided(raw, n, m, s_raw, "raw_scale");
-  check_ptr(grad_y, n * m, "grad_y");
-  check_ptr(grad_logdet, n, "grad_logdet");
-  check_ptr(grad_x, n * m, "grad_x");
-  check_ptr(grad_raw, n * m, "grad_raw");
-  FF_ISA_CALL(run_backward, name, dtype, mode, clamp, n, m, x, s_x, raw, s_raw, mask, grad_y,
-              grad_logdet, grad_x, grad_raw, nthreads);
+  check_coupling_backward(name, mode, clamp, n, m, x, s_x, raw, s_raw, grad_y, grad_logdet,
+                          grad_x, grad_raw);
+  check_threads(name, nthreads);
+  run_backward(name, dtype, mode, clamp, n, m, x, s_x, raw, s_raw, mask, grad_y, grad_logdet,
+               grad_x, grad_raw, nthreads);
 }
 
 void coupling_inverse_backward_cpu(int dtype, int mode, double clamp, int64_t n, int64_t m,
@@ -100,17 +250,11 @@ void coupling_inverse_backward_cpu(int dtype, int mode, double clamp, int64_t n,
                                    std::uintptr_t grad_raw, std::uintptr_t grad_shift,
                                    int nthreads) {
   const char* name = "coupling_inverse_backward_cpu";
-  check_common(name, mode, clamp, n, m, nthreads);
-  check(mode != kAdditive, std::string(name) + ": the additive coupling has no native backward");
-  check_ptr(x, n * m, "x");
-  check_strided(raw, n, m, s_raw, "raw_scale");
-  check_ptr(grad_x, n * m, "grad_x");
-  check_ptr(grad_logdet, n, "grad_logdet");
-  check_ptr(grad_y, n * m, "grad_y");
-  check_ptr(grad_raw, n * m, "grad_raw");
-  check_ptr(grad_shift, n * m, "grad_shift");
-  FF_ISA_CALL(run_inverse_backward, name, dtype, mode, clamp, n, m, x, raw, s_raw, mask, grad_x,
-              grad_logdet, grad_y, grad_raw, grad_shift, nthreads);
+  check_coupling_inverse_backward(name, mode, clamp, n, m, x, raw, s_raw, grad_x, grad_logdet,
+                                  grad_y, grad_raw, grad_shift);
+  check_threads(name, nthreads);
+  run_inverse_backward(name, dtype, mode, clamp, n, m, x, raw, s_raw, mask, grad_x, grad_logdet,
+                       grad_y, grad_raw, grad_shift, nthreads);
 }
 
 }  // namespace ff

@@ -1,21 +1,23 @@
-// CUDA coupling kernels: the same contracts and per-element math (coupling.h) as coupling_cpu.cpp.
-// Forward/inverse: grid (n, chunks); each block reduces its chunk's log-det contribution into one
-// workspace slot, then a second kernel sums a sample's slots in a fixed order: deterministic, no
-// atomics. Backward passes are elementwise (grid-stride).
+// CUDA coupling kernels, in the same three layers and with the same contracts, argument checks
+// and per-element math (coupling.h) as coupling_cpu.cpp:
+//   kernels   forward/inverse: grid (n, chunks); each block reduces its chunk's log-det
+//             contribution into one workspace slot, then a second kernel sums a sample's slots in
+//             a fixed order: deterministic, no atomics. Backward passes are elementwise
+//             (grid-stride);
+//   dispatch  dtype x scale mode x mask (dispatch_coupling, coupling.h) -> a launch;
+//   entry     the functions of coupling.h: argument checks, then dispatch.
 #include <cuda_runtime.h>
 
-#include "cuda_check.h"
-
 #include <string>
-#include <type_traits>
 
 #include "coupling.h"
+#include "cuda_check.h"
 
 namespace ff {
 namespace {
 
-template <typename T>
-using acc_t = typename Acc<T>::type;
+// ---------------------------------------------------------------------------------------------
+// Kernels.
 
 constexpr int kThreads = 256;
 constexpr int64_t kElemsPerBlock = 4096;  // enough work per block to hide the reduction
@@ -25,7 +27,6 @@ int64_t chunks_for(int64_t m) {
   int64_t c = (m + kElemsPerBlock - 1) / kElemsPerBlock;
   return c < 1 ? 1 : (c > kMaxChunks ? kMaxChunks : c);
 }
-
 
 template <typename A>
 __device__ A block_sum(A v) {
@@ -130,56 +131,83 @@ unsigned elementwise_blocks(int64_t total) {
   return unsigned(blocks < 1 ? 1 : (blocks > 65535 * 8 ? 65535 * 8 : blocks));
 }
 
-template <typename P>
-P* ptr(std::uintptr_t p) {
-  return reinterpret_cast<P*>(p);
-}
+// ---------------------------------------------------------------------------------------------
+// Dispatch (arguments checked by the entry points below).
 
 template <bool Inverse>
 void run_affine(const char* name, int dtype, int mode, double clamp, int64_t n, int64_t m,
                 std::uintptr_t in, int64_t s_in, std::uintptr_t raw, int64_t s_raw,
                 std::uintptr_t shift, int64_t s_shift, std::uintptr_t mask, std::uintptr_t out,
                 std::uintptr_t logdet, std::uintptr_t workspace, std::uintptr_t stream) {
-  check(n >= 0 && m >= 0, std::string(name) + ": negative size");
-  check(mode != kSoftClamp || clamp > 0, std::string(name) + ": clamp must be > 0");
-  check(n < (int64_t(1) << 31), std::string(name) + ": batch must be smaller than 2^31");
-  check_strided(in, n, m, s_in, "input");
-  check_strided(shift, n, m, s_shift, "shift");
-  if (mode != kAdditive) check_strided(raw, n, m, s_raw, "raw_scale");
-  check_ptr(out, n * m, "output");
-  check_ptr(logdet, n, "logdet");
   if (n == 0) return;
   const int64_t chunks = chunks_for(m);
   const int64_t chunk = (m + chunks - 1) / chunks;
   check_ptr(workspace, n * chunks, "workspace");
   cudaStream_t s = reinterpret_cast<cudaStream_t>(stream);
-  FF_DISPATCH_FLOAT(dtype, name, [&] {
-    FF_DISPATCH_MODE(mode, name, [&] {
-      using A = acc_t<scalar_t>;
-      const dim3 grid{unsigned(n), unsigned(chunks), 1u};
-      if (mask)
-        affine_kernel<scalar_t, kMode, true, Inverse><<<grid, kThreads, 0, s>>>(
-            m, chunk, ptr<const scalar_t>(in), s_in, ptr<const scalar_t>(raw), s_raw,
-            ptr<const scalar_t>(shift), s_shift, ptr<const uint8_t>(mask), ptr<scalar_t>(out),
-            ptr<A>(workspace), A(clamp));
-      else
-        affine_kernel<scalar_t, kMode, false, Inverse><<<grid, kThreads, 0, s>>>(
-            m, chunk, ptr<const scalar_t>(in), s_in, ptr<const scalar_t>(raw), s_raw,
-            ptr<const scalar_t>(shift), s_shift, nullptr, ptr<scalar_t>(out), ptr<A>(workspace),
-            A(clamp));
-      finish_logdet<A><<<unsigned((n + 127) / 128), 128, 0, s>>>(
-          n, chunks, ptr<const A>(workspace), ptr<A>(logdet), Inverse ? A(-1) : A(1));
-    });
+  dispatch_coupling(name, dtype, mode, mask != 0, [&](auto cs) {
+    using C = decltype(cs);
+    using T = typename C::scalar;
+    using A = typename C::acc;
+    const dim3 grid{unsigned(n), unsigned(chunks), 1u};
+    affine_kernel<T, C::mode, C::masked, Inverse><<<grid, kThreads, 0, s>>>(
+        m, chunk, ptr<const T>(in), s_in, ptr<const T>(raw), s_raw, ptr<const T>(shift), s_shift,
+        ptr<const uint8_t>(mask), ptr<T>(out), ptr<A>(workspace), A(clamp));
+    finish_logdet<A><<<unsigned((n + 127) / 128), 128, 0, s>>>(
+        n, chunks, ptr<const A>(workspace), ptr<A>(logdet), Inverse ? A(-1) : A(1));
   });
   check_cuda(cudaGetLastError(), name);
 }
 
+void run_backward(const char* name, int dtype, int mode, double clamp, int64_t n, int64_t m,
+                  std::uintptr_t x, int64_t s_x, std::uintptr_t raw, int64_t s_raw,
+                  std::uintptr_t mask, std::uintptr_t gy, std::uintptr_t gl, std::uintptr_t gx,
+                  std::uintptr_t graw, std::uintptr_t stream) {
+  const int64_t total = n * m;
+  if (total == 0) return;
+  cudaStream_t s = reinterpret_cast<cudaStream_t>(stream);
+  dispatch_coupling(name, dtype, mode, mask != 0, [&](auto cs) {
+    using C = decltype(cs);
+    using T = typename C::scalar;
+    using A = typename C::acc;
+    backward_kernel<T, C::mode, C::masked><<<elementwise_blocks(total), kThreads, 0, s>>>(
+        total, m, ptr<const T>(x), s_x, ptr<const T>(raw), s_raw, ptr<const uint8_t>(mask),
+        ptr<const T>(gy), ptr<const A>(gl), ptr<T>(gx), ptr<T>(graw), A(clamp));
+  });
+  check_cuda(cudaGetLastError(), name);
+}
+
+void run_inverse_backward(const char* name, int dtype, int mode, double clamp, int64_t n,
+                          int64_t m, std::uintptr_t x, std::uintptr_t raw, int64_t s_raw,
+                          std::uintptr_t mask, std::uintptr_t gx, std::uintptr_t gl,
+                          std::uintptr_t gy, std::uintptr_t graw, std::uintptr_t gshift,
+                          std::uintptr_t stream) {
+  const int64_t total = n * m;
+  if (total == 0) return;
+  cudaStream_t s = reinterpret_cast<cudaStream_t>(stream);
+  dispatch_coupling(name, dtype, mode, mask != 0, [&](auto cs) {
+    using C = decltype(cs);
+    using T = typename C::scalar;
+    using A = typename C::acc;
+    inverse_backward_kernel<T, C::mode, C::masked><<<elementwise_blocks(total), kThreads, 0, s>>>(
+        total, m, ptr<const T>(x), ptr<const T>(raw), s_raw, ptr<const uint8_t>(mask),
+        ptr<const T>(gx), ptr<const A>(gl), ptr<T>(gy), ptr<T>(graw), ptr<T>(gshift), A(clamp));
+  });
+  check_cuda(cudaGetLastError(), name);
+}
+
+// The grid's x dimension holds the batch.
+void check_grid(const char* name, int64_t n) {
+  check(n < (int64_t(1) << 31), std::string(name) + ": batch must be smaller than 2^31");
+}
+
 }  // namespace
+
+// ---------------------------------------------------------------------------------------------
+// Entry points.
 
 int64_t coupling_workspace_bytes(int dtype, int64_t n, int64_t m) {
   check(n >= 0 && m >= 0, "coupling_workspace_bytes: negative size");
-  const int64_t acc_bytes = dtype == kFloat64 ? 8 : 4;
-  return n * chunks_for(m) * acc_bytes;
+  return n * chunks_for(m) * acc_bytes(dtype);
 }
 
 void coupling_forward_cuda(int dtype, int mode, double clamp, int64_t n, int64_t m,
@@ -187,8 +215,12 @@ void coupling_forward_cuda(int dtype, int mode, double clamp, int64_t n, int64_t
                            std::uintptr_t shift, int64_t s_shift, std::uintptr_t mask,
                            std::uintptr_t y, std::uintptr_t logdet, std::uintptr_t workspace,
                            std::uintptr_t stream) {
-  run_affine<false>("coupling_forward_cuda", dtype, mode, clamp, n, m, x, s_x, raw, s_raw, shift,
-                    s_shift, mask, y, logdet, workspace, stream);
+  const char* name = "coupling_forward_cuda";
+  check_coupling_affine(name, mode, clamp, n, m, x, s_x, "x", raw, s_raw, shift, s_shift, y, "y",
+                        logdet);
+  check_grid(name, n);
+  run_affine<false>(name, dtype, mode, clamp, n, m, x, s_x, raw, s_raw, shift, s_shift, mask, y,
+                    logdet, workspace, stream);
 }
 
 void coupling_inverse_cuda(int dtype, int mode, double clamp, int64_t n, int64_t m,
@@ -196,8 +228,12 @@ void coupling_inverse_cuda(int dtype, int mode, double clamp, int64_t n, int64_t
                            std::uintptr_t shift, int64_t s_shift, std::uintptr_t mask,
                            std::uintptr_t x, std::uintptr_t logdet, std::uintptr_t workspace,
                            std::uintptr_t stream) {
-  run_affine<true>("coupling_inverse_cuda", dtype, mode, clamp, n, m, y, s_y, raw, s_raw, shift,
-                   s_shift, mask, x, logdet, workspace, stream);
+  const char* name = "coupling_inverse_cuda";
+  check_coupling_affine(name, mode, clamp, n, m, y, s_y, "y", raw, s_raw, shift, s_shift, x, "x",
+                        logdet);
+  check_grid(name, n);
+  run_affine<true>(name, dtype, mode, clamp, n, m, y, s_y, raw, s_raw, shift, s_shift, mask, x,
+                   logdet, workspace, stream);
 }
 
 void coupling_backward_cuda(int dtype, int mode, double clamp, int64_t n, int64_t m,
@@ -206,35 +242,10 @@ void coupling_backward_cuda(int dtype, int mode, double clamp, int64_t n, int64_
                             std::uintptr_t grad_logdet, std::uintptr_t grad_x,
                             std::uintptr_t grad_raw, std::uintptr_t stream) {
   const char* name = "coupling_backward_cuda";
-  check(n >= 0 && m >= 0, std::string(name) + ": negative size");
-  check(mode != kAdditive, std::string(name) + ": the additive coupling has no native backward");
-  check(mode != kSoftClamp || clamp > 0, std::string(name) + ": clamp must be > 0");
-  check_strided(x, n, m, s_x, "x");
-  check_strided(raw, n, m, s_raw, "raw_scale");
-  check_ptr(grad_y, n * m, "grad_y");
-  check_ptr(grad_logdet, n, "grad_logdet");
-  check_ptr(grad_x, n * m, "grad_x");
-  check_ptr(grad_raw, n * m, "grad_raw");
-  const int64_t total = n * m;
-  if (total == 0) return;
-  cudaStream_t s = reinterpret_cast<cudaStream_t>(stream);
-  FF_DISPATCH_FLOAT(dtype, name, [&] {
-    FF_DISPATCH_MODE(mode, name, [&] {
-      using A = acc_t<scalar_t>;
-      auto launch = [&](auto masked) {
-        backward_kernel<scalar_t, kMode, decltype(masked)::value>
-            <<<elementwise_blocks(total), kThreads, 0, s>>>(
-                total, m, ptr<const scalar_t>(x), s_x, ptr<const scalar_t>(raw), s_raw,
-                ptr<const uint8_t>(mask), ptr<const scalar_t>(grad_y), ptr<const A>(grad_logdet),
-                ptr<scalar_t>(grad_x), ptr<scalar_t>(grad_raw), A(clamp));
-      };
-      if (mask)
-        launch(std::true_type{});
-      else
-        launch(std::false_type{});
-    });
-  });
-  check_cuda(cudaGetLastError(), name);
+  check_coupling_backward(name, mode, clamp, n, m, x, s_x, raw, s_raw, grad_y, grad_logdet,
+                          grad_x, grad_raw);
+  run_backward(name, dtype, mode, clamp, n, m, x, s_x, raw, s_raw, mask, grad_y, grad_logdet,
+               grad_x, grad_raw, stream);
 }
 
 void coupling_inverse_backward_cuda(int dtype, int mode, double clamp, int64_t n, int64_t m,
@@ -244,37 +255,10 @@ void coupling_inverse_backward_cuda(int dtype, int mode, double clamp, int64_t n
                                     std::uintptr_t grad_raw, std::uintptr_t grad_shift,
                                     std::uintptr_t stream) {
   const char* name = "coupling_inverse_backward_cuda";
-  check(n >= 0 && m >= 0, std::string(name) + ": negative size");
-  check(mode != kAdditive, std::string(name) + ": the additive coupling has no native backward");
-  check(mode != kSoftClamp || clamp > 0, std::string(name) + ": clamp must be > 0");
-  check_ptr(x, n * m, "x");
-  check_strided(raw, n, m, s_raw, "raw_scale");
-  check_ptr(grad_x, n * m, "grad_x");
-  check_ptr(grad_logdet, n, "grad_logdet");
-  check_ptr(grad_y, n * m, "grad_y");
-  check_ptr(grad_raw, n * m, "grad_raw");
-  check_ptr(grad_shift, n * m, "grad_shift");
-  const int64_t total = n * m;
-  if (total == 0) return;
-  cudaStream_t s = reinterpret_cast<cudaStream_t>(stream);
-  FF_DISPATCH_FLOAT(dtype, name, [&] {
-    FF_DISPATCH_MODE(mode, name, [&] {
-      using A = acc_t<scalar_t>;
-      auto launch = [&](auto masked) {
-        inverse_backward_kernel<scalar_t, kMode, decltype(masked)::value>
-            <<<elementwise_blocks(total), kThreads, 0, s>>>(
-                total, m, ptr<const scalar_t>(x), ptr<const scalar_t>(raw), s_raw,
-                ptr<const uint8_t>(mask), ptr<const scalar_t>(grad_x), ptr<const A>(grad_logdet),
-                ptr<scalar_t>(grad_y), ptr<scalar_t>(grad_raw), ptr<scalar_t>(grad_shift),
-                A(clamp));
-      };
-      if (mask)
-        launch(std::true_type{});
-      else
-        launch(std::false_type{});
-    });
-  });
-  check_cuda(cudaGetLastError(), name);
+  check_coupling_inverse_backward(name, mode, clamp, n, m, x, raw, s_raw, grad_x, grad_logdet,
+                                  grad_y, grad_raw, grad_shift);
+  run_inverse_backward(name, dtype, mode, clamp, n, m, x, raw, s_raw, mask, grad_x, grad_logdet,
+                       grad_y, grad_raw, grad_shift, stream);
 }
 
 }  // namespace ff

@@ -18,12 +18,13 @@
 #include <cstdint>
 #include <string>
 
-#include "common.h"
+#include "dispatch.h"
+#include "fast_math.h"
 
 namespace ff {
 
 // The instruction set the CPU channel_affine kernels run with: "avx512", "avx2" or "base" (the
-// widest the CPU supports, capped by FASTFLOW_CPU_ISA=base|avx2; see cpu_isa_level in common.h).
+// widest the CPU supports, capped by FASTFLOW_CPU_ISA=base|avx2; see cpu_isa.h).
 std::string invconv_cpu_isa();
 
 // Bytes of scratch lu_weight_* needs for C channels.

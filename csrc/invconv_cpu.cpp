@@ -4,27 +4,12 @@
 #include <string>
 #include <type_traits>
 
+#include "cpu_isa.h"
+#include "cpu_parallel.h"
 #include "invconv.h"
-
-#if defined(_OPENMP)
-#include <omp.h>
-#endif
-
-#define FF_INLINE inline __attribute__((always_inline))
 
 namespace ff {
 namespace {
-
-template <typename T>
-using acc_t = typename Acc<T>::type;
-
-template <typename P>
-P* ptr(std::uintptr_t p) {
-  return reinterpret_cast<P*>(p);
-}
-
-// Small problems are not worth waking the thread pool for.
-constexpr int64_t kParallelGrain = 1 << 15;
 // Output channels computed together: each load of x feeds kRows multiply-adds.
 constexpr int kRows = 4;
 // Pixels per tile: kRows accumulator rows of kTile values stay in L1.
@@ -324,81 +309,68 @@ FF_INLINE void grad_params_row_body(const T* x, const T* g, int64_t c, acc_t<T>*
 }
 
 // ---------------------------------------------------------------------------------------------
-// The same bodies compiled for AVX-512, AVX2+FMA and the baseline ISA; the widest one the CPU
-// supports is picked at run time (the build uses no -march flag, so portable wheels stay
-// portable). Always-inline bodies take the ISA of the function they are inlined into.
-#define FF_ISA_VARIANTS(NAME, BODY, PARAMS, ARGS)                                        \
-  template <typename T>                                                                \
-  void NAME##_base PARAMS {                                                            \
-    BODY<T> ARGS;                                                                      \
-  }                                                                                    \
-  template <typename T>                                                                \
-  __attribute__((target("avx2,fma"))) void NAME##_avx2 PARAMS {                       \
-    BODY<T> ARGS;                                                                      \
-  }                                                                                    \
-  template <typename T>                                                                \
-  __attribute__((target("avx512f,avx512bw,avx512vl,avx2,fma"))) void NAME##_avx512 PARAMS { \
-    BODY<T> ARGS;                                                                      \
-  }
+// The bodies built once per ISA variant (cpu_isa.h). Blocking per variant: VB bytes per vector
+// (0: the portable loops, any dtype), affine: R rows x K vectors of accumulators, W gradient: RO x
+// RC vectors.
+template <int Isa>
+struct InvconvTuning {  // baseline
+  static constexpr int VB = 0, R = 1, K = 1, RO = 1, RC = 1;
+};
+template <>
+struct InvconvTuning<kIsaAvx2> {  // affine: 8 of 16 ymm accumulate; W gradient: 8 + 6 of 16
+  static constexpr int VB = 32, R = 4, K = 2, RO = 2, RC = 4;
+};
+template <>
+struct InvconvTuning<kIsaAvx512> {  // affine: 16 of 32 zmm accumulate; W gradient: 16 + 8 of 32
+  static constexpr int VB = 64, R = 8, K = 2, RO = 4, RC = 4;
+};
 
-template <typename T>
-void affine_item_base(const T* x, const T* w, const T* b, T* y, int64_t c, int64_t p, int64_t co0) {
-  affine_item_body<T, 0, 1, 1>(x, w, b, y, c, p, co0);
+template <int Isa, typename T>
+FF_INLINE void affine_item_isa(const T* x, const T* w, const T* b, T* y, int64_t c, int64_t p,
+                               int64_t co0) {
+  using Tn = InvconvTuning<Isa>;
+  affine_item_body<T, Tn::VB, Tn::R, Tn::K>(x, w, b, y, c, p, co0);
 }
-template <typename T>
-__attribute__((target("avx2,fma"))) void affine_item_avx2(const T* x, const T* w, const T* b, T* y,
-                                                          int64_t c, int64_t p, int64_t co0) {
-  affine_item_body<T, 32, 4, 2>(x, w, b, y, c, p, co0);  // 8 of 16 ymm registers accumulate
+template <int Isa, typename T>
+FF_INLINE void grad_params_isa(const T* x, const T* g, int64_t c, int64_t p, acc_t<T>* aw,
+                               acc_t<T>* ab) {
+  using Tn = InvconvTuning<Isa>;
+  grad_params_dispatch<T, Tn::VB, Tn::RO, Tn::RC>(x, g, c, p, aw, ab);
 }
-template <typename T>
-__attribute__((target("avx512f,avx512bw,avx512vl,avx2,fma"))) void affine_item_avx512(
-    const T* x, const T* w, const T* b, T* y, int64_t c, int64_t p, int64_t co0) {
-  affine_item_body<T, 64, 8, 2>(x, w, b, y, c, p, co0);  // 16 of 32 zmm registers accumulate
+template <int Isa, typename T>
+FF_INLINE void affine_row_isa(const T* x, const T* w, const T* b, T* y, int64_t c) {
+  affine_row_body<T>(x, w, b, y, c);
 }
-template <typename T>
-void grad_params_base(const T* x, const T* g, int64_t c, int64_t p, acc_t<T>* aw, acc_t<T>* ab) {
-  grad_params_dispatch<T, 0, 1, 1>(x, g, c, p, aw, ab);
+template <int Isa, typename T>
+FF_INLINE void grad_params_row_isa(const T* x, const T* g, int64_t c, acc_t<T>* aw,
+                                   acc_t<T>* ab) {
+  grad_params_row_body<T>(x, g, c, aw, ab);
 }
-template <typename T>
-__attribute__((target("avx2,fma"))) void grad_params_avx2(const T* x, const T* g, int64_t c,
-                                                          int64_t p, acc_t<T>* aw,
-                                                          acc_t<T>* ab) {
-  grad_params_dispatch<T, 32, 2, 4>(x, g, c, p, aw, ab);  // 8 + 6 of 16 ymm registers
-}
-template <typename T>
-__attribute__((target("avx512f,avx512bw,avx512vl,avx2,fma"))) void grad_params_avx512(
-    const T* x, const T* g, int64_t c, int64_t p, acc_t<T>* aw, acc_t<T>* ab) {
-  grad_params_dispatch<T, 64, 4, 4>(x, g, c, p, aw, ab);  // 16 + 8 of 32 zmm registers
-}
-FF_ISA_VARIANTS(affine_row, affine_row_body,
+
+FF_CPU_VARIANTS(affine_item, affine_item_isa,
+                (const T* x, const T* w, const T* b, T* y, int64_t c, int64_t p, int64_t co0),
+                (x, w, b, y, c, p, co0))
+FF_CPU_VARIANTS(grad_params, grad_params_isa,
+                (const T* x, const T* g, int64_t c, int64_t p, acc_t<T>* aw, acc_t<T>* ab),
+                (x, g, c, p, aw, ab))
+FF_CPU_VARIANTS(affine_row, affine_row_isa,
                 (const T* x, const T* w, const T* b, T* y, int64_t c), (x, w, b, y, c))
-FF_ISA_VARIANTS(grad_params_row, grad_params_row_body,
+FF_CPU_VARIANTS(grad_params_row, grad_params_row_isa,
                 (const T* x, const T* g, int64_t c, acc_t<T>* aw, acc_t<T>* ab),
                 (x, g, c, aw, ab))
-
-enum Isa { kBase = 0, kAvx2 = 1, kAvx512 = 2 };
-
-// The project-wide switch (common.h): the widest ISA the CPU has, capped by FASTFLOW_CPU_ISA.
-Isa detect_isa() {
-  const int level = cpu_isa_level();
-  return level >= kIsaAvx512 ? kAvx512 : level == kIsaAvx2 ? kAvx2 : kBase;
-}
-
-#define FF_PICK(NAME, T, ISA) \
-  (ISA == kAvx512 ? &NAME##_avx512<T> : ISA == kAvx2 ? &NAME##_avx2<T> : &NAME##_base<T>)
 
 template <typename T>
 void channel_affine_kernel(int64_t n, int64_t c, int64_t p, const T* x, const T* w, const T* b,
                            T* y, int nthreads) {
   const bool par = n * c * p * c > kParallelGrain;
-  const Isa isa = detect_isa();
+  const int isa = cpu_isa_level();
   if (p == 1) {
-    auto fn = FF_PICK(affine_row, T, isa);
+    auto fn = affine_row_for<T>(isa);
 #pragma omp parallel for num_threads(nthreads) schedule(static) if (par)
     for (int64_t i = 0; i < n; ++i) fn(x + i * c, w, b, y + i * c, c);
     return;
   }
-  auto fn = FF_PICK(affine_item, T, isa);
+  auto fn = affine_item_for<T>(isa);
   const int64_t nb = (c + 2 * kRows - 1) / (2 * kRows);
 #pragma omp parallel for num_threads(nthreads) schedule(static) if (par)
   for (int64_t item = 0; item < n * nb; ++item) {
@@ -416,16 +388,12 @@ void grad_params_kernel(int64_t n, int64_t c, int64_t p, const T* x, const T* g,
   const bool par = n * c * p * c > kParallelGrain;
   const int nt = par ? nthreads : 1;
   std::fill(ws, ws + stride * nthreads, A(0));
-  const Isa isa = detect_isa();
-  auto fn_img = FF_PICK(grad_params, T, isa);
-  auto fn_row = FF_PICK(grad_params_row, T, isa);
+  const int isa = cpu_isa_level();
+  auto fn_img = grad_params_for<T>(isa);
+  auto fn_row = grad_params_row_for<T>(isa);
 #pragma omp parallel num_threads(nt) if (par)
   {
-#if defined(_OPENMP)
-    const int tid = omp_get_thread_num();
-#else
-    const int tid = 0;
-#endif
+    const int tid = thread_id();
     A* aw = ws + tid * stride;
     A* ab = aw + c * c;
 #pragma omp for schedule(static)
@@ -550,23 +518,18 @@ void lu_weight_kernel(int64_t c, const T* pm, const T* l, const T* u, const T* l
   *logdet = ld;
 }
 
-int64_t acc_size(int dtype) { return dtype == kFloat64 ? 8 : 4; }
-
 }  // namespace
 
-std::string invconv_cpu_isa() {
-  const Isa isa = detect_isa();
-  return isa == kAvx512 ? "avx512" : isa == kAvx2 ? "avx2" : "base";
-}
+std::string invconv_cpu_isa() { return cpu_isa_name(cpu_isa_level()); }
 
 int64_t lu_weight_workspace_bytes(int dtype, int64_t c) {
   check(c >= 0, "lu_weight_workspace_bytes: negative size");
-  return 3 * c * c * acc_size(dtype);
+  return 3 * c * c * acc_bytes(dtype);
 }
 
 int64_t channel_affine_grad_workspace_bytes_cpu(int dtype, int64_t c, int nthreads) {
   check(c >= 0 && nthreads >= 1, "channel_affine_grad_workspace_bytes_cpu: bad sizes");
-  return int64_t(nthreads) * (c * c + c) * acc_size(dtype);
+  return int64_t(nthreads) * (c * c + c) * acc_bytes(dtype);
 }
 
 void lu_weight_cpu(int dtype, int64_t c, std::uintptr_t p, std::uintptr_t l, std::uintptr_t u,

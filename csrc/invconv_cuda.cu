@@ -14,16 +14,7 @@
 namespace ff {
 namespace {
 
-template <typename T>
-using acc_t = typename Acc<T>::type;
 
-template <typename P>
-P* ptr(std::uintptr_t p) {
-  return reinterpret_cast<P*>(p);
-}
-
-
-int64_t acc_size(int dtype) { return dtype == kFloat64 ? 8 : 4; }
 
 // ---------------------------------------------------------------------------------------------
 constexpr int kLuThreads = 256;
@@ -235,7 +226,7 @@ void channel_affine_cuda(int dtype, int64_t n, int64_t c, int64_t p, std::uintpt
 
 int64_t channel_affine_grad_workspace_bytes_cuda(int dtype, int64_t n, int64_t c, int64_t p) {
   check(n >= 0 && c >= 0 && p >= 0, "channel_affine_grad_workspace_bytes_cuda: negative size");
-  return grad_chunks(n, p) * (c * c + c) * acc_size(dtype);
+  return grad_chunks(n, p) * (c * c + c) * acc_bytes(dtype);
 }
 
 void channel_affine_grad_params_cuda(int dtype, int64_t n, int64_t c, int64_t p, std::uintptr_t x,

@@ -20,7 +20,8 @@
 #include <cstdint>
 #include <vector>
 
-#include "common.h"
+#include "checks.h"
+#include "scale.h"
 
 namespace ff {
 

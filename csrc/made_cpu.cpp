@@ -1,29 +1,23 @@
-#ifndef FF_MADE_CPU_BODY
 // CPU MAF inverse: the degree walk of made.h over blocks of samples, OpenMP over blocks.
 //
 // Each thread owns a block state in the workspace: one 128-byte row (32 fp32 / 16 fp64 samples)
 // per input and per hidden unit, samples contiguous. A group of units of one degree is a small
 // matrix product (units x prefix) @ (prefix x samples) done by a register-blocked micro-kernel:
 // R units x BS samples of accumulators, one broadcast weight and NV vector loads per prefix entry.
-// The micro-kernel is written once with GCC/Clang vector extensions and compiled three times
-// (AVX-512, AVX2+FMA, baseline SSE2), picked at run time: the project builds without -march.
+// The micro-kernel is written once with GCC/Clang vector extensions and built once per ISA
+// variant (cpu_isa.h: AVX-512, AVX2+FMA, baseline SSE2), picked per call.
 #include <algorithm>
 #include <cstdlib>
 #include <cstring>
 #include <string>
 #include <utility>
 
+#include "cpu_isa.h"
+#include "cpu_parallel.h"
 #include "made.h"
-
-#if defined(FF_WITH_OPENMP)
-#include <omp.h>
-#endif
-
 
 namespace ff {
 namespace made_cpu_detail {
-
-#define FF_MADE_INLINE inline __attribute__((always_inline))
 
 template <typename T>
 struct Walk {
@@ -42,210 +36,14 @@ struct Walk {
   T* logdet;
 };
 
-}  // namespace made_cpu_detail
-}  // namespace ff
-
-// The walk, compiled once per instruction set: this file includes itself with FF_MADE_CPU_BODY
-// set, under a target pragma, so that every function of the walk (templates included) is an
-// AVX-512 (AVX2+FMA, baseline) function and the vector-extension code uses that ISA's registers.
-#define FF_MADE_CPU_BODY 1
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
-#if defined(__clang__)
-#pragma clang attribute push(__attribute__((target("avx512f"))), apply_to = function)
-#else
-#pragma GCC push_options
-#pragma GCC target("avx512f")
-#endif
-#define FF_MADE_ISA avx512
-#define FF_MADE_VBYTES 64
-#define FF_MADE_NV 2
-#define FF_MADE_R 8
-#include "made_cpu.cpp"  // NOLINT(build/include): deliberate self-inclusion
-#undef FF_MADE_ISA
-#undef FF_MADE_VBYTES
-#undef FF_MADE_NV
-#undef FF_MADE_R
-#if defined(__clang__)
-#pragma clang attribute pop
-#pragma clang attribute push(__attribute__((target("avx2,fma"))), apply_to = function)
-#else
-#pragma GCC pop_options
-#pragma GCC push_options
-#pragma GCC target("avx2,fma")
-#endif
-#define FF_MADE_ISA avx2
-#define FF_MADE_VBYTES 32
-#define FF_MADE_NV 4
-#define FF_MADE_R 2
-#include "made_cpu.cpp"  // NOLINT(build/include)
-#undef FF_MADE_ISA
-#undef FF_MADE_VBYTES
-#undef FF_MADE_NV
-#undef FF_MADE_R
-#if defined(__clang__)
-#pragma clang attribute pop
-#else
-#pragma GCC pop_options
-#endif
-#define FF_MADE_HAVE_X86 1
-#endif
-#define FF_MADE_ISA generic
-#define FF_MADE_VBYTES 16
-#define FF_MADE_NV 8
-#define FF_MADE_R 1
-#include "made_cpu.cpp"  // NOLINT(build/include)
-#undef FF_MADE_ISA
-#undef FF_MADE_VBYTES
-#undef FF_MADE_NV
-#undef FF_MADE_R
-#undef FF_MADE_CPU_BODY
-
-namespace ff {
-namespace made_cpu_detail {
-
-template <typename T>
-using BlockFn = void (*)(const Walk<T>&, int64_t, int64_t, T*);
-
-// The widest ISA the CPU has, capped by FASTFLOW_CPU_ISA=base|avx2 (common.h).
-template <typename T>
-BlockFn<T> pick_block_fn() {
-#if defined(FF_MADE_HAVE_X86)
-  const int isa = cpu_isa_level();
-  if (isa == kIsaAvx512) return &avx512::block<T>;
-  if (isa == kIsaAvx2) return &avx2::block<T>;
-#endif
-  return &generic::block<T>;
-}
-
-// Degrees per lookahead block: 1 (none) when every degree has >= 32 units per layer, else enough
-// degrees for about 64 units per layer and block (at most 32 degrees; measured on AVX-512). FASTFLOW_MADE_LOOKAHEAD overrides (for tests).
-int64_t lookahead_for(int64_t d, const std::vector<int64_t>& hidden) {
-  int64_t B = 1;
-  if (const char* env = std::getenv("FASTFLOW_MADE_LOOKAHEAD")) {
-    B = std::atoll(env);
-  } else if (d > 1) {
-    const int64_t hmin = *std::min_element(hidden.begin(), hidden.end());
-    const double per_degree = double(hmin) / double(d - 1);
-    if (per_degree < 32) B = int64_t(64.0 / std::max(per_degree, 2.0));
-  }
-  return std::max<int64_t>(1, std::min<int64_t>(32, B));
-}
-
-int64_t state_rows(int64_t d, const std::vector<int64_t>& hidden) {
-  int64_t r = d;
-  for (int64_t h : hidden) r += h;
-  return r;
-}
-
-template <typename P>
-P* ptr(std::uintptr_t p) {
-  return reinterpret_cast<P*>(p);
-}
-
-template <typename T>
-void run_walk(int act, int mode, double clamp, int64_t n, int64_t d,
-              const std::vector<int64_t>& hidden, std::uintptr_t u, std::uintptr_t init,
-              const std::vector<std::uintptr_t>& weights, const std::vector<std::uintptr_t>& biases,
-              const std::vector<int64_t>& bounds, std::uintptr_t x, std::uintptr_t logdet,
-              std::uintptr_t workspace, int nthreads) {
-  constexpr int BS = made_block_samples<T>();
-  const int64_t L = int64_t(hidden.size());
-  std::vector<int64_t> offs(L);
-  int64_t o = 0;
-  for (int64_t l = 0; l < L; ++l) {
-    offs[l] = o;
-    o += hidden[l];
-  }
-  std::vector<const T*> w(L + 1), b(L + 1);
-  for (int64_t l = 0; l <= L; ++l) {
-    w[l] = ptr<const T>(weights[l]);
-    b[l] = ptr<const T>(biases[l]);
-  }
-  Walk<T> P{act,          mode,        T(clamp), T(1) / T(clamp), n,          d,
-            L,            hidden.data(), offs.data(), ptr<const T>(u), ptr<const T>(init), w.data(),
-            b.data(),     bounds.data(), lookahead_for(d, hidden), ptr<T>(x), ptr<T>(logdet)};
-  const BlockFn<T> fn = pick_block_fn<T>();
-  const int64_t rows = state_rows(d, hidden);
-  const int64_t nblocks = (n + BS - 1) / BS;
-  T* ws = ptr<T>(workspace);
-  const int nt = int(std::max<int64_t>(1, std::min<int64_t>(nthreads, nblocks)));
-#pragma omp parallel num_threads(nt) if (nt > 1)
-  {
-#if defined(FF_WITH_OPENMP)
-    const int tid = omp_get_thread_num();
-#else
-    const int tid = 0;
-#endif
-    T* mine = ws + int64_t(tid) * rows * BS;
-#pragma omp for schedule(static)
-    for (int64_t blk = 0; blk < nblocks; ++blk) {
-      const int64_t b0 = blk * BS;
-      fn(P, b0, std::min<int64_t>(BS, n - b0), mine);
-    }
-  }
-}
-
-}  // namespace made_cpu_detail
-
-using namespace made_cpu_detail;
-
-int64_t made_workspace_bytes(int dtype, int64_t d, const std::vector<int64_t>& hidden,
-                             int nthreads) {
-  check(d >= 0 && nthreads >= 1, "made_workspace_bytes: bad sizes");
-  for (int64_t h : hidden) check(h >= 0, "made_workspace_bytes: negative hidden size");
-  // 128 bytes per state row and thread, whatever the dtype
-  return int64_t(nthreads) * state_rows(d, hidden) * 128;
-}
-
-void made_affine_inverse_cpu(int dtype, int act, int mode, double clamp, int64_t n, int64_t d,
-                             const std::vector<int64_t>& hidden, std::uintptr_t u,
-                             std::uintptr_t init, const std::vector<std::uintptr_t>& weights,
-                             const std::vector<std::uintptr_t>& biases,
-                             const std::vector<int64_t>& bounds, std::uintptr_t x, std::uintptr_t logdet, std::uintptr_t workspace,
-                             int64_t workspace_bytes, int nthreads) {
-  const char* name = "made_affine_inverse_cpu";
-  made_check_sizes(name, act, mode, clamp, n, d, hidden, weights, biases);
-  check(dtype == kFloat32 || dtype == kFloat64,
-        std::string(name) + ": dtype must be float32 or float64 (cast 16-bit inputs first)");
-  check(nthreads >= 1, std::string(name) + ": nthreads must be >= 1");
-  const int64_t L = int64_t(hidden.size());
-  check(int64_t(bounds.size()) == L * (d + 1), std::string(name) + ": bounds must have L * (d + 1) entries");
-  made_check_bounds(name, d, hidden, bounds.data());
-  for (int64_t l = 0; l <= L; ++l) {
-    const int64_t rows = l == L ? 2 * d : hidden[l];
-    const int64_t cols = l == 0 ? d : hidden[l - 1];
-    check_ptr(weights[l], rows * cols, "weights");
-    check_ptr(biases[l], rows, "biases");
-  }
-  if (n == 0) return;
-  check_ptr(u, n * d, "u");
-  check_ptr(x, n * d, "x");
-  check_ptr(logdet, n, "logdet");
-  check_ptr(init, init ? n * hidden[0] : 0, "init");
-  check_ptr(workspace, 1, "workspace");
-  check(workspace_bytes >= made_workspace_bytes(dtype, d, hidden, nthreads),
-        std::string(name) + ": workspace too small (see made_workspace_bytes)");
-  if (dtype == kFloat32)
-    run_walk<float>(act, mode, clamp, n, d, hidden, u, init, weights, biases, bounds, x, logdet,
-                    workspace, nthreads);
-  else
-    run_walk<double>(act, mode, clamp, n, d, hidden, u, init, weights, biases, bounds, x, logdet,
-                     workspace, nthreads);
-}
-
-}  // namespace ff
-
-#else  // FF_MADE_CPU_BODY: one instruction set's copy of the walk
-
-#pragma GCC diagnostic ignored "-Wpsabi"
-
-namespace ff {
-namespace made_cpu_detail {
-namespace FF_MADE_ISA {
+// ---------------------------------------------------------------------------------------------
+// The walk of one block, built once per ISA variant (cpu_isa.h): every function below is
+// always-inline into block_base / block_avx2 / block_avx512, whose vector-extension code then uses
+// that ISA's registers.
 
 // All lanes = *s: one broadcast load.
 template <typename V, typename T, int W>
-FF_MADE_INLINE V splat(const T* s) {
+FF_INLINE V splat(const T* s) {
   return *s + (-V{});  // adding -0.0 is an identity the compiler drops (adding +0.0 is not)
 }
 
@@ -253,7 +51,7 @@ FF_MADE_INLINE V splat(const T* s) {
 // (ACC: add to what out holds). KS accumulator sets over interleaved k keep enough FMA chains in
 // flight when R * NV is small.
 template <typename T, int W, int NV, int R, int KS, bool ACC>
-FF_MADE_INLINE void micro(const T* const* w, int64_t K, const T* prev, T* out, int64_t ostride) {
+FF_INLINE void micro(const T* const* w, int64_t K, const T* prev, T* out, int64_t ostride) {
   typedef T V __attribute__((vector_size(W * sizeof(T))));
   constexpr int BS = NV * W;
   V acc[KS][R][NV];
@@ -314,7 +112,7 @@ constexpr int ksplit() {
 
 // Rows r .. r + rem - 1 (rem < R) into out rows 0 .. rem - 1, with the widest micro-kernel that fits.
 template <typename T, int W, int NV, int R, bool ACC>
-FF_MADE_INLINE void rows_tail(const T* wl, int64_t ldw, int64_t r, int64_t rem, int64_t k0,
+FF_INLINE void rows_tail(const T* wl, int64_t ldw, int64_t r, int64_t rem, int64_t k0,
                               int64_t K, const T* prev, T* out) {
   if constexpr (R >= 1) {
     constexpr int BS = NV * W;
@@ -331,7 +129,7 @@ FF_MADE_INLINE void rows_tail(const T* wl, int64_t ldw, int64_t r, int64_t rem, 
 // Rows [r0, r1) of the layer weights `wl` (leading dim ldw) over prefix entries [k0, K) of `prev`,
 // into (ACC: added to) rows 0, 1, ... of `out`.
 template <typename T, int W, int NV, int R, bool ACC>
-FF_MADE_INLINE void rows_product(const T* wl, int64_t ldw, int64_t r0, int64_t r1, int64_t k0,
+FF_INLINE void rows_product(const T* wl, int64_t ldw, int64_t r0, int64_t r1, int64_t k0,
                                  int64_t K, const T* prev, T* out) {
   constexpr int BS = NV * W;
   if (r1 <= r0) return;
@@ -347,7 +145,7 @@ FF_MADE_INLINE void rows_product(const T* wl, int64_t ldw, int64_t r0, int64_t r
 
 // x = u * exp(s) + t for one input over the block, from the shift and raw-scale sums.
 template <typename T, int Mode, int BS>
-FF_MADE_INLINE void affine_step(const T* ts, const T* tr, const T* us, T bt, T br, T c, T inv_c,
+FF_INLINE void affine_step(const T* ts, const T* tr, const T* us, T bt, T br, T c, T inv_c,
                                 T* xk, T* ld) {
 #pragma omp simd
   for (int s = 0; s < BS; ++s) {
@@ -362,7 +160,7 @@ FF_MADE_INLINE void affine_step(const T* ts, const T* tr, const T* us, T bt, T b
 // kb >= 0 the units' sums over the prefix known at degree kb are already in place (lookahead) and
 // only the rest is added.
 template <typename T, int W, int NV, int R>
-FF_MADE_INLINE void hidden_groups(const Walk<T>& P, int64_t m, int64_t kb, int64_t b0, int64_t nb,
+FF_INLINE void hidden_groups(const Walk<T>& P, int64_t m, int64_t kb, int64_t b0, int64_t nb,
                                   T* ws) {
   constexpr int BS = NV * W;
   const int64_t d = P.d, L = P.L;
@@ -400,7 +198,7 @@ FF_MADE_INLINE void hidden_groups(const Walk<T>& P, int64_t m, int64_t kb, int64
 // [kb, kb + B) and of the hidden units of degrees [kb + 1, kb + B] over everything already final,
 // as a few wide products instead of many narrow ones (small degree groups, i.e. large D).
 template <typename T, int W, int NV, int R>
-FF_MADE_INLINE void lookahead(const Walk<T>& P, int64_t kb, int64_t B, T* ws, T* tsb) {
+FF_INLINE void lookahead(const Walk<T>& P, int64_t kb, int64_t B, T* ws, T* tsb) {
   constexpr int BS = NV * W;
   const int64_t d = P.d, L = P.L;
   const int64_t ke = kb + B < d ? kb + B : d;  // inputs [kb, ke)
@@ -421,7 +219,7 @@ FF_MADE_INLINE void lookahead(const Walk<T>& P, int64_t kb, int64_t B, T* ws, T*
 }
 
 template <typename T, int W, int NV, int R>
-FF_MADE_INLINE void walk_block(const Walk<T>& P, int64_t b0, int64_t nb, T* ws) {
+FF_INLINE void walk_block(const Walk<T>& P, int64_t b0, int64_t nb, T* ws) {
   constexpr int BS = NV * W;
   constexpr int kMaxB = 32;
   const int64_t d = P.d, L = P.L;
@@ -486,16 +284,134 @@ FF_MADE_INLINE void walk_block(const Walk<T>& P, int64_t b0, int64_t nb, T* ws) 
   }
 }
 
-// One block of samples with this ISA's vector width: R * NV accumulator vectors (16 of the 32
+// One block of samples with a variant's vector width: R * NV accumulator vectors (16 of the 32
 // zmm registers on AVX-512, 8 of the 16 ymm on AVX2); BS = 128 bytes of samples in every variant.
+template <int Isa>
+struct MadeTuning {
+  static constexpr int NV = Isa == kIsaAvx512 ? 2 : Isa == kIsaAvx2 ? 4 : 8;
+  static constexpr int R = Isa == kIsaAvx512 ? 8 : Isa == kIsaAvx2 ? 2 : 1;
+};
+
+template <int Isa, typename T>
+FF_INLINE void block_isa(const Walk<T>& P, int64_t b0, int64_t nb, T* ws) {
+  constexpr int W = kIsaVectorBytes<Isa> / int(sizeof(T));
+  walk_block<T, W, MadeTuning<Isa>::NV, MadeTuning<Isa>::R>(P, b0, nb, ws);
+}
+FF_CPU_VARIANTS(block, block_isa, (const Walk<T>& P, int64_t b0, int64_t nb, T* ws),
+                (P, b0, nb, ws))
+
+// ---------------------------------------------------------------------------------------------
+// The driver (OpenMP over blocks) and the entry points.
+
 template <typename T>
-void block(const Walk<T>& P, int64_t b0, int64_t nb, T* ws) {
-  constexpr int W = FF_MADE_VBYTES / int(sizeof(T));
-  walk_block<T, W, FF_MADE_NV, FF_MADE_R>(P, b0, nb, ws);
+using BlockFn = void (*)(const Walk<T>&, int64_t, int64_t, T*);
+
+// Degrees per lookahead block: 1 (none) when every degree has >= 32 units per layer, else enough
+// degrees for about 64 units per layer and block (at most 32 degrees; measured on AVX-512). FASTFLOW_MADE_LOOKAHEAD overrides (for tests).
+int64_t lookahead_for(int64_t d, const std::vector<int64_t>& hidden) {
+  int64_t B = 1;
+  if (const char* env = std::getenv("FASTFLOW_MADE_LOOKAHEAD")) {
+    B = std::atoll(env);
+  } else if (d > 1) {
+    const int64_t hmin = *std::min_element(hidden.begin(), hidden.end());
+    const double per_degree = double(hmin) / double(d - 1);
+    if (per_degree < 32) B = int64_t(64.0 / std::max(per_degree, 2.0));
+  }
+  return std::max<int64_t>(1, std::min<int64_t>(32, B));
 }
 
-}  // namespace FF_MADE_ISA
+int64_t state_rows(int64_t d, const std::vector<int64_t>& hidden) {
+  int64_t r = d;
+  for (int64_t h : hidden) r += h;
+  return r;
+}
+
+template <typename T>
+void run_walk(int act, int mode, double clamp, int64_t n, int64_t d,
+              const std::vector<int64_t>& hidden, std::uintptr_t u, std::uintptr_t init,
+              const std::vector<std::uintptr_t>& weights, const std::vector<std::uintptr_t>& biases,
+              const std::vector<int64_t>& bounds, std::uintptr_t x, std::uintptr_t logdet,
+              std::uintptr_t workspace, int nthreads) {
+  constexpr int BS = made_block_samples<T>();
+  const int64_t L = int64_t(hidden.size());
+  std::vector<int64_t> offs(L);
+  int64_t o = 0;
+  for (int64_t l = 0; l < L; ++l) {
+    offs[l] = o;
+    o += hidden[l];
+  }
+  std::vector<const T*> w(L + 1), b(L + 1);
+  for (int64_t l = 0; l <= L; ++l) {
+    w[l] = ptr<const T>(weights[l]);
+    b[l] = ptr<const T>(biases[l]);
+  }
+  Walk<T> P{act,          mode,        T(clamp), T(1) / T(clamp), n,          d,
+            L,            hidden.data(), offs.data(), ptr<const T>(u), ptr<const T>(init), w.data(),
+            b.data(),     bounds.data(), lookahead_for(d, hidden), ptr<T>(x), ptr<T>(logdet)};
+  const BlockFn<T> fn = block_for<T>(cpu_isa_level());
+  const int64_t rows = state_rows(d, hidden);
+  const int64_t nblocks = (n + BS - 1) / BS;
+  T* ws = ptr<T>(workspace);
+  const int nt = int(std::max<int64_t>(1, std::min<int64_t>(nthreads, nblocks)));
+#pragma omp parallel num_threads(nt) if (nt > 1)
+  {
+    const int tid = thread_id();
+    T* mine = ws + int64_t(tid) * rows * BS;
+#pragma omp for schedule(static)
+    for (int64_t blk = 0; blk < nblocks; ++blk) {
+      const int64_t b0 = blk * BS;
+      fn(P, b0, std::min<int64_t>(BS, n - b0), mine);
+    }
+  }
+}
+
 }  // namespace made_cpu_detail
+
+using namespace made_cpu_detail;
+
+int64_t made_workspace_bytes(int dtype, int64_t d, const std::vector<int64_t>& hidden,
+                             int nthreads) {
+  check(d >= 0 && nthreads >= 1, "made_workspace_bytes: bad sizes");
+  for (int64_t h : hidden) check(h >= 0, "made_workspace_bytes: negative hidden size");
+  // 128 bytes per state row and thread, whatever the dtype
+  return int64_t(nthreads) * state_rows(d, hidden) * 128;
+}
+
+void made_affine_inverse_cpu(int dtype, int act, int mode, double clamp, int64_t n, int64_t d,
+                             const std::vector<int64_t>& hidden, std::uintptr_t u,
+                             std::uintptr_t init, const std::vector<std::uintptr_t>& weights,
+                             const std::vector<std::uintptr_t>& biases,
+                             const std::vector<int64_t>& bounds, std::uintptr_t x, std::uintptr_t logdet, std::uintptr_t workspace,
+                             int64_t workspace_bytes, int nthreads) {
+  const char* name = "made_affine_inverse_cpu";
+  made_check_sizes(name, act, mode, clamp, n, d, hidden, weights, biases);
+  check(dtype == kFloat32 || dtype == kFloat64,
+        std::string(name) + ": dtype must be float32 or float64 (cast 16-bit inputs first)");
+  check(nthreads >= 1, std::string(name) + ": nthreads must be >= 1");
+  const int64_t L = int64_t(hidden.size());
+  check(int64_t(bounds.size()) == L * (d + 1), std::string(name) + ": bounds must have L * (d + 1) entries");
+  made_check_bounds(name, d, hidden, bounds.data());
+  for (int64_t l = 0; l <= L; ++l) {
+    const int64_t rows = l == L ? 2 * d : hidden[l];
+    const int64_t cols = l == 0 ? d : hidden[l - 1];
+    check_ptr(weights[l], rows * cols, "weights");
+    check_ptr(biases[l], rows, "biases");
+  }
+  if (n == 0) return;
+  check_ptr(u, n * d, "u");
+  check_ptr(x, n * d, "x");
+  check_ptr(logdet, n, "logdet");
+  check_ptr(init, init ? n * hidden[0] : 0, "init");
+  check_ptr(workspace, 1, "workspace");
+  check(workspace_bytes >= made_workspace_bytes(dtype, d, hidden, nthreads),
+        std::string(name) + ": workspace too small (see made_workspace_bytes)");
+  if (dtype == kFloat32)
+    run_walk<float>(act, mode, clamp, n, d, hidden, u, init, weights, biases, bounds, x, logdet,
+                    workspace, nthreads);
+  else
+    run_walk<double>(act, mode, clamp, n, d, hidden, u, init, weights, biases, bounds, x, logdet,
+                     workspace, nthreads);
+}
+
 }  // namespace ff
 
-#endif  // FF_MADE_CPU_BODY

@@ -170,11 +170,6 @@ void launch(const WalkArgs<T>& P, int64_t smem, cudaStream_t stream) {
   check_cuda(cudaGetLastError(), "made_affine_inverse_cuda launch");
 }
 
-template <typename P>
-P* ptr(std::uintptr_t p) {
-  return reinterpret_cast<P*>(p);
-}
-
 template <typename T>
 void run_walk(int act, int mode, double clamp, int64_t n, int64_t d,
               const std::vector<int64_t>& hidden, std::uintptr_t u, std::uintptr_t init,

@@ -23,7 +23,7 @@
 #include <utility>
 #include <vector>
 
-#include "common.h"
+#include "checks.h"
 
 namespace ff {
 

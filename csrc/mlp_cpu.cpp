@@ -1,12 +1,11 @@
-#ifndef FF_MLP_CPU_BODY
 // CPU MLP coupling layer (mlp.h): the whole layer in one call each way, OpenMP over blocks of
 // kBlock samples.
 //
 // Activations live sample-major, each row zero-padded to 64 bytes: in acts when the forward keeps
 // them (computed there in place; the backward reads them there), else in the per-thread
 // workspace, like the block's input and gradients. Every matrix product is one of two
-// register-blocked micro-kernels, written once with GCC/Clang vector extensions and compiled per
-// ISA (AVX-512, AVX2+FMA, baseline SSE2) like made_cpu.cpp:
+// register-blocked micro-kernels, written once with GCC/Clang vector extensions and built once per
+// ISA variant (cpu_isa.h: AVX-512, AVX2+FMA, baseline SSE2) like made_cpu.cpp:
 //   lanes: C[r][v] (+)= sum_p A(r, p) * B[p][v], v a run of vector lanes: R rows x NV vectors of
 //          accumulators, per p one broadcast of A per row and NV vector loads of B;
 //   dots:  C[r][c] = sum_p A[r][p] * Bt[c][p] along the lanes, summed across them at the end: for
@@ -27,22 +26,12 @@
 #include <vector>
 
 #include "coupling.h"
+#include "cpu_isa.h"
+#include "cpu_parallel.h"
 #include "mlp.h"
-
-#if defined(FF_WITH_OPENMP)
-#include <omp.h>
-#endif
-
-// Checks whose message is only built when they fail (the calls are on the per-step path).
-#define FF_MLP_CHECK(cond, msg)             \
-  do {                                      \
-    if (!(cond)) ::ff::check(false, (msg)); \
-  } while (0)
 
 namespace ff {
 namespace mlp_cpu_detail {
-
-#define FF_MLP_INLINE inline __attribute__((always_inline))
 
 // Samples per block: a multiple of every variant's row count R (6, 6, 4).
 constexpr int kBlock = 48;
@@ -86,71 +75,545 @@ struct Plan {
   T* gctx;
 };
 
-}  // namespace mlp_cpu_detail
-}  // namespace ff
 
-// The block functions, compiled once per instruction set (see made_cpu.cpp).
-#define FF_MLP_CPU_BODY 1
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
-#if defined(__clang__)
-#pragma clang attribute push( \
-    __attribute__((target("avx512f,avx512dq,avx512vl,avx512bw,avx2,fma"))), apply_to = function)
-#else
-#pragma GCC push_options
-#pragma GCC target("avx512f,avx512dq,avx512vl,avx512bw,avx2,fma,prefer-vector-width=512")
-#endif
-#define FF_MLP_ISA avx512
-#define FF_MLP_VBYTES 64
-#define FF_MLP_NV 4
-#define FF_MLP_R 6
-#define FF_MLP_CC 4
-#include "mlp_cpu.cpp"  // NOLINT(build/include): deliberate self-inclusion
-#undef FF_MLP_ISA
-#undef FF_MLP_VBYTES
-#undef FF_MLP_NV
-#undef FF_MLP_R
-#undef FF_MLP_CC
-#if defined(__clang__)
-#pragma clang attribute pop
-#pragma clang attribute push(__attribute__((target("avx2,fma"))), apply_to = function)
-#else
-#pragma GCC pop_options
-#pragma GCC push_options
-#pragma GCC target("avx2,fma")
-#endif
-#define FF_MLP_ISA avx2
-#define FF_MLP_VBYTES 32
-#define FF_MLP_NV 2
-#define FF_MLP_R 6
-#define FF_MLP_CC 2
-#include "mlp_cpu.cpp"  // NOLINT(build/include)
-#undef FF_MLP_ISA
-#undef FF_MLP_VBYTES
-#undef FF_MLP_NV
-#undef FF_MLP_R
-#undef FF_MLP_CC
-#if defined(__clang__)
-#pragma clang attribute pop
-#else
-#pragma GCC pop_options
-#endif
-#define FF_MLP_HAVE_X86 1
-#endif
-#define FF_MLP_ISA generic
-#define FF_MLP_VBYTES 16
-#define FF_MLP_NV 2
-#define FF_MLP_R 4
-#define FF_MLP_CC 2
-#include "mlp_cpu.cpp"  // NOLINT(build/include)
-#undef FF_MLP_ISA
-#undef FF_MLP_VBYTES
-#undef FF_MLP_NV
-#undef FF_MLP_R
-#undef FF_MLP_CC
-#undef FF_MLP_CPU_BODY
+// ---------------------------------------------------------------------------------------------
+// The block functions, built once per ISA variant (cpu_isa.h): every function below is
+// always-inline into forward_block_*, backward_block_* and sum_groups_*.
 
-namespace ff {
-namespace mlp_cpu_detail {
+
+template <typename V, typename T>
+FF_INLINE V splat(T s) {
+  return s + (-V{});  // adding -0.0 is an identity the compiler drops (adding +0.0 is not)
+}
+
+template <typename V, typename T>
+FF_INLINE V vload(const T* p) {
+  V v;
+  std::memcpy(&v, p, sizeof(V));
+  return v;
+}
+
+template <typename V, typename T>
+FF_INLINE void vstore(T* p, V v) {
+  std::memcpy(p, &v, sizeof(V));
+}
+
+// Short copies inline (a memcpy call per row of a few values costs more than the copy).
+template <typename T>
+FF_INLINE void copy_n(T* dst, const T* src, int64_t n) {
+#pragma omp simd
+  for (int64_t k = 0; k < n; ++k) dst[k] = src[k];
+}
+
+template <typename T>
+FF_INLINE void zero_n(T* dst, int64_t n) {
+#pragma omp simd
+  for (int64_t k = 0; k < n; ++k) dst[k] = T(0);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Lanes: C[r * ldc + v * W + :W] = epi(init + sum_{p < K} A(r, p) * B[p * ldb + v * W + :W]) for
+// RR rows and NVV vectors; A(r, p) = a[r * lda + p], or a[p * lda + r] with AT. Init: zero, the
+// bias vector, or what C holds; epilogue: none, relu, or zero where the mask m[r * ldm + ...] is
+// <= 0.
+template <typename T, int W, int RR, int NVV, int In, int Ep, bool AT>
+FF_INLINE void micro(int64_t K, const T* a, int64_t lda, const T* b, int64_t ldb, T* c,
+                         int64_t ldc, const T* bias, const T* m, int64_t ldm) {
+  typedef T V __attribute__((vector_size(W * sizeof(T))));
+  V acc[RR][NVV];
+#pragma GCC unroll 8
+  for (int r = 0; r < RR; ++r)
+#pragma GCC unroll 8
+    for (int v = 0; v < NVV; ++v) {
+      if (In == kInitZero)
+        acc[r][v] = V{};
+      else if (In == kInitBias)
+        acc[r][v] = vload<V>(bias + v * W);
+      else
+        acc[r][v] = vload<V>(c + r * ldc + v * W);
+    }
+  const T* ar[RR];
+#pragma GCC unroll 8
+  for (int r = 0; r < RR; ++r) ar[r] = AT ? a + r : a + r * lda;
+  const int64_t ap = AT ? lda : 1;
+#pragma GCC unroll 2
+  for (int64_t p = 0; p < K; ++p) {
+    V bv[NVV];
+#pragma GCC unroll 8
+    for (int v = 0; v < NVV; ++v) bv[v] = vload<V>(b + p * ldb + v * W);
+#pragma GCC unroll 8
+    for (int r = 0; r < RR; ++r) {
+      const V av = splat<V>(ar[r][p * ap]);
+#pragma GCC unroll 8
+      for (int v = 0; v < NVV; ++v) acc[r][v] += av * bv[v];
+    }
+  }
+#pragma GCC unroll 8
+  for (int r = 0; r < RR; ++r)
+#pragma GCC unroll 8
+    for (int v = 0; v < NVV; ++v) {
+      V o = acc[r][v];
+      if (Ep == kEpiRelu) {
+        o = o < V{} ? V{} : o;  // relu(NaN) = NaN, as torch
+      } else if (Ep == kEpiMask) {
+        const V mv = vload<V>(m + r * ldm + v * W);
+        o = mv <= V{} ? V{} : o;  // threshold_backward(g, h, 0)
+      }
+      vstore(c + r * ldc + v * W, o);
+    }
+}
+
+template <typename T, int W, int RR, int NVV, int In, int Ep, bool AT>
+FF_INLINE void rows_tail(int64_t rem, int64_t K, const T* a, int64_t lda, const T* b,
+                             int64_t ldb, T* c, int64_t ldc, const T* bias, const T* m,
+                             int64_t ldm) {
+  if constexpr (RR >= 1) {
+    if (rem == RR)
+      micro<T, W, RR, NVV, In, Ep, AT>(K, a, lda, b, ldb, c, ldc, bias, m, ldm);
+    else
+      rows_tail<T, W, RR - 1, NVV, In, Ep, AT>(rem, K, a, lda, b, ldb, c, ldc, bias, m, ldm);
+  }
+}
+
+// Rows [0, M) with NVV vectors.
+template <typename T, int W, int R, int NVV, int In, int Ep, bool AT>
+FF_INLINE void rows_loop(int64_t M, int64_t K, const T* a, int64_t lda, const T* b, int64_t ldb,
+                             T* c, int64_t ldc, const T* bias, const T* m, int64_t ldm) {
+  int64_t r = 0;
+  for (; r + R <= M; r += R)
+    micro<T, W, R, NVV, In, Ep, AT>(K, AT ? a + r : a + r * lda, lda, b, ldb, c + r * ldc, ldc,
+                                    bias, Ep == kEpiMask ? m + r * ldm : m, ldm);
+  if (r < M)
+    rows_tail<T, W, R - 1, NVV, In, Ep, AT>(M - r, K, AT ? a + r : a + r * lda, lda, b, ldb,
+                                            c + r * ldc, ldc, bias,
+                                            Ep == kEpiMask ? m + r * ldm : m, ldm);
+}
+
+template <typename T, int W, int R, int NVV, int In, int Ep, bool AT>
+FF_INLINE void vec_tail(int64_t rem, int64_t M, int64_t K, const T* a, int64_t lda, const T* b,
+                            int64_t ldb, T* c, int64_t ldc, const T* bias, const T* m,
+                            int64_t ldm) {
+  if constexpr (NVV >= 1) {
+    if (rem == NVV)
+      rows_loop<T, W, R, NVV, In, Ep, AT>(M, K, a, lda, b, ldb, c, ldc, bias, m, ldm);
+    else
+      vec_tail<T, W, R, NVV - 1, In, Ep, AT>(rem, M, K, a, lda, b, ldb, c, ldc, bias, m, ldm);
+  }
+}
+
+// C[M][NVEC vectors] as above; the vectors outermost so that B's K x NV panel stays in L1 while
+// every row block streams past it.
+template <typename T, int W, int R, int NV, int In, int Ep, bool AT>
+FF_INLINE void gemm(int64_t M, int64_t NVEC, int64_t K, const T* a, int64_t lda, const T* b, int64_t ldb,
+          T* c, int64_t ldc, const T* bias = nullptr, const T* m = nullptr, int64_t ldm = 0) {
+  int64_t v = 0;
+  for (; v + NV <= NVEC; v += NV)
+    rows_loop<T, W, R, NV, In, Ep, AT>(M, K, a, lda, b + v * W, ldb, c + v * W, ldc,
+                                       In == kInitBias ? bias + v * W : bias,
+                                       Ep == kEpiMask ? m + v * W : m, ldm);
+  if (v < NVEC)
+    vec_tail<T, W, R, NV - 1, In, Ep, AT>(NVEC - v, M, K, a, lda, b + v * W, ldb, c + v * W, ldc,
+                                          In == kInitBias ? bias + v * W : bias,
+                                          Ep == kEpiMask ? m + v * W : m, ldm);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Dots: C[r * ldc + c] = epi(bias[c] + sum_{p < NVK * W} A[r * lda + p] * Bt[c * ldbt + p]) for
+// RD rows and CC columns, both operands zero-padded to whole vectors; the lanes are summed in a
+// fixed order.
+template <typename T, int W, int RD, int CC, int In, int Ep>
+FF_INLINE void dot_micro(int64_t NVK, const T* a, int64_t lda, const T* bt, int64_t ldbt, T* c,
+                             int64_t ldc, const T* bias) {
+  typedef T V __attribute__((vector_size(W * sizeof(T))));
+  V acc[RD][CC];
+#pragma GCC unroll 8
+  for (int r = 0; r < RD; ++r)
+#pragma GCC unroll 8
+    for (int j = 0; j < CC; ++j) acc[r][j] = V{};
+  for (int64_t q = 0; q < NVK; ++q) {
+    V bv[CC];
+#pragma GCC unroll 8
+    for (int j = 0; j < CC; ++j) bv[j] = vload<V>(bt + j * ldbt + q * W);
+#pragma GCC unroll 8
+    for (int r = 0; r < RD; ++r) {
+      const V av = vload<V>(a + r * lda + q * W);
+#pragma GCC unroll 8
+      for (int j = 0; j < CC; ++j) acc[r][j] += av * bv[j];
+    }
+  }
+#pragma GCC unroll 8
+  for (int r = 0; r < RD; ++r)
+#pragma GCC unroll 8
+    for (int j = 0; j < CC; ++j) {
+      T lanes[W];
+      std::memcpy(lanes, &acc[r][j], sizeof(lanes));
+#pragma GCC unroll 16
+      for (int h = W / 2; h >= 1; h /= 2)
+#pragma GCC unroll 16
+        for (int i = 0; i < h; ++i) lanes[i] += lanes[i + h];
+      T o = lanes[0];
+      if (In == kInitBias) o += bias[j];
+      if (Ep == kEpiRelu) o = o < T(0) ? T(0) : o;
+      c[r * ldc + j] = o;
+    }
+}
+
+template <typename T, int W, int RD, int CC, int In, int Ep>
+FF_INLINE void dot_cols(int64_t M, int64_t NVK, const T* a, int64_t lda, const T* bt,
+                            int64_t ldbt, T* c, int64_t ldc, const T* bias) {
+  for (int64_t r = 0; r < M; r += RD)
+    dot_micro<T, W, RD, CC, In, Ep>(NVK, a + r * lda, lda, bt, ldbt, c + r * ldc, ldc, bias);
+}
+
+template <typename T, int W, int RD, int CC, int In, int Ep>
+FF_INLINE void dot_tail(int64_t rem, int64_t M, int64_t NVK, const T* a, int64_t lda,
+                            const T* bt, int64_t ldbt, T* c, int64_t ldc, const T* bias) {
+  if constexpr (CC >= 1) {
+    if (rem == CC)
+      dot_cols<T, W, RD, CC, In, Ep>(M, NVK, a, lda, bt, ldbt, c, ldc, bias);
+    else
+      dot_tail<T, W, RD, CC - 1, In, Ep>(rem, M, NVK, a, lda, bt, ldbt, c, ldc, bias);
+  }
+}
+
+// C[M][N] by dots over K (M a multiple of RD); the columns outermost (Bt's rows stay in L1).
+template <typename T, int W, int RD, int CC, int In, int Ep>
+FF_INLINE void dot_gemm(int64_t M, int64_t N, int64_t K, const T* a, int64_t lda, const T* bt, int64_t ldbt,
+              T* c, int64_t ldc, const T* bias) {
+  const int64_t nvk = (K + W - 1) / W;
+  int64_t j = 0;
+  for (; j + CC <= N; j += CC)
+    dot_cols<T, W, RD, CC, In, Ep>(M, nvk, a, lda, bt + j * ldbt, ldbt, c + j, ldc,
+                                   In == kInitBias ? bias + j : bias);
+  if (j < N)
+    dot_tail<T, W, RD, CC - 1, In, Ep>(N - j, M, nvk, a, lda, bt + j * ldbt, ldbt, c + j, ldc,
+                                       In == kInitBias ? bias + j : bias);
+}
+
+// ---------------------------------------------------------------------------------------------
+
+// gb[:] (+)= sum_{s < nb} g[s * ldg + :] over nvec vectors, in registers across the samples.
+template <typename T, int W>
+FF_INLINE void bias_grad(int64_t nvec, int64_t nb, const T* g, int64_t ldg, T* gb, bool first) {
+  typedef T V __attribute__((vector_size(W * sizeof(T))));
+  constexpr int C = 4;
+  int64_t v = 0;
+  for (; v + C <= nvec; v += C) {
+    V acc[C];
+#pragma GCC unroll 4
+    for (int i = 0; i < C; ++i) acc[i] = first ? V{} : vload<V>(gb + (v + i) * W);
+    for (int64_t s = 0; s < nb; ++s)
+#pragma GCC unroll 4
+      for (int i = 0; i < C; ++i) acc[i] += vload<V>(g + s * ldg + (v + i) * W);
+#pragma GCC unroll 4
+    for (int i = 0; i < C; ++i) vstore(gb + (v + i) * W, acc[i]);
+  }
+  for (; v < nvec; ++v) {
+    V acc = first ? V{} : vload<V>(gb + v * W);
+    for (int64_t s = 0; s < nb; ++s) acc += vload<V>(g + s * ldg + v * W);
+    vstore(gb + v * W, acc);
+  }
+}
+
+// H_0 rows [0, mr): [x_a, ctx, 0...] for the nb samples, zero rows after them.
+template <typename T>
+FF_INLINE void gather_input(const Plan<T>& P, int64_t b0, int64_t nb, int64_t mr, T* h0) {
+  const int64_t p0 = P.P[0], da = P.da, nc = P.nc, s0 = P.s[0];
+  for (int64_t s = 0; s < mr; ++s) {
+    T* row = h0 + s * p0;
+    if (s < nb) {
+      copy_n(row, P.in + (b0 + s) * P.d + P.a_off, da);
+      if (nc > 0) copy_n(row + da, P.ctx + (b0 + s) * nc, nc);
+      zero_n(row + s0, p0 - s0);
+    } else {
+      zero_n(row, p0);
+    }
+  }
+}
+
+// y = coupling(x, raw, shift) for the block's samples; o: the MLP output rows (raw, shift).
+template <typename T, int Mode, int W>
+FF_INLINE void couple_rows(const Plan<T>& P, int64_t b0, int64_t nb, const T* o, int64_t ldo,
+                               bool inverse) {
+  const int64_t d = P.d, da = P.da, db = P.db;
+  const T c = P.c, inv_c = P.inv_c;
+  for (int64_t s = 0; s < nb; ++s)
+    copy_n(P.out + (b0 + s) * d + P.a_off, P.in + (b0 + s) * d + P.a_off, da);
+  if (db < W) {
+    // few outputs per sample: vectorize over the samples, one output at a time
+    T ld[kBlock], xs[kBlock], rs[kBlock], ts[kBlock], ys[kBlock], ss[kBlock];
+    for (int64_t s = 0; s < nb; ++s) ld[s] = T(0);
+    for (int64_t j = 0; j < db; ++j) {
+      for (int64_t s = 0; s < nb; ++s) {
+        xs[s] = P.in[(b0 + s) * d + P.b_off + j];
+        rs[s] = o[s * ldo + j];
+        ts[s] = o[s * ldo + db + j];
+      }
+      if (inverse) {
+#pragma omp simd
+        for (int64_t s = 0; s < nb; ++s)
+          ss[s] = coupling_inverse_elem<Mode, T>(xs[s], rs[s], ts[s], true, c, inv_c, ys[s]);
+      } else {
+#pragma omp simd
+        for (int64_t s = 0; s < nb; ++s)
+          ss[s] = coupling_forward_elem<Mode, T>(xs[s], rs[s], ts[s], true, c, inv_c, ys[s]);
+      }
+      for (int64_t s = 0; s < nb; ++s) {
+        P.out[(b0 + s) * d + P.b_off + j] = ys[s];
+        ld[s] += ss[s];
+      }
+    }
+    for (int64_t s = 0; s < nb; ++s) P.logdet[b0 + s] = inverse ? -ld[s] : ld[s];
+    return;
+  }
+  for (int64_t s = 0; s < nb; ++s) {
+    const T* xb = P.in + (b0 + s) * d + P.b_off;
+    T* yb = P.out + (b0 + s) * d + P.b_off;
+    const T* raw = o + s * ldo;
+    const T* shift = raw + db;
+    T acc = T(0);
+    if (inverse) {
+#pragma omp simd reduction(+ : acc)
+      for (int64_t j = 0; j < db; ++j) {
+        T v;
+        acc += coupling_inverse_elem<Mode, T>(xb[j], raw[j], shift[j], true, c, inv_c, v);
+        yb[j] = v;
+      }
+    } else {
+#pragma omp simd reduction(+ : acc)
+      for (int64_t j = 0; j < db; ++j) {
+        T v;
+        acc += coupling_forward_elem<Mode, T>(xb[j], raw[j], shift[j], true, c, inv_c, v);
+        yb[j] = v;
+      }
+    }
+    P.logdet[b0 + s] = inverse ? -acc : acc;
+  }
+}
+
+template <typename T, int W, int NV, int R, int CC>
+FF_INLINE void forward_block_impl(const Plan<T>& P, int64_t b0, int64_t nb, T* tb, bool inverse) {
+  constexpr int RD = R / 2;
+  static_assert(kRowQuantum % R == 0, "acts rows are rounded to a multiple of every R");
+  const int64_t L = P.L;
+  const int64_t mr = (nb + R - 1) / R * R;
+  gather_input<T>(P, b0, nb, mr, tb + P.hoff[0]);
+  // layer outputs straight into acts when it is kept (its rows are padded like the buffers)
+  T* const acts = P.acts == nullptr ? nullptr : P.acts + b0 * P.acts_w;
+  for (int64_t l = 0; l < L; ++l) {
+    const int64_t pi = P.P[l], po = P.P[l + 1], si = P.s[l], so = P.s[l + 1];
+    const T* h = l == 0 ? tb + P.hoff[0] : acts ? acts + P.aoff[l] : tb + P.hoff[l];
+    const int64_t ldh = l == 0 || !acts ? pi : P.acts_w;
+    T* o = acts ? acts + P.aoff[l + 1] : tb + P.hoff[l + 1];
+    const int64_t ldo = acts ? P.acts_w : po;
+    const T* w = P.w + P.woff[l];
+    const T* bias = P.w + P.boff[l];
+    const bool hidden = l + 1 < L;
+    int64_t done;  // columns written
+    if (P.dot[l]) {
+      if (hidden)
+        dot_gemm<T, W, RD, CC, kInitBias, kEpiRelu>(mr, so, si, h, ldh, w, pi, o, ldo, bias);
+      else
+        dot_gemm<T, W, RD, CC, kInitBias, kEpiNone>(mr, so, si, h, ldh, w, pi, o, ldo, bias);
+      done = so;
+    } else {
+      const int64_t nvec = (so + W - 1) / W;
+      if (hidden)
+        gemm<T, W, R, NV, kInitBias, kEpiRelu, false>(mr, nvec, si, h, ldh, w, po, o, ldo, bias);
+      else
+        gemm<T, W, R, NV, kInitBias, kEpiNone, false>(mr, nvec, si, h, ldh, w, po, o, ldo, bias);
+      done = nvec * W;
+    }
+    // whole padded rows are defined (the next layer and the backward read whole vectors)
+    if (done < po)
+      for (int64_t s = 0; s < mr; ++s) zero_n(o + s * ldo + done, po - done);
+  }
+  const T* out = acts ? acts + P.aoff[L] : tb + P.hoff[L];
+  const int64_t ldo = acts ? P.acts_w : P.P[L];
+  switch (P.mode) {
+    case kSoftClamp:
+      couple_rows<T, kSoftClamp, W>(P, b0, nb, out, ldo, inverse);
+      break;
+    case kGlowSigmoid:
+      couple_rows<T, kGlowSigmoid, W>(P, b0, nb, out, ldo, inverse);
+      break;
+    default:
+      couple_rows<T, kIdentity, W>(P, b0, nb, out, ldo, inverse);
+      break;
+  }
+}
+
+// G_L = d loss / d MLP output (raw, shift) for the block (zero-padded, zero rows from nb to mr),
+// and grad_x_b.
+template <typename T, int Mode, int W>
+FF_INLINE void couple_backward_rows(const Plan<T>& P, int64_t b0, int64_t nb, int64_t mr,
+                                        T* g) {
+  const int64_t d = P.d, db = P.db, L = P.L, pl = P.P[L], aw = P.acts_w;
+  const T c = P.c, inv_c = P.inv_c;
+  const T* raw0 = P.acts + b0 * aw + P.aoff[L];
+  if (db < W) {
+    T xs[kBlock], rs[kBlock], gys[kBlock], gls[kBlock], gxs[kBlock], grs[kBlock];
+    for (int64_t s = 0; s < nb; ++s) gls[s] = P.gl[b0 + s];
+    for (int64_t j = 0; j < db; ++j) {
+      for (int64_t s = 0; s < nb; ++s) {
+        xs[s] = P.in[(b0 + s) * d + P.b_off + j];
+        gys[s] = P.gy[(b0 + s) * d + P.b_off + j];
+        rs[s] = raw0[s * aw + j];
+      }
+#pragma omp simd
+      for (int64_t s = 0; s < nb; ++s)
+        coupling_backward_elem<Mode, T>(xs[s], rs[s], gys[s], gls[s], true, c, inv_c, gxs[s],
+                                        grs[s]);
+      for (int64_t s = 0; s < nb; ++s) {
+        P.gx[(b0 + s) * d + P.b_off + j] = gxs[s];
+        g[s * pl + j] = grs[s];
+        g[s * pl + db + j] = gys[s];
+      }
+    }
+    for (int64_t s = 0; s < nb; ++s) zero_n(g + s * pl + 2 * db, pl - 2 * db);
+  } else {
+    for (int64_t s = 0; s < nb; ++s) {
+      const T* xb = P.in + (b0 + s) * d + P.b_off;
+      const T* gyb = P.gy + (b0 + s) * d + P.b_off;
+      T* gxb = P.gx + (b0 + s) * d + P.b_off;
+      const T* raw = raw0 + s * aw;
+      const T gl = P.gl[b0 + s];
+      T* gr = g + s * pl;
+#pragma omp simd
+      for (int64_t j = 0; j < db; ++j) {
+        T a_gx, a_graw;
+        coupling_backward_elem<Mode, T>(xb[j], raw[j], gyb[j], gl, true, c, inv_c, a_gx, a_graw);
+        gxb[j] = a_gx;
+        gr[j] = a_graw;
+      }
+      copy_n(gr + db, gyb, db);
+      zero_n(gr + 2 * db, pl - 2 * db);
+    }
+  }
+  for (int64_t s = nb; s < mr; ++s) zero_n(g + s * pl, pl);
+}
+
+template <typename T, int W, int NV, int R, int CC>
+FF_INLINE void backward_block_impl(const Plan<T>& P, int64_t b0, int64_t nb, T* tb, T* grp,
+                                 bool first) {
+  constexpr int RD = R / 2;
+  const int64_t L = P.L, aw = P.acts_w;
+  const int64_t mr = (nb + R - 1) / R * R;
+  gather_input<T>(P, b0, nb, mr, tb + P.hoff[0]);
+  const T* acts = P.acts + b0 * aw;  // the hidden activations, read in place
+  T* gL = tb + P.goff[L];
+  switch (P.mode) {
+    case kSoftClamp:
+      couple_backward_rows<T, kSoftClamp, W>(P, b0, nb, mr, gL);
+      break;
+    case kGlowSigmoid:
+      couple_backward_rows<T, kGlowSigmoid, W>(P, b0, nb, mr, gL);
+      break;
+    default:
+      couple_backward_rows<T, kIdentity, W>(P, b0, nb, mr, gL);
+      break;
+  }
+  for (int64_t l = L - 1; l >= 0; --l) {
+    const int64_t pi = P.P[l], po = P.P[l + 1], si = P.s[l], so = P.s[l + 1];
+    const int64_t nvec_in = (si + W - 1) / W, nvec_out = (so + W - 1) / W;
+    const T* go = tb + P.goff[l + 1];  // d loss / d pre-activation of layer l's outputs
+    const T* h = l == 0 ? tb + P.hoff[0] : acts + P.aoff[l];
+    const int64_t ldh = l == 0 ? pi : aw;
+    T* gw = grp + P.gwoff[l];
+    {
+      // gtr: dW^T[k][:] += sum_s h[s][k] go[s][:]; else dW[j][:] += sum_s go[s][j] h[s][:]
+      const bool tr = P.gtr[l];
+      const int64_t rows = tr ? si : so, nvec = tr ? nvec_out : nvec_in, ldw = tr ? po : pi;
+      const T* a = tr ? h : go;
+      const T* b = tr ? go : h;
+      const int64_t lda = tr ? ldh : po, ldb = tr ? po : ldh;
+      if (first)
+        gemm<T, W, R, NV, kInitZero, kEpiNone, true>(rows, nvec, nb, a, lda, b, ldb, gw, ldw);
+      else
+        gemm<T, W, R, NV, kInitLoad, kEpiNone, true>(rows, nvec, nb, a, lda, b, ldb, gw, ldw);
+    }
+    bias_grad<T, W>(nvec_out, nb, go, po, grp + P.gboff[l], first);
+    // input gradient: gi[s][:] = go[s][:] @ W_l (masked by relu for hidden inputs)
+    T* gi = tb + P.goff[l];
+    const T* wl = P.w + P.woff[l];
+    if (l > 0)
+      gemm<T, W, R, NV, kInitZero, kEpiMask, false>(mr, nvec_in, so, go, po, wl, pi, gi, pi,
+                                                    nullptr, h, ldh);
+    else if (P.dot[0])
+      dot_gemm<T, W, RD, CC, kInitZero, kEpiNone>(mr, si, so, go, po, wl, po, gi, pi, nullptr);
+    else
+      gemm<T, W, R, NV, kInitZero, kEpiNone, false>(mr, nvec_in, so, go, po, wl, pi, gi, pi);
+  }
+  const T* g0 = tb + P.goff[0];
+  const int64_t p0 = P.P[0], d = P.d, da = P.da, nc = P.nc;
+  for (int64_t s = 0; s < nb; ++s) {
+    const T* gr = g0 + s * p0;
+    const T* gya = P.gy + (b0 + s) * d + P.a_off;
+    T* gxa = P.gx + (b0 + s) * d + P.a_off;
+#pragma omp simd
+    for (int64_t k = 0; k < da; ++k) gxa[k] = gya[k] + gr[k];
+    if (P.gctx != nullptr) copy_n(P.gctx + (b0 + s) * nc, gr + da, nc);
+  }
+}
+
+// dst[k * stride] = sum over the groups q (in order) of src[q * ge + k], k < len; src is padded to
+// whole vectors.
+template <int Isa, typename T>
+FF_INLINE void sum_groups_isa(T* dst, int64_t stride, const T* src, int64_t len, int64_t ngroups,
+                              int64_t ge) {
+  constexpr int W = kIsaVectorBytes<Isa> / int(sizeof(T));
+  typedef T V __attribute__((vector_size(W * sizeof(T))));
+  for (int64_t k = 0; k < len; k += W) {
+    V acc = vload<V>(src + k);
+    for (int64_t q = 1; q < ngroups; ++q) acc += vload<V>(src + q * ge + k);
+    const int64_t m = len - k < W ? len - k : W;
+    if (stride == 1 && m == W) {
+      vstore(dst + k, acc);
+    } else {
+      T lanes[W];
+      std::memcpy(lanes, &acc, sizeof(lanes));
+      for (int64_t i = 0; i < m; ++i) dst[(k + i) * stride] = lanes[i];
+    }
+  }
+}
+
+// Blocking per variant: R rows x NV vectors of accumulators (lanes), CC columns (dots).
+template <int Isa>
+struct MlpTuning {
+  static constexpr int W_BYTES = kIsaVectorBytes<Isa>;
+  static constexpr int NV = Isa == kIsaAvx512 ? 4 : 2;
+  static constexpr int R = Isa == kIsaBase ? 4 : 6;
+  static constexpr int CC = Isa == kIsaAvx512 ? 4 : 2;
+};
+
+// One block of nb <= kBlock samples from b0 with this ISA's vectors; tb: the thread's buffers.
+template <int Isa, typename T>
+FF_INLINE void forward_block_isa(const Plan<T>& P, int64_t b0, int64_t nb, T* tb, bool inverse) {
+  using Tn = MlpTuning<Isa>;
+  forward_block_impl<T, Tn::W_BYTES / int(sizeof(T)), Tn::NV, Tn::R, Tn::CC>(P, b0, nb, tb, inverse);
+}
+
+// grp: the block's weight-gradient group buffer (first: the group's first block, which
+// overwrites it).
+template <int Isa, typename T>
+FF_INLINE void backward_block_isa(const Plan<T>& P, int64_t b0, int64_t nb, T* tb, T* grp,
+                                  bool first) {
+  using Tn = MlpTuning<Isa>;
+  backward_block_impl<T, Tn::W_BYTES / int(sizeof(T)), Tn::NV, Tn::R, Tn::CC>(P, b0, nb, tb, grp, first);
+}
+
+FF_CPU_VARIANTS(forward_block, forward_block_isa,
+                (const Plan<T>& P, int64_t b0, int64_t nb, T* tb, bool inverse),
+                (P, b0, nb, tb, inverse))
+FF_CPU_VARIANTS(backward_block, backward_block_isa,
+                (const Plan<T>& P, int64_t b0, int64_t nb, T* tb, T* grp, bool first),
+                (P, b0, nb, tb, grp, first))
+FF_CPU_VARIANTS(sum_groups, sum_groups_isa,
+                (T* dst, int64_t stride, const T* src, int64_t len, int64_t ngroups, int64_t ge),
+                (dst, stride, src, len, ngroups, ge))
+
+// ---------------------------------------------------------------------------------------------
+// The driver (OpenMP over blocks and groups) and the entry points.
 
 template <typename T>
 using FwdFn = void (*)(const Plan<T>&, int64_t, int64_t, T*, bool);
@@ -159,8 +622,7 @@ using BwdFn = void (*)(const Plan<T>&, int64_t, int64_t, T*, T*, bool);
 template <typename T>
 using SumFn = void (*)(T*, int64_t, const T*, int64_t, int64_t, int64_t);
 
-// The block functions and vector width of the widest ISA the CPU has, capped by
-// FASTFLOW_CPU_ISA=base|avx2 (common.h).
+// The block functions and vector width of one ISA variant (cpu_isa.h).
 template <typename T>
 struct Kernels {
   FwdFn<T> forward;
@@ -170,33 +632,24 @@ struct Kernels {
 };
 
 template <typename T>
-Kernels<T> pick_kernels() {
-#if defined(FF_MLP_HAVE_X86)
-  const int isa = cpu_isa_level();
-  if (isa == kIsaAvx512)
-    return {&avx512::forward_block<T>, &avx512::backward_block<T>, &avx512::sum_groups<T>,
-            int64_t(64 / sizeof(T))};
-  if (isa == kIsaAvx2)
-    return {&avx2::forward_block<T>, &avx2::backward_block<T>, &avx2::sum_groups<T>,
-            int64_t(32 / sizeof(T))};
-#endif
-  return {&generic::forward_block<T>, &generic::backward_block<T>, &generic::sum_groups<T>,
-          int64_t(16 / sizeof(T))};
+Kernels<T> pick_kernels(int isa) {
+  return {forward_block_for<T>(isa), backward_block_for<T>(isa), sum_groups_for<T>(isa),
+          int64_t(isa_vector_bytes(isa) / int(sizeof(T)))};
 }
 
 int64_t mul(int64_t a, int64_t b) {
   int64_t r;
-  FF_MLP_CHECK(!__builtin_mul_overflow(a, b, &r), "mlp_coupling: sizes too large");
+  FF_CHECK(!__builtin_mul_overflow(a, b, &r), "mlp_coupling: sizes too large");
   return r;
 }
 int64_t add(int64_t a, int64_t b) {
   int64_t r;
-  FF_MLP_CHECK(!__builtin_add_overflow(a, b, &r), "mlp_coupling: sizes too large");
+  FF_CHECK(!__builtin_add_overflow(a, b, &r), "mlp_coupling: sizes too large");
   return r;
 }
 
 inline void check_buffer(std::uintptr_t p, int64_t count, const char* name) {
-  FF_MLP_CHECK(count == 0 || p != 0, std::string(name) + ": null pointer for a non-empty buffer");
+  FF_CHECK(count == 0 || p != 0, std::string(name) + ": null pointer for a non-empty buffer");
 }
 
 // Where everything lives in the workspace, in elements (every offset a multiple of 64 bytes).
@@ -210,14 +663,14 @@ struct Geometry {
 
 void geometry(const char* name, int dtype, int64_t n, const std::vector<int64_t>& sizes,
               int nthreads, Geometry& g) {
-  FF_MLP_CHECK(dtype == kFloat32 || dtype == kFloat64,
+  FF_CHECK(dtype == kFloat32 || dtype == kFloat64,
                std::string(name) + ": dtype must be float32 or float64 (cast 16-bit inputs first)");
-  FF_MLP_CHECK(n >= 0, std::string(name) + ": negative batch size");
-  FF_MLP_CHECK(nthreads >= 1, std::string(name) + ": nthreads must be >= 1");
-  FF_MLP_CHECK(sizes.size() >= 2 && sizes.size() <= 1025,
+  FF_CHECK(n >= 0, std::string(name) + ": negative batch size");
+  FF_CHECK(nthreads >= 1, std::string(name) + ": nthreads must be >= 1");
+  FF_CHECK(sizes.size() >= 2 && sizes.size() <= 1025,
                std::string(name) + ": sizes must be (in, hidden..., out): 2 to 1025 entries");
   for (int64_t v : sizes)
-    FF_MLP_CHECK(v >= 1 && v <= (int64_t(1) << 24),
+    FF_CHECK(v >= 1 && v <= (int64_t(1) << 24),
                  std::string(name) + ": sizes must be in [1, 2^24]");
   const int64_t L = int64_t(sizes.size()) - 1;
   g.L = L;
@@ -279,28 +732,23 @@ struct Split {
 Split check_call(const char* name, int mode, double clamp, int64_t n, int64_t d, int64_t cut,
                  int parity, int64_t n_ctx, const std::vector<int64_t>& sizes) {
   const auto nm = [name] { return std::string(name); };
-  FF_MLP_CHECK(mode == kSoftClamp || mode == kGlowSigmoid || mode == kIdentity,
+  FF_CHECK(mode == kSoftClamp || mode == kGlowSigmoid || mode == kIdentity,
                nm() + ": mode must be 0 (softclamp), 1 (glow) or 2 (identity)");
-  FF_MLP_CHECK(mode != kSoftClamp || (clamp > 0 && std::isfinite(clamp)),
+  FF_CHECK(mode != kSoftClamp || (clamp > 0 && std::isfinite(clamp)),
                nm() + ": clamp must be finite and > 0");
-  FF_MLP_CHECK(d >= 2 && d <= (int64_t(1) << 24), nm() + ": d must be in [2, 2^24]");
-  FF_MLP_CHECK(cut >= 1 && cut < d, nm() + ": need 0 < cut < d");
-  FF_MLP_CHECK(parity == 0 || parity == 1, nm() + ": parity must be 0 or 1");
-  FF_MLP_CHECK(n_ctx >= 0 && n_ctx <= (int64_t(1) << 24), nm() + ": n_ctx must be in [0, 2^24]");
+  FF_CHECK(d >= 2 && d <= (int64_t(1) << 24), nm() + ": d must be in [2, 2^24]");
+  FF_CHECK(cut >= 1 && cut < d, nm() + ": need 0 < cut < d");
+  FF_CHECK(parity == 0 || parity == 1, nm() + ": parity must be 0 or 1");
+  FF_CHECK(n_ctx >= 0 && n_ctx <= (int64_t(1) << 24), nm() + ": n_ctx must be in [0, 2^24]");
   Split sp;
   sp.da = parity == 0 ? cut : d - cut;
   sp.db = d - sp.da;
   sp.a_off = parity == 0 ? 0 : cut;
   sp.b_off = parity == 0 ? cut : 0;
-  FF_MLP_CHECK(sizes.size() >= 2 && sizes.front() == sp.da + n_ctx && sizes.back() == 2 * sp.db,
+  FF_CHECK(sizes.size() >= 2 && sizes.front() == sp.da + n_ctx && sizes.back() == 2 * sp.db,
                nm() + ": sizes must run from |x_a| + n_ctx = " + std::to_string(sp.da + n_ctx) +
                    " to 2 |x_b| = " + std::to_string(2 * sp.db));
   return sp;
-}
-
-template <typename P>
-P* ptr(std::uintptr_t p) {
-  return reinterpret_cast<P*>(p);
 }
 
 template <typename T>
@@ -355,7 +803,7 @@ template <typename T>
 void make_plan(Call<T>& C, const std::vector<int64_t>& sizes, const Split& sp, int mode,
                double clamp, int64_t n, int64_t d, int64_t n_ctx, bool backward) {
   const Geometry& g = C.g;
-  C.k = pick_kernels<T>();
+  C.k = pick_kernels<T>(cpu_isa_level());
   const int64_t L = g.L, lanes = C.k.lanes;
   C.dot.assign(L, 0);
   C.gtr.assign(L, 0);
@@ -389,14 +837,6 @@ void make_plan(Call<T>& C, const std::vector<int64_t>& sizes, const Split& sp, i
   P.gboff = g.gboff.data();
   P.acts_w = g.acts_w;
   P.aoff = g.aoff.data();
-}
-
-int thread_id() {
-#if defined(FF_WITH_OPENMP)
-  return omp_get_thread_num();
-#else
-  return 0;
-#endif
 }
 
 // Forward weights: W_l^T (lanes) or W_l (dots), and the biases.
@@ -541,13 +981,13 @@ namespace {
 void check_workspace(const char* name, const Geometry& g, int dtype, std::uintptr_t workspace,
                      int64_t workspace_bytes_given) {
   check_buffer(workspace, 1, "workspace");
-  FF_MLP_CHECK(workspace_bytes_given >= workspace_bytes(g, dtype),
+  FF_CHECK(workspace_bytes_given >= workspace_bytes(g, dtype),
                std::string(name) + ": workspace too small (see mlp_coupling_workspace_bytes)");
 }
 
 void check_acts(const char* name, const Geometry& g, int64_t acts_numel) {
   const int64_t need = mul(g.acts_rows, g.acts_w);
-  FF_MLP_CHECK(acts_numel >= need, std::string(name) + ": acts must hold " + std::to_string(need) +
+  FF_CHECK(acts_numel >= need, std::string(name) + ": acts must hold " + std::to_string(need) +
                                        " elements (see mlp_coupling_acts_shape)");
 }
 
@@ -669,527 +1109,3 @@ void mlp_coupling_backward_cpu(int dtype, int mode, double clamp, int64_t n, int
 
 }  // namespace ff
 
-#else  // FF_MLP_CPU_BODY: one instruction set's copy of the block functions
-
-#pragma GCC diagnostic ignored "-Wpsabi"
-
-namespace ff {
-namespace mlp_cpu_detail {
-namespace FF_MLP_ISA {
-
-template <typename V, typename T>
-FF_MLP_INLINE V splat(T s) {
-  return s + (-V{});  // adding -0.0 is an identity the compiler drops (adding +0.0 is not)
-}
-
-template <typename V, typename T>
-FF_MLP_INLINE V vload(const T* p) {
-  V v;
-  std::memcpy(&v, p, sizeof(V));
-  return v;
-}
-
-template <typename V, typename T>
-FF_MLP_INLINE void vstore(T* p, V v) {
-  std::memcpy(p, &v, sizeof(V));
-}
-
-// Short copies inline (a memcpy call per row of a few values costs more than the copy).
-template <typename T>
-FF_MLP_INLINE void copy_n(T* dst, const T* src, int64_t n) {
-#pragma omp simd
-  for (int64_t k = 0; k < n; ++k) dst[k] = src[k];
-}
-
-template <typename T>
-FF_MLP_INLINE void zero_n(T* dst, int64_t n) {
-#pragma omp simd
-  for (int64_t k = 0; k < n; ++k) dst[k] = T(0);
-}
-
-// ---------------------------------------------------------------------------------------------
-// Lanes: C[r * ldc + v * W + :W] = epi(init + sum_{p < K} A(r, p) * B[p * ldb + v * W + :W]) for
-// RR rows and NVV vectors; A(r, p) = a[r * lda + p], or a[p * lda + r] with AT. Init: zero, the
-// bias vector, or what C holds; epilogue: none, relu, or zero where the mask m[r * ldm + ...] is
-// <= 0.
-template <typename T, int W, int RR, int NVV, int In, int Ep, bool AT>
-FF_MLP_INLINE void micro(int64_t K, const T* a, int64_t lda, const T* b, int64_t ldb, T* c,
-                         int64_t ldc, const T* bias, const T* m, int64_t ldm) {
-  typedef T V __attribute__((vector_size(W * sizeof(T))));
-  V acc[RR][NVV];
-#pragma GCC unroll 8
-  for (int r = 0; r < RR; ++r)
-#pragma GCC unroll 8
-    for (int v = 0; v < NVV; ++v) {
-      if (In == kInitZero)
-        acc[r][v] = V{};
-      else if (In == kInitBias)
-        acc[r][v] = vload<V>(bias + v * W);
-      else
-        acc[r][v] = vload<V>(c + r * ldc + v * W);
-    }
-  const T* ar[RR];
-#pragma GCC unroll 8
-  for (int r = 0; r < RR; ++r) ar[r] = AT ? a + r : a + r * lda;
-  const int64_t ap = AT ? lda : 1;
-#pragma GCC unroll 2
-  for (int64_t p = 0; p < K; ++p) {
-    V bv[NVV];
-#pragma GCC unroll 8
-    for (int v = 0; v < NVV; ++v) bv[v] = vload<V>(b + p * ldb + v * W);
-#pragma GCC unroll 8
-    for (int r = 0; r < RR; ++r) {
-      const V av = splat<V>(ar[r][p * ap]);
-#pragma GCC unroll 8
-      for (int v = 0; v < NVV; ++v) acc[r][v] += av * bv[v];
-    }
-  }
-#pragma GCC unroll 8
-  for (int r = 0; r < RR; ++r)
-#pragma GCC unroll 8
-    for (int v = 0; v < NVV; ++v) {
-      V o = acc[r][v];
-      if (Ep == kEpiRelu) {
-        o = o < V{} ? V{} : o;  // relu(NaN) = NaN, as torch
-      } else if (Ep == kEpiMask) {
-        const V mv = vload<V>(m + r * ldm + v * W);
-        o = mv <= V{} ? V{} : o;  // threshold_backward(g, h, 0)
-      }
-      vstore(c + r * ldc + v * W, o);
-    }
-}
-
-template <typename T, int W, int RR, int NVV, int In, int Ep, bool AT>
-FF_MLP_INLINE void rows_tail(int64_t rem, int64_t K, const T* a, int64_t lda, const T* b,
-                             int64_t ldb, T* c, int64_t ldc, const T* bias, const T* m,
-                             int64_t ldm) {
-  if constexpr (RR >= 1) {
-    if (rem == RR)
-      micro<T, W, RR, NVV, In, Ep, AT>(K, a, lda, b, ldb, c, ldc, bias, m, ldm);
-    else
-      rows_tail<T, W, RR - 1, NVV, In, Ep, AT>(rem, K, a, lda, b, ldb, c, ldc, bias, m, ldm);
-  }
-}
-
-// Rows [0, M) with NVV vectors.
-template <typename T, int W, int R, int NVV, int In, int Ep, bool AT>
-FF_MLP_INLINE void rows_loop(int64_t M, int64_t K, const T* a, int64_t lda, const T* b, int64_t ldb,
-                             T* c, int64_t ldc, const T* bias, const T* m, int64_t ldm) {
-  int64_t r = 0;
-  for (; r + R <= M; r += R)
-    micro<T, W, R, NVV, In, Ep, AT>(K, AT ? a + r : a + r * lda, lda, b, ldb, c + r * ldc, ldc,
-                                    bias, Ep == kEpiMask ? m + r * ldm : m, ldm);
-  if (r < M)
-    rows_tail<T, W, R - 1, NVV, In, Ep, AT>(M - r, K, AT ? a + r : a + r * lda, lda, b, ldb,
-                                            c + r * ldc, ldc, bias,
-                                            Ep == kEpiMask ? m + r * ldm : m, ldm);
-}
-
-template <typename T, int W, int R, int NVV, int In, int Ep, bool AT>
-FF_MLP_INLINE void vec_tail(int64_t rem, int64_t M, int64_t K, const T* a, int64_t lda, const T* b,
-                            int64_t ldb, T* c, int64_t ldc, const T* bias, const T* m,
-                            int64_t ldm) {
-  if constexpr (NVV >= 1) {
-    if (rem == NVV)
-      rows_loop<T, W, R, NVV, In, Ep, AT>(M, K, a, lda, b, ldb, c, ldc, bias, m, ldm);
-    else
-      vec_tail<T, W, R, NVV - 1, In, Ep, AT>(rem, M, K, a, lda, b, ldb, c, ldc, bias, m, ldm);
-  }
-}
-
-// C[M][NVEC vectors] as above; the vectors outermost so that B's K x NV panel stays in L1 while
-// every row block streams past it.
-template <typename T, int W, int R, int NV, int In, int Ep, bool AT>
-void gemm(int64_t M, int64_t NVEC, int64_t K, const T* a, int64_t lda, const T* b, int64_t ldb,
-          T* c, int64_t ldc, const T* bias = nullptr, const T* m = nullptr, int64_t ldm = 0) {
-  int64_t v = 0;
-  for (; v + NV <= NVEC; v += NV)
-    rows_loop<T, W, R, NV, In, Ep, AT>(M, K, a, lda, b + v * W, ldb, c + v * W, ldc,
-                                       In == kInitBias ? bias + v * W : bias,
-                                       Ep == kEpiMask ? m + v * W : m, ldm);
-  if (v < NVEC)
-    vec_tail<T, W, R, NV - 1, In, Ep, AT>(NVEC - v, M, K, a, lda, b + v * W, ldb, c + v * W, ldc,
-                                          In == kInitBias ? bias + v * W : bias,
-                                          Ep == kEpiMask ? m + v * W : m, ldm);
-}
-
-// ---------------------------------------------------------------------------------------------
-// Dots: C[r * ldc + c] = epi(bias[c] + sum_{p < NVK * W} A[r * lda + p] * Bt[c * ldbt + p]) for
-// RD rows and CC columns, both operands zero-padded to whole vectors; the lanes are summed in a
-// fixed order.
-template <typename T, int W, int RD, int CC, int In, int Ep>
-FF_MLP_INLINE void dot_micro(int64_t NVK, const T* a, int64_t lda, const T* bt, int64_t ldbt, T* c,
-                             int64_t ldc, const T* bias) {
-  typedef T V __attribute__((vector_size(W * sizeof(T))));
-  V acc[RD][CC];
-#pragma GCC unroll 8
-  for (int r = 0; r < RD; ++r)
-#pragma GCC unroll 8
-    for (int j = 0; j < CC; ++j) acc[r][j] = V{};
-  for (int64_t q = 0; q < NVK; ++q) {
-    V bv[CC];
-#pragma GCC unroll 8
-    for (int j = 0; j < CC; ++j) bv[j] = vload<V>(bt + j * ldbt + q * W);
-#pragma GCC unroll 8
-    for (int r = 0; r < RD; ++r) {
-      const V av = vload<V>(a + r * lda + q * W);
-#pragma GCC unroll 8
-      for (int j = 0; j < CC; ++j) acc[r][j] += av * bv[j];
-    }
-  }
-#pragma GCC unroll 8
-  for (int r = 0; r < RD; ++r)
-#pragma GCC unroll 8
-    for (int j = 0; j < CC; ++j) {
-      T lanes[W];
-      std::memcpy(lanes, &acc[r][j], sizeof(lanes));
-#pragma GCC unroll 16
-      for (int h = W / 2; h >= 1; h /= 2)
-#pragma GCC unroll 16
-        for (int i = 0; i < h; ++i) lanes[i] += lanes[i + h];
-      T o = lanes[0];
-      if (In == kInitBias) o += bias[j];
-      if (Ep == kEpiRelu) o = o < T(0) ? T(0) : o;
-      c[r * ldc + j] = o;
-    }
-}
-
-template <typename T, int W, int RD, int CC, int In, int Ep>
-FF_MLP_INLINE void dot_cols(int64_t M, int64_t NVK, const T* a, int64_t lda, const T* bt,
-                            int64_t ldbt, T* c, int64_t ldc, const T* bias) {
-  for (int64_t r = 0; r < M; r += RD)
-    dot_micro<T, W, RD, CC, In, Ep>(NVK, a + r * lda, lda, bt, ldbt, c + r * ldc, ldc, bias);
-}
-
-template <typename T, int W, int RD, int CC, int In, int Ep>
-FF_MLP_INLINE void dot_tail(int64_t rem, int64_t M, int64_t NVK, const T* a, int64_t lda,
-                            const T* bt, int64_t ldbt, T* c, int64_t ldc, const T* bias) {
-  if constexpr (CC >= 1) {
-    if (rem == CC)
-      dot_cols<T, W, RD, CC, In, Ep>(M, NVK, a, lda, bt, ldbt, c, ldc, bias);
-    else
-      dot_tail<T, W, RD, CC - 1, In, Ep>(rem, M, NVK, a, lda, bt, ldbt, c, ldc, bias);
-  }
-}
-
-// C[M][N] by dots over K (M a multiple of RD); the columns outermost (Bt's rows stay in L1).
-template <typename T, int W, int RD, int CC, int In, int Ep>
-void dot_gemm(int64_t M, int64_t N, int64_t K, const T* a, int64_t lda, const T* bt, int64_t ldbt,
-              T* c, int64_t ldc, const T* bias) {
-  const int64_t nvk = (K + W - 1) / W;
-  int64_t j = 0;
-  for (; j + CC <= N; j += CC)
-    dot_cols<T, W, RD, CC, In, Ep>(M, nvk, a, lda, bt + j * ldbt, ldbt, c + j, ldc,
-                                   In == kInitBias ? bias + j : bias);
-  if (j < N)
-    dot_tail<T, W, RD, CC - 1, In, Ep>(N - j, M, nvk, a, lda, bt + j * ldbt, ldbt, c + j, ldc,
-                                       In == kInitBias ? bias + j : bias);
-}
-
-// ---------------------------------------------------------------------------------------------
-
-// gb[:] (+)= sum_{s < nb} g[s * ldg + :] over nvec vectors, in registers across the samples.
-template <typename T, int W>
-FF_MLP_INLINE void bias_grad(int64_t nvec, int64_t nb, const T* g, int64_t ldg, T* gb, bool first) {
-  typedef T V __attribute__((vector_size(W * sizeof(T))));
-  constexpr int C = 4;
-  int64_t v = 0;
-  for (; v + C <= nvec; v += C) {
-    V acc[C];
-#pragma GCC unroll 4
-    for (int i = 0; i < C; ++i) acc[i] = first ? V{} : vload<V>(gb + (v + i) * W);
-    for (int64_t s = 0; s < nb; ++s)
-#pragma GCC unroll 4
-      for (int i = 0; i < C; ++i) acc[i] += vload<V>(g + s * ldg + (v + i) * W);
-#pragma GCC unroll 4
-    for (int i = 0; i < C; ++i) vstore(gb + (v + i) * W, acc[i]);
-  }
-  for (; v < nvec; ++v) {
-    V acc = first ? V{} : vload<V>(gb + v * W);
-    for (int64_t s = 0; s < nb; ++s) acc += vload<V>(g + s * ldg + v * W);
-    vstore(gb + v * W, acc);
-  }
-}
-
-// H_0 rows [0, mr): [x_a, ctx, 0...] for the nb samples, zero rows after them.
-template <typename T>
-FF_MLP_INLINE void gather_input(const Plan<T>& P, int64_t b0, int64_t nb, int64_t mr, T* h0) {
-  const int64_t p0 = P.P[0], da = P.da, nc = P.nc, s0 = P.s[0];
-  for (int64_t s = 0; s < mr; ++s) {
-    T* row = h0 + s * p0;
-    if (s < nb) {
-      copy_n(row, P.in + (b0 + s) * P.d + P.a_off, da);
-      if (nc > 0) copy_n(row + da, P.ctx + (b0 + s) * nc, nc);
-      zero_n(row + s0, p0 - s0);
-    } else {
-      zero_n(row, p0);
-    }
-  }
-}
-
-// y = coupling(x, raw, shift) for the block's samples; o: the MLP output rows (raw, shift).
-template <typename T, int Mode, int W>
-FF_MLP_INLINE void couple_rows(const Plan<T>& P, int64_t b0, int64_t nb, const T* o, int64_t ldo,
-                               bool inverse) {
-  const int64_t d = P.d, da = P.da, db = P.db;
-  const T c = P.c, inv_c = P.inv_c;
-  for (int64_t s = 0; s < nb; ++s)
-    copy_n(P.out + (b0 + s) * d + P.a_off, P.in + (b0 + s) * d + P.a_off, da);
-  if (db < W) {
-    // few outputs per sample: vectorize over the samples, one output at a time
-    T ld[kBlock], xs[kBlock], rs[kBlock], ts[kBlock], ys[kBlock], ss[kBlock];
-    for (int64_t s = 0; s < nb; ++s) ld[s] = T(0);
-    for (int64_t j = 0; j < db; ++j) {
-      for (int64_t s = 0; s < nb; ++s) {
-        xs[s] = P.in[(b0 + s) * d + P.b_off + j];
-        rs[s] = o[s * ldo + j];
-        ts[s] = o[s * ldo + db + j];
-      }
-      if (inverse) {
-#pragma omp simd
-        for (int64_t s = 0; s < nb; ++s)
-          ss[s] = coupling_inverse_elem<Mode, T>(xs[s], rs[s], ts[s], true, c, inv_c, ys[s]);
-      } else {
-#pragma omp simd
-        for (int64_t s = 0; s < nb; ++s)
-          ss[s] = coupling_forward_elem<Mode, T>(xs[s], rs[s], ts[s], true, c, inv_c, ys[s]);
-      }
-      for (int64_t s = 0; s < nb; ++s) {
-        P.out[(b0 + s) * d + P.b_off + j] = ys[s];
-        ld[s] += ss[s];
-      }
-    }
-    for (int64_t s = 0; s < nb; ++s) P.logdet[b0 + s] = inverse ? -ld[s] : ld[s];
-    return;
-  }
-  for (int64_t s = 0; s < nb; ++s) {
-    const T* xb = P.in + (b0 + s) * d + P.b_off;
-    T* yb = P.out + (b0 + s) * d + P.b_off;
-    const T* raw = o + s * ldo;
-    const T* shift = raw + db;
-    T acc = T(0);
-    if (inverse) {
-#pragma omp simd reduction(+ : acc)
-      for (int64_t j = 0; j < db; ++j) {
-        T v;
-        acc += coupling_inverse_elem<Mode, T>(xb[j], raw[j], shift[j], true, c, inv_c, v);
-        yb[j] = v;
-      }
-    } else {
-#pragma omp simd reduction(+ : acc)
-      for (int64_t j = 0; j < db; ++j) {
-        T v;
-        acc += coupling_forward_elem<Mode, T>(xb[j], raw[j], shift[j], true, c, inv_c, v);
-        yb[j] = v;
-      }
-    }
-    P.logdet[b0 + s] = inverse ? -acc : acc;
-  }
-}
-
-template <typename T, int W, int NV, int R, int CC>
-FF_MLP_INLINE void forward_impl(const Plan<T>& P, int64_t b0, int64_t nb, T* tb, bool inverse) {
-  constexpr int RD = R / 2;
-  static_assert(kRowQuantum % R == 0, "acts rows are rounded to a multiple of every R");
-  const int64_t L = P.L;
-  const int64_t mr = (nb + R - 1) / R * R;
-  gather_input<T>(P, b0, nb, mr, tb + P.hoff[0]);
-  // layer outputs straight into acts when it is kept (its rows are padded like the buffers)
-  T* const acts = P.acts == nullptr ? nullptr : P.acts + b0 * P.acts_w;
-  for (int64_t l = 0; l < L; ++l) {
-    const int64_t pi = P.P[l], po = P.P[l + 1], si = P.s[l], so = P.s[l + 1];
-    const T* h = l == 0 ? tb + P.hoff[0] : acts ? acts + P.aoff[l] : tb + P.hoff[l];
-    const int64_t ldh = l == 0 || !acts ? pi : P.acts_w;
-    T* o = acts ? acts + P.aoff[l + 1] : tb + P.hoff[l + 1];
-    const int64_t ldo = acts ? P.acts_w : po;
-    const T* w = P.w + P.woff[l];
-    const T* bias = P.w + P.boff[l];
-    const bool hidden = l + 1 < L;
-    int64_t done;  // columns written
-    if (P.dot[l]) {
-      if (hidden)
-        dot_gemm<T, W, RD, CC, kInitBias, kEpiRelu>(mr, so, si, h, ldh, w, pi, o, ldo, bias);
-      else
-        dot_gemm<T, W, RD, CC, kInitBias, kEpiNone>(mr, so, si, h, ldh, w, pi, o, ldo, bias);
-      done = so;
-    } else {
-      const int64_t nvec = (so + W - 1) / W;
-      if (hidden)
-        gemm<T, W, R, NV, kInitBias, kEpiRelu, false>(mr, nvec, si, h, ldh, w, po, o, ldo, bias);
-      else
-        gemm<T, W, R, NV, kInitBias, kEpiNone, false>(mr, nvec, si, h, ldh, w, po, o, ldo, bias);
-      done = nvec * W;
-    }
-    // whole padded rows are defined (the next layer and the backward read whole vectors)
-    if (done < po)
-      for (int64_t s = 0; s < mr; ++s) zero_n(o + s * ldo + done, po - done);
-  }
-  const T* out = acts ? acts + P.aoff[L] : tb + P.hoff[L];
-  const int64_t ldo = acts ? P.acts_w : P.P[L];
-  switch (P.mode) {
-    case kSoftClamp:
-      couple_rows<T, kSoftClamp, W>(P, b0, nb, out, ldo, inverse);
-      break;
-    case kGlowSigmoid:
-      couple_rows<T, kGlowSigmoid, W>(P, b0, nb, out, ldo, inverse);
-      break;
-    default:
-      couple_rows<T, kIdentity, W>(P, b0, nb, out, ldo, inverse);
-      break;
-  }
-}
-
-// G_L = d loss / d MLP output (raw, shift) for the block (zero-padded, zero rows from nb to mr),
-// and grad_x_b.
-template <typename T, int Mode, int W>
-FF_MLP_INLINE void couple_backward_rows(const Plan<T>& P, int64_t b0, int64_t nb, int64_t mr,
-                                        T* g) {
-  const int64_t d = P.d, db = P.db, L = P.L, pl = P.P[L], aw = P.acts_w;
-  const T c = P.c, inv_c = P.inv_c;
-  const T* raw0 = P.acts + b0 * aw + P.aoff[L];
-  if (db < W) {
-    T xs[kBlock], rs[kBlock], gys[kBlock], gls[kBlock], gxs[kBlock], grs[kBlock];
-    for (int64_t s = 0; s < nb; ++s) gls[s] = P.gl[b0 + s];
-    for (int64_t j = 0; j < db; ++j) {
-      for (int64_t s = 0; s < nb; ++s) {
-        xs[s] = P.in[(b0 + s) * d + P.b_off + j];
-        gys[s] = P.gy[(b0 + s) * d + P.b_off + j];
-        rs[s] = raw0[s * aw + j];
-      }
-#pragma omp simd
-      for (int64_t s = 0; s < nb; ++s)
-        coupling_backward_elem<Mode, T>(xs[s], rs[s], gys[s], gls[s], true, c, inv_c, gxs[s],
-                                        grs[s]);
-      for (int64_t s = 0; s < nb; ++s) {
-        P.gx[(b0 + s) * d + P.b_off + j] = gxs[s];
-        g[s * pl + j] = grs[s];
-        g[s * pl + db + j] = gys[s];
-      }
-    }
-    for (int64_t s = 0; s < nb; ++s) zero_n(g + s * pl + 2 * db, pl - 2 * db);
-  } else {
-    for (int64_t s = 0; s < nb; ++s) {
-      const T* xb = P.in + (b0 + s) * d + P.b_off;
-      const T* gyb = P.gy + (b0 + s) * d + P.b_off;
-      T* gxb = P.gx + (b0 + s) * d + P.b_off;
-      const T* raw = raw0 + s * aw;
-      const T gl = P.gl[b0 + s];
-      T* gr = g + s * pl;
-#pragma omp simd
-      for (int64_t j = 0; j < db; ++j) {
-        T a_gx, a_graw;
-        coupling_backward_elem<Mode, T>(xb[j], raw[j], gyb[j], gl, true, c, inv_c, a_gx, a_graw);
-        gxb[j] = a_gx;
-        gr[j] = a_graw;
-      }
-      copy_n(gr + db, gyb, db);
-      zero_n(gr + 2 * db, pl - 2 * db);
-    }
-  }
-  for (int64_t s = nb; s < mr; ++s) zero_n(g + s * pl, pl);
-}
-
-template <typename T, int W, int NV, int R, int CC>
-FF_MLP_INLINE void backward_impl(const Plan<T>& P, int64_t b0, int64_t nb, T* tb, T* grp,
-                                 bool first) {
-  constexpr int RD = R / 2;
-  const int64_t L = P.L, aw = P.acts_w;
-  const int64_t mr = (nb + R - 1) / R * R;
-  gather_input<T>(P, b0, nb, mr, tb + P.hoff[0]);
-  const T* acts = P.acts + b0 * aw;  // the hidden activations, read in place
-  T* gL = tb + P.goff[L];
-  switch (P.mode) {
-    case kSoftClamp:
-      couple_backward_rows<T, kSoftClamp, W>(P, b0, nb, mr, gL);
-      break;
-    case kGlowSigmoid:
-      couple_backward_rows<T, kGlowSigmoid, W>(P, b0, nb, mr, gL);
-      break;
-    default:
-      couple_backward_rows<T, kIdentity, W>(P, b0, nb, mr, gL);
-      break;
-  }
-  for (int64_t l = L - 1; l >= 0; --l) {
-    const int64_t pi = P.P[l], po = P.P[l + 1], si = P.s[l], so = P.s[l + 1];
-    const int64_t nvec_in = (si + W - 1) / W, nvec_out = (so + W - 1) / W;
-    const T* go = tb + P.goff[l + 1];  // d loss / d pre-activation of layer l's outputs
-    const T* h = l == 0 ? tb + P.hoff[0] : acts + P.aoff[l];
-    const int64_t ldh = l == 0 ? pi : aw;
-    T* gw = grp + P.gwoff[l];
-    if (P.gtr[l]) {
-      // dW^T[k][:] += sum_s h[s][k] go[s][:]
-      if (first)
-        gemm<T, W, R, NV, kInitZero, kEpiNone, true>(si, nvec_out, nb, h, ldh, go, po, gw, po);
-      else
-        gemm<T, W, R, NV, kInitLoad, kEpiNone, true>(si, nvec_out, nb, h, ldh, go, po, gw, po);
-    } else {
-      // dW[j][:] += sum_s go[s][j] h[s][:]
-      if (first)
-        gemm<T, W, R, NV, kInitZero, kEpiNone, true>(so, nvec_in, nb, go, po, h, ldh, gw, pi);
-      else
-        gemm<T, W, R, NV, kInitLoad, kEpiNone, true>(so, nvec_in, nb, go, po, h, ldh, gw, pi);
-    }
-    bias_grad<T, W>(nvec_out, nb, go, po, grp + P.gboff[l], first);
-    // input gradient: gi[s][:] = go[s][:] @ W_l (masked by relu for hidden inputs)
-    T* gi = tb + P.goff[l];
-    const T* wl = P.w + P.woff[l];
-    if (l > 0)
-      gemm<T, W, R, NV, kInitZero, kEpiMask, false>(mr, nvec_in, so, go, po, wl, pi, gi, pi,
-                                                    nullptr, h, ldh);
-    else if (P.dot[0])
-      dot_gemm<T, W, RD, CC, kInitZero, kEpiNone>(mr, si, so, go, po, wl, po, gi, pi, nullptr);
-    else
-      gemm<T, W, R, NV, kInitZero, kEpiNone, false>(mr, nvec_in, so, go, po, wl, pi, gi, pi);
-  }
-  const T* g0 = tb + P.goff[0];
-  const int64_t p0 = P.P[0], d = P.d, da = P.da, nc = P.nc;
-  for (int64_t s = 0; s < nb; ++s) {
-    const T* gr = g0 + s * p0;
-    const T* gya = P.gy + (b0 + s) * d + P.a_off;
-    T* gxa = P.gx + (b0 + s) * d + P.a_off;
-#pragma omp simd
-    for (int64_t k = 0; k < da; ++k) gxa[k] = gya[k] + gr[k];
-    if (P.gctx != nullptr) copy_n(P.gctx + (b0 + s) * nc, gr + da, nc);
-  }
-}
-
-// dst[k * stride] = sum over the groups q (in order) of src[q * ge + k], k < len; src is padded to
-// whole vectors.
-template <typename T>
-void sum_groups(T* dst, int64_t stride, const T* src, int64_t len, int64_t ngroups, int64_t ge) {
-  constexpr int W = FF_MLP_VBYTES / int(sizeof(T));
-  typedef T V __attribute__((vector_size(W * sizeof(T))));
-  for (int64_t k = 0; k < len; k += W) {
-    V acc = vload<V>(src + k);
-    for (int64_t q = 1; q < ngroups; ++q) acc += vload<V>(src + q * ge + k);
-    const int64_t m = len - k < W ? len - k : W;
-    if (stride == 1 && m == W) {
-      vstore(dst + k, acc);
-    } else {
-      T lanes[W];
-      std::memcpy(lanes, &acc, sizeof(lanes));
-      for (int64_t i = 0; i < m; ++i) dst[(k + i) * stride] = lanes[i];
-    }
-  }
-}
-
-// One block of nb <= kBlock samples from b0 with this ISA's vectors; tb: the thread's buffers.
-template <typename T>
-void forward_block(const Plan<T>& P, int64_t b0, int64_t nb, T* tb, bool inverse) {
-  constexpr int W = FF_MLP_VBYTES / int(sizeof(T));
-  forward_impl<T, W, FF_MLP_NV, FF_MLP_R, FF_MLP_CC>(P, b0, nb, tb, inverse);
-}
-
-// grp: the block's weight-gradient group buffer (first: the group's first block, which
-// overwrites it).
-template <typename T>
-void backward_block(const Plan<T>& P, int64_t b0, int64_t nb, T* tb, T* grp, bool first) {
-  constexpr int W = FF_MLP_VBYTES / int(sizeof(T));
-  backward_impl<T, W, FF_MLP_NV, FF_MLP_R, FF_MLP_CC>(P, b0, nb, tb, grp, first);
-}
-
-}  // namespace FF_MLP_ISA
-}  // namespace mlp_cpu_detail
-}  // namespace ff
-
-#endif  // FF_MLP_CPU_BODY

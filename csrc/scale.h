@@ -1,0 +1,47 @@
+// The coupling scale functions s = scale_fn(raw), shared by the coupling, MADE and MLP coupling
+// kernels (CPU and CUDA). Codes shared with fastflow/ops/coupling.py (SCALE_FNS; exported as
+// _C.SCALE_MODES).
+#pragma once
+
+#include "fast_math.h"
+
+namespace ff {
+
+enum ScaleMode : int { kSoftClamp = 0, kGlowSigmoid = 1, kIdentity = 2, kAdditive = 3 };
+
+// Returns s and writes exp(s) and ds/draw. `c` is the soft-clamp bound.
+template <int Mode, typename A>
+FF_HOST_DEVICE A scale_fn(A raw, A c, A inv_c, A& exp_s, A& ds) {
+  if (Mode == kSoftClamp) {
+    A t = ff_tanh(raw * inv_c);
+    A s = c * t;
+    exp_s = ff_exp(s);
+    ds = A(1) - t * t;
+    return s;
+  } else if (Mode == kGlowSigmoid) {
+    // s = log sigmoid(a) = -softplus(-a) = -(max(-a, 0) + log1p(exp(-|a|))), a = raw + 2
+    A a = raw + A(2);
+    A ea = ff_exp(a < A(0) ? a : -a);  // in (0, 1]
+    A u = A(1) + ea;
+    A inv = A(1) / u;
+    // log1p(ea) = log(u) + (ea - (u - 1)) / u: the second term corrects the rounding of u, so
+    // the one division serves both log1p and the sigmoid
+    A sp = (a < A(0) ? -a : A(0)) + (ff_log(u) + (ea - (u - A(1))) * inv);
+    A s = -sp;
+    // sigmoid(a) and 1 - sigmoid(a), both from exp(-|a|) without overflow
+    A sig = a >= A(0) ? inv : ea * inv;
+    exp_s = sig;
+    ds = a >= A(0) ? ea * inv : inv;
+    return s;
+  } else if (Mode == kIdentity) {
+    exp_s = ff_exp(raw);
+    ds = A(1);
+    return raw;
+  } else {
+    exp_s = A(1);
+    ds = A(0);
+    return A(0);
+  }
+}
+
+}  // namespace ff
