@@ -4,6 +4,7 @@ data to latent, ``inverse(z, context=None) -> (x, logdet)`` maps back."""
 from fastflow.nn.actnorm import ActNorm
 from fastflow.nn.autoregressive import InverseAutoregressive, MaskedAffineAutoregressive
 from fastflow.nn.base import Compose, Transform
+from fastflow.nn.continuous import ContinuousFlow, VectorField
 from fastflow.nn.coupling import (
     AdditiveCoupling,
     AffineCoupling,
@@ -30,6 +31,7 @@ __all__ = [
     "AffineCoupling",
     "MLPAffineCoupling",
     "Compose",
+    "ContinuousFlow",
     "Flatten",
     "GlowConditioner",
     "GlowStep",
@@ -50,6 +52,7 @@ __all__ = [
     "Squeeze",
     "Transform",
     "TransformerAutoregressive",
+    "VectorField",
     "checkerboard_mask",
     "conv_subnet",
     "invertible_checkpoint",
