@@ -96,6 +96,13 @@ def _configure_train(p: argparse.ArgumentParser) -> None:
     g.add_argument("--clip-grad", type=float, default=d.clip_grad, help="max grad norm, 0 = off")
     g.add_argument("--weight-decay", type=float, default=d.weight_decay)
     g.add_argument("--skip-nonfinite", action="store_true", help="skip batches with NaN/inf loss")
+    g.add_argument(
+        "--objective",
+        default=d.objective,
+        choices=["mle", "fm", "fm-ot"],
+        help="maximum likelihood (mle), or flow matching of a continuous model's vector field "
+        "with independent (fm) or minibatch optimal-transport (fm-ot) couplings",
+    )
     g = p.add_argument_group("run")
     g.add_argument("--device", default=d.device, help="auto, cpu, cuda, cuda:N (auto)")
     g.add_argument(

@@ -240,3 +240,23 @@ def _tarflow(shape, o):
         heads=heads,
         noise_std=0.05,
     )
+
+
+def _cnf_available() -> str | None:
+    from fastflow.nn.continuous import torchdiffeq_missing
+
+    return torchdiffeq_missing()
+
+
+@register_model(
+    "cnf",
+    kinds=("vector",),
+    defaults={"hidden": 64, "depth": 2},
+    description="CNF (FFJORD, Grathwohl et al. 2019): a neural ODE, exact likelihood; train "
+    "with --objective mle or fm/fm-ot (flow matching); --depth hidden layers of the field",
+    available=_cnf_available,
+)
+def _cnf(shape, o):
+    from fastflow.models.cnf import CNF
+
+    return CNF(shape[0], hidden=o["hidden"], hidden_layers=o["depth"])

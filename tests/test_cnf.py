@@ -261,3 +261,30 @@ def test_errors_are_clear(monkeypatch):
     monkeypatch.setitem(sys.modules, "torchdiffeq", None)
     with pytest.raises(ImportError, match=r'pip install "fastflow\[cnf\]"'):
         CNF(2)
+
+
+# -- fastflow train --model cnf --objective mle|fm|fm-ot -------------------------------------------
+
+
+@pytest.mark.parametrize("objective", ["mle", "fm-ot"])
+def test_fastflow_train_cnf_both_objectives(tmp_path, objective):
+    from fastflow.training import TrainConfig, load_model, train
+
+    cfg = TrainConfig(model="cnf", data="moons", n_data=300, hidden=8, depth=1, epochs=1,
+                      batch_size=64, max_steps=3, objective=objective, out=str(tmp_path),
+                      progress=False, plots=False)  # fmt: skip
+    r = train(cfg)
+    assert math.isfinite(r["test_nll"]) and r["steps"] == 3
+    flow, _, ck = load_model(str(tmp_path / "best.pt"))
+    assert isinstance(flow, CNF) and ck["config"]["objective"] == objective
+
+
+def test_fastflow_train_flow_matching_needs_a_continuous_model(tmp_path):
+    from fastflow.training import TrainConfig, train
+
+    cfg = TrainConfig(model="realnvp", data="moons", n_data=100, epochs=1, objective="fm",
+                      out=str(tmp_path), progress=False, plots=False)  # fmt: skip
+    with pytest.raises(ValueError, match="--model cnf"):
+        train(cfg)
+    with pytest.raises(ValueError, match="--objective"):
+        train(TrainConfig(model="cnf", objective="score"))

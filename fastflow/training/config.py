@@ -62,10 +62,13 @@ class TrainConfig:
     eval_batch_size: int = 512
     threads: int = 1
     inject_nan_at: int | None = None  # testing aid: make the loss NaN at this step
+    objective: str = "mle"  # or "fm" / "fm-ot": flow matching (continuous models)
 
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 AUTOCAST = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+# maximum likelihood, or flow matching with independent / minibatch-OT couplings
+OBJECTIVES = ("mle", "fm", "fm-ot")
 
 # options that must match the checkpoint on --resume (the rest may change)
 RESUME_KEYS = (
@@ -87,6 +90,7 @@ RESUME_KEYS = (
     "warmup",
     "clip_grad",
     "weight_decay",
+    "objective",
 )
 
 
@@ -137,6 +141,10 @@ def check_config(cfg: TrainConfig) -> None:
         raise ValueError(f"--schedule must be constant or cosine, got {cfg.schedule!r}")
     if not (cfg.temperature >= 0):
         raise ValueError(f"--temperature must be >= 0, got {cfg.temperature}")
+    if cfg.objective not in OBJECTIVES:
+        raise ValueError(
+            f"--objective must be one of {', '.join(OBJECTIVES)}, got {cfg.objective!r}"
+        )
     if cfg.overwrite and cfg.resume is not None:
         raise ValueError("--resume continues a run and --overwrite starts over: pass one of them")
 

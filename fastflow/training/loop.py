@@ -202,7 +202,7 @@ def _start(cfg: TrainConfig) -> Run:
         _data_dependent_init(run)
     if run.is_main:
         start_run_folder(cfg, out, run.world, run.metrics_len if ck is not None else None)
-    run.wrapped = wrap_ddp(_LogProb(run.flow), device)
+    run.wrapped = wrap_ddp(_LogProb(run.flow, cfg.objective), device)
     if run.autocast == torch.float16:  # fp16 needs loss scaling; bf16 does not
         run.scaler = torch.amp.GradScaler(device.type)
     _print_header(run, resumed=ck is not None)
@@ -215,6 +215,11 @@ def _new_run(cfg: TrainConfig, out: str, device, splits: Splits, pre: Preprocess
     rank, world, _ = dist_info()
     torch.manual_seed(cfg.seed)
     flow = build_model(cfg.model, splits.ds.shape, model_options(cfg)).to(DTYPES[cfg.dtype])
+    if cfg.objective != "mle" and not hasattr(flow, "velocity"):
+        raise ValueError(
+            f"--objective {cfg.objective} regresses a continuous flow's vector field; model "
+            f"{cfg.model!r} has none (use --model cnf, or --objective mle)"
+        )
     flow.to(device)
     opt = torch.optim.Adam(flow.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     # DistributedSampler shards the data and gives every rank the same number of batches
@@ -336,7 +341,12 @@ def _batch_loss(run: Run, xm: Tensor) -> Tensor:
             f"--autocast {cfg.autocast}: model {cfg.model!r} fails under autocast "
             f"({' '.join(str(e).split())[:160]}); train without --autocast"
         ) from None
-    loss = -(logp.mean() + pre.offset) / (pre.dims * LN2)  # bits/dim of the batch
+    if cfg.objective != "mle":  # flow matching: the wrapper returned minus the regression loss
+        loss = -logp.mean()
+    else:
+        loss = -(logp.mean() + pre.offset) / (pre.dims * LN2)  # bits/dim of the batch
+        if hasattr(run.flow, "regularization"):  # e.g. a CNF's kinetic/Jacobian regularisers
+            loss = loss + run.flow.regularization().to(loss)
     if cfg.inject_nan_at is not None and run.step == cfg.inject_nan_at:
         loss = loss * float("nan")
     return loss
@@ -386,14 +396,21 @@ def _optimizer_step(run: Run, loss: Tensor, stats: _EpochStats) -> bool:
 
 
 class _LogProb(nn.Module):
-    """Wraps a flow so that ``forward`` is ``log_prob`` (what DDP calls)."""
+    """Wraps a flow so that ``forward`` is ``log_prob`` (what DDP calls); for the flow-matching
+    objectives it is minus the per-example flow-matching loss instead."""
 
-    def __init__(self, flow: nn.Module):
+    def __init__(self, flow: nn.Module, objective: str = "mle"):
         super().__init__()
         self.flow = flow
+        self.objective = objective
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.flow.log_prob(x)
+        if self.objective == "mle":
+            return self.flow.log_prob(x)
+        from fastflow.flow_matching import flow_matching_loss
+
+        coupling = "ot" if self.objective == "fm-ot" else "independent"
+        return -flow_matching_loss(self.flow, x, coupling=coupling, reduction="none")
 
 
 # -- after an epoch, after the run ---------------------------------------------------------------
