@@ -290,6 +290,23 @@ def _evaluate_cmd(args) -> int:
     return 0
 
 
+def _configure_bench(p: argparse.ArgumentParser) -> None:
+    from fastflow.bench import configure_parser
+
+    configure_parser(p)
+
+
+@command(
+    "bench",
+    "speed, memory and likelihood against nflows, zuko, normflows and FrEIA",
+    _configure_bench,
+)
+def _bench_cmd(args) -> int:
+    from fastflow.bench import main as bench_main
+
+    return bench_main(args)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``fastflow`` command; returns the exit status.
 

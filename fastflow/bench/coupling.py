@@ -8,22 +8,32 @@ batch of N=64, C=32, 32x32 (the transformed half and the conditioner's scale and
 
     python bench/coupling.py [--reps 10] [--rounds 5] [--scale-fn softclamp] [--no-large]
 
-Writes bench/results/coupling.json.
+Writes bench/results/coupling.json. In the suite (``fastflow bench --only coupling``): :func:`run`.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import sys
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import peak_memory_mb, require_native, table, timeit, write_results  # noqa: E402
+import fastflow
+from fastflow.bench._common import (
+    measure,
+    peak_memory_mb,
+    print_rows,
+    require_native,
+    table,
+    time_rows,
+    timeit,
+    timing_mode,
+    value_row,
+    write_results,
+)
+from fastflow.ops import coupling as C
 
-import fastflow  # noqa: E402
-from fastflow.ops import coupling as C  # noqa: E402
+DESCRIPTION = "fused affine coupling op vs the eager (and compiled) pure-PyTorch reference"
 
 CASES = {"image": (64, 16, 32, 32), "vector": (4096, 32)}
 # not a target of the issue: tensors well beyond the last-level cache (32 MiB each), where the
@@ -31,7 +41,7 @@ CASES = {"image": (64, 16, 32, 32), "vector": (4096, 32)}
 LARGE = {"image_large": (64, 32, 64, 64)}
 
 
-def make_variants(scale_fn: str):
+def make_variants(scale_fn: str, compiled: bool = True):
     def native(x, raw, t):
         return C.affine_coupling(x, raw, t, scale_fn=scale_fn)
 
@@ -44,20 +54,17 @@ def make_variants(scale_fn: str):
     def eager_inv(y, raw, t):
         return C.reference_affine_coupling_inverse(y, raw, t, scale_fn=scale_fn)
 
-    return {
-        "native": (native, native_inv),
-        "reference": (eager, eager_inv),
-        "compiled_reference": (torch.compile(eager), torch.compile(eager_inv)),
-    }
+    out = {"native": (native, native_inv), "reference": (eager, eager_inv)}
+    if compiled:
+        out["compiled_reference"] = (torch.compile(eager), torch.compile(eager_inv))
+    return out
 
 
-def measure(case: str, shape, variants, reps: int, rounds: int) -> list[dict]:
-    """Times of every variant, interleaved: ``rounds`` rounds in which each variant and metric
-    takes its turn for the median of ``reps`` calls; the minimum over rounds is reported (on a
-    shared machine it is the least disturbed), so all variants see the same background load."""
+def closures(shape, variants, device="cpu") -> dict:
+    """``{variant: {"forward", "inverse", "fwd_bwd": fn()}}`` on random inputs of ``shape``."""
     torch.manual_seed(0)
-    x, raw, t = (torch.randn(shape) for _ in range(3))
-    gy, gl = torch.randn(shape), torch.randn(shape[0])
+    x, raw, t = (torch.randn(shape).to(device) for _ in range(3))
+    gy, gl = torch.randn(shape).to(device), torch.randn(shape[0]).to(device)
     leaves = [v.clone().requires_grad_() for v in (x, raw, t)]
     fns = {}
     for name, (fwd, inv) in variants.items():
@@ -79,6 +86,54 @@ def measure(case: str, shape, variants, reps: int, rounds: int) -> list[dict]:
                 v.grad = None
 
         fns[name] = {"forward": forward, "inverse": inverse, "fwd_bwd": fwd_bwd}
+    return fns
+
+
+def run(cfg) -> list[dict]:
+    """The suite's coupling-op benchmark: forward, inverse, forward+backward and the peak memory
+    of forward+backward of the fused op (``fastflow``) against the eager reference
+    (``torch-eager``) and, in full mode, ``torch.compile`` of it (``torch-compile``).
+
+    Quick: image [32, 8, 16, 16] halves, vectors [1024, 16]. Full: :data:`CASES` and
+    :data:`LARGE`.
+    """
+    dev = torch.device(cfg.device)
+    v = make_variants("softclamp", compiled=not cfg.quick)
+    names = {
+        "native": "fastflow",
+        "reference": "torch-eager",
+        "compiled_reference": "torch-compile",
+    }
+    cases = (
+        {**CASES, **LARGE} if not cfg.quick else {"image": (32, 8, 16, 16), "vector": (1024, 16)}
+    )
+    rows = []
+    for case, shape in cases.items():
+        label = f"{case} {'x'.join(map(str, shape))}"
+        fns = {names[k]: f for k, f in closures(shape, v, dev).items()}
+        case_rows = []
+        for metric in ("forward", "inverse", "fwd_bwd"):
+            res = measure(
+                {k: f[metric] for k, f in fns.items()},
+                rounds=cfg.rounds(7),
+                reps=cfg.reps(cfg.pick(10, 5)),
+                warmup=3,
+                device=dev,
+            )
+            case_rows += time_rows("coupling", label, metric, res)
+        for k, f in fns.items():
+            mb = peak_memory_mb(f["fwd_bwd"], dev)
+            case_rows.append(value_row("coupling", label, "fwd_bwd_peak", k, "MiB", mb))
+        print_rows(case_rows, cfg.log)
+        rows += case_rows
+    return rows
+
+
+def measure_legacy(case: str, shape, variants, reps: int, rounds: int) -> list[dict]:
+    """Times of every variant, interleaved: ``rounds`` rounds in which each variant and metric
+    takes its turn for the median of ``reps`` calls; the minimum over rounds is reported (on a
+    shared machine it is the least disturbed), so all variants see the same background load."""
+    fns = closures(shape, variants)
     best = {name: dict.fromkeys(("forward", "inverse", "fwd_bwd"), float("inf")) for name in fns}
     for r in range(rounds):
         for name, metrics in fns.items():
@@ -101,7 +156,7 @@ def measure(case: str, shape, variants, reps: int, rounds: int) -> list[dict]:
     return rows
 
 
-def main(argv=None) -> dict:
+def main(argv=None, results_dir: str = os.path.join("bench", "results")) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--reps", type=int, default=10, help="calls per median")
     p.add_argument("--rounds", type=int, default=5, help="interleaved rounds (min is reported)")
@@ -109,13 +164,14 @@ def main(argv=None) -> dict:
     p.add_argument("--no-large", action="store_true", help="skip the cache-exceeding image case")
     args = p.parse_args(argv)
     require_native()
+    timing_mode()
     if not fastflow.native_available("cpu"):
         raise SystemExit("fastflow._C is not built: the benchmark needs the native kernels")
     variants = make_variants(args.scale_fn)
     cases = dict(CASES) if args.no_large else {**CASES, **LARGE}
     rows = []
     for case, shape in cases.items():
-        rows += measure(case, shape, variants, args.reps, args.rounds)
+        rows += measure_legacy(case, shape, variants, args.reps, args.rounds)
     ratios = []
     for case in cases:
         by = {r["variant"]: r for r in rows if r["case"] == case}
@@ -175,7 +231,7 @@ def main(argv=None) -> dict:
         "ratios": ratios,
         "targets": targets,
     }
-    print("wrote", write_results("coupling", result))
+    print("wrote", write_results("coupling", result, results_dir))
     return result
 
 

@@ -27,6 +27,7 @@ minimum (the least disturbed call on a shared machine), the median is stored too
 baseline / fastflow (above 1: fastflow is faster / uses less memory).
 
 Run: ``python bench/glow_step.py [--quick] [--samples N]``; writes ``bench/results/glow_step.json``.
+In the suite (``fastflow bench --only glow_step``): :func:`run`.
 """
 
 from __future__ import annotations
@@ -34,21 +35,29 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import sys
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import peak_memory_mb, require_native, table, timeit, write_results  # noqa: E402
+from fastflow.bench._common import (
+    measure,
+    n_params,
+    params_line,
+    peak_memory_mb,
+    peer,
+    print_rows,
+    require_native,
+    table,
+    time_rows,
+    timeit,
+    timing_mode,
+    value_row,
+    write_results,
+)
+from fastflow.nn.glow_step import GlowConditioner, GlowStep
 
-from fastflow.nn.glow_step import GlowConditioner, GlowStep  # noqa: E402
-
-try:
-    import normflows as nf
-except ImportError:  # optional baseline
-    nf = None
+DESCRIPTION = "one Glow step (ActNorm, 1x1 conv, coupling) vs torch conv/einsum steps, normflows"
 
 
 class TrivialConditioner(nn.Module):
@@ -127,20 +136,21 @@ class NormflowsStep(nn.Module):
         return self.block.forward(z)
 
 
-def build(c, part, seed=0):
+def build(c, part, seed=0, log=print, hidden=512, batch=64):
+    nf = peer("normflows", log)
     torch.manual_seed(seed)
     if part == "flow":
         make_cond = TrivialConditioner
     else:
 
         def make_cond():
-            net = GlowConditioner(c // 2, c - c // 2, hidden=512)
+            net = GlowConditioner(c // 2, c - c // 2, hidden=hidden)
             with torch.no_grad():  # the zero init would make the coupling trivially cheap to check
                 net.net[-1].weight.normal_(0, 1e-3)
             return net
 
     ff = GlowStep(c, conditioner=make_cond())
-    x = torch.randn(64, c, 16, 16) * 1.5 + 0.3
+    x = torch.randn(batch, c, 16, 16) * 1.5 + 0.3
     ff(x)  # data-dependent ActNorm initialisation
     with torch.no_grad():
         ff.invconv.L.add_(torch.randn_like(ff.invconv.L) * 0.02)
@@ -156,7 +166,7 @@ def build(c, part, seed=0):
             t.weight.copy_(W)
         impls[f"torch-{mix}"] = t
     if nf is not None:
-        block = nf.flows.GlowBlock(c, 512 if part == "step" else 8)
+        block = nf.flows.GlowBlock(c, hidden if part == "step" else 8)
         coupling = block.flows[0].flows[1]
         coupling.param_map = Interleave(make_cond())
         coupling.param_map.net.load_state_dict(ff.conditioner.state_dict())
@@ -209,8 +219,8 @@ def closures(m, x):
     # the step inside a model: gradients arrive from the layers above (here fixed tensors), so
     # time and memory are the step's own, not a loss function's
     g = torch.Generator().manual_seed(1)
-    grad_z = torch.randn(z.shape, generator=g)
-    grad_logdet = torch.full((x.shape[0],), -1.0 / x.shape[0])
+    grad_z = torch.randn(z.shape, generator=g).to(x.device)
+    grad_logdet = torch.full((x.shape[0],), -1.0 / x.shape[0], device=x.device)
 
     def fwd_bwd():
         m.zero_grad(set_to_none=True)
@@ -249,15 +259,53 @@ def time_config(impls, x, samples):
     return out
 
 
-def main():
+def run(cfg) -> list[dict]:
+    """The suite's Glow-step benchmark: forward, forward+backward and inverse of one step, and
+    the peak memory of forward+backward, fastflow vs the torch steps and normflows' GlowBlock.
+
+    Quick: C = 32, batch 16, conditioner hidden 128. Full: C in (32, 96), batch 64, hidden 512.
+    """
+    dev = torch.device(cfg.device)
+    hidden, batch = cfg.pick((512, 64), (128, 16))
+    rows = []
+    for part in ("flow", "step"):
+        for c in cfg.pick((32, 96), (32,)):
+            impls, x = build(c, part, log=cfg.log, hidden=hidden, batch=batch)
+            check_agree(impls, x)
+            impls = {k: m.to(dev) for k, m in impls.items()}
+            x = x.to(dev)
+            params = {k: n_params(m) for k, m in impls.items()}
+            case = f"{part} C={c} 16x16 B={batch}" + (f" h={hidden}" if part == "step" else "")
+            cfg.log(f"  {case}: {params_line(params)}")
+            fns = {k: closures(m, x) for k, m in impls.items()}
+            case_rows = []
+            for metric in METRICS:
+                res = measure(
+                    {k: f[metric] for k, f in fns.items()},
+                    rounds=cfg.rounds(7 if part == "flow" else 5),
+                    reps=cfg.reps(cfg.pick(5 if part == "flow" else 2, 2)),
+                    device=dev,
+                )
+                case_rows += time_rows("glow_step", case, metric, res, params)
+            for k, f in fns.items():
+                mb = peak_memory_mb(f["fwd_bwd"], dev)
+                case_rows.append(value_row("glow_step", case, "fwd_bwd_peak", k, "MiB", mb))
+            print_rows(case_rows, cfg.log)
+            rows += case_rows
+    return rows
+
+
+def main(argv=None, results_dir: str = os.path.join("bench", "results")):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="fewer samples")
     ap.add_argument("--samples", type=int, default=0, help="timed calls per measurement")
     ap.add_argument("--threads", type=int, default=0, help="torch/kernel threads (0: default)")
     ap.add_argument("--parts", default="flow,step", help="comma-separated: flow, step")
     ap.add_argument("--name", default="glow_step", help="results file name (bench/results/)")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     require_native()
+    timing_mode()
+    nf = peer("normflows")
     if args.threads:
         torch.set_num_threads(args.threads)
     parts = [p for p in args.parts.split(",") if p]
@@ -305,7 +353,7 @@ def main():
     }
     config["threads"] = torch.get_num_threads()
     config["load_average_at_end"] = os.getloadavg()
-    path = write_results(args.name, {"config": config, "rows": rows})
+    path = write_results(args.name, {"config": config, "rows": rows}, results_dir)
     print("wrote", path)
 
 

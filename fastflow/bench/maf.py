@@ -9,32 +9,40 @@ torch slicing and matmuls).
 
 Run: ``python bench/maf.py`` (about 5-9 minutes on 2 cores, most of it nflows and zuko sampling
 at D=256; ``--quick`` for a smoke run, ``--threads 1`` for one thread).
-Writes ``bench/results/maf.json``.
+Writes ``bench/results/maf.json``. In the suite (``fastflow bench --only maf``): :func:`run`.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import sys
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import require_native, table, timeit, write_results  # noqa: E402
+from fastflow.bench._common import (
+    measure,
+    n_params,
+    no_grad,
+    params_line,
+    peer,
+    print_rows,
+    require_native,
+    table,
+    time_rows,
+    timeit,
+    timing_mode,
+    write_results,
+)
+from fastflow.models.maf import MAF
+from fastflow.nn.autoregressive import MaskedAffineAutoregressive
+from fastflow.ops.made import torch_degree_walk
 
-from fastflow.models.maf import MAF  # noqa: E402
-from fastflow.nn.autoregressive import MaskedAffineAutoregressive  # noqa: E402
-from fastflow.ops.made import torch_degree_walk  # noqa: E402
+DESCRIPTION = "MAF sampling (one-pass degree walk) and log_prob vs nflows, zuko, a torch walk"
 
-try:
-    from nflows.flows import MaskedAutoregressiveFlow as NflowsMAF
-except ImportError:  # pragma: no cover
-    NflowsMAF = None
-try:
-    import zuko
-except ImportError:  # pragma: no cover
-    zuko = None
+
+def _nflows_maf(log=print):
+    return peer("nflows", log) and peer("nflows.flows", log).MaskedAutoregressiveFlow
+
 
 LAYERS, HIDDEN, BATCH = 5, 512, 1024
 TIMING = (
@@ -44,13 +52,9 @@ TIMING = (
 )
 
 
-def n_params(m: torch.nn.Module) -> int:
-    return sum(p.numel() for p in m.parameters())
-
-
 def sample_torch_walk(flow: MAF, n: int) -> torch.Tensor:
     """fastflow's MAF sampled with the pure-PyTorch degree walk instead of the kernel."""
-    z = torch.randn(n, flow.features)
+    z = torch.randn(n, flow.features, device=next(flow.parameters()).device)
     for t in reversed(list(flow.transforms)):
         if not isinstance(t, MaskedAffineAutoregressive):
             z = t.inverse(z)[0]
@@ -75,6 +79,7 @@ def interleaved(fns: dict, rounds: int, reps: int) -> dict:
 
 
 def bench_dim(d: int, quick: bool) -> dict:
+    NflowsMAF, zuko = _nflows_maf(), peer("zuko")
     torch.manual_seed(0)
     rounds, reps = (1, 2) if quick else (5, 5)
     row: dict = {"D": d}
@@ -133,16 +138,85 @@ def bench_dim(d: int, quick: bool) -> dict:
     return row
 
 
-def main() -> None:
+def run(cfg) -> list[dict]:
+    """The suite's MAF benchmark: ``sample`` and ``log_prob`` of a 5-layer MAF, fastflow vs nflows,
+    zuko (same architecture, equal parameters) and the pure-torch degree walk (sampling).
+
+    Quick: D = 16, MADE hidden (128, 128), batch 256. Full: D in (16, 64, 256), hidden (512, 512),
+    batch 1024 (the peers' D-pass sampling takes seconds per call at D = 256: one call a round).
+    """
+    hidden = cfg.pick(HIDDEN, 128)
+    batch = cfg.pick(BATCH, 256)
+    nflows_maf, zuko = _nflows_maf(cfg.log), peer("zuko", cfg.log)
+    rows = []
+    for d in cfg.pick((16, 64, 256), (16,)):
+        rows += _suite_dim(cfg, d, hidden, batch, nflows_maf, zuko)
+    return rows
+
+
+def _suite_dim(cfg, d, hidden, batch, nflows_maf, zuko) -> list[dict]:
+    dev = torch.device(cfg.device)
+    torch.manual_seed(0)
+    x = torch.randn(batch, d, device=dev)
+    impls = {"fastflow": MAF(d, layers=LAYERS, hidden=(hidden, hidden))}
+    if nflows_maf:
+        impls["nflows"] = nflows_maf(
+            d,
+            hidden_features=hidden,
+            num_layers=LAYERS,
+            num_blocks_per_layer=1,
+            use_residual_blocks=False,
+        )
+    if zuko:
+        impls["zuko"] = zuko.flows.MAF(d, 0, transforms=LAYERS, hidden_features=(hidden,) * 2)
+    impls = {k: m.to(dev).eval() for k, m in impls.items()}
+    params = {k: n_params(m) for k, m in impls.items()}
+    case = f"D={d} h={hidden} B={batch}"
+    cfg.log(f"  {case}: {params_line(params)}")
+    ff = impls["fastflow"]
+    lp = {"fastflow": lambda: ff.log_prob(x)}
+    smp = {
+        "fastflow": lambda: ff.sample(batch),
+        "torch-walk": lambda: sample_torch_walk(ff, batch),
+    }
+    if "nflows" in impls:
+        m = impls["nflows"]
+        lp["nflows"] = lambda: m.log_prob(x)
+        smp["nflows"] = lambda: m.sample(batch)
+    if "zuko" in impls:
+        z = impls["zuko"]
+        lp["zuko"] = lambda: z().log_prob(x)
+        smp["zuko"] = lambda: z().sample((batch,))
+    rows = time_rows(
+        "maf",
+        case,
+        "log_prob",
+        measure({k: no_grad(f) for k, f in lp.items()}, cfg.rounds(5), cfg.reps(5), 2, dev),
+        params,
+    )
+    slow = d >= 256  # the peers' D-pass sampling: seconds per call
+    reps = {
+        k: 1 if k in ("nflows", "zuko") or (slow and k == "torch-walk") else cfg.reps(5)
+        for k in smp
+    }
+    warm = {k: 0 if slow and k != "fastflow" else 1 for k in smp}
+    res = measure({k: no_grad(f) for k, f in smp.items()}, cfg.rounds(3, 2), reps, warm, dev)
+    rows += time_rows("maf", case, "sample", res, params | {"torch-walk": params["fastflow"]})
+    print_rows(rows, cfg.log)
+    return rows
+
+
+def main(argv=None, results_dir: str = os.path.join("bench", "results")) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--dims", type=int, nargs="*", default=[16, 64, 256])
     ap.add_argument("--quick", action="store_true", help="one repetition of everything")
     ap.add_argument("--threads", type=int, default=0, help="torch/kernel threads (0: default)")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     require_native()
+    timing_mode()
     if args.threads:
         torch.set_num_threads(args.threads)
-    if NflowsMAF is None or zuko is None:
+    if _nflows_maf() is None or peer("zuko") is None:
         print("note: nflows and/or zuko are not installed; their columns are skipped")
     rows = []
     for d in args.dims:
@@ -208,6 +282,7 @@ def main() -> None:
             "rows": rows,
             "targets": targets,
         },
+        results_dir,
     )
     print("wrote", path)
 

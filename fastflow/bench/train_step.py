@@ -21,7 +21,8 @@ median over rounds is stored too. Ratios are ``peer / fastflow`` (above 1: fastf
 ``best_peer`` is the fastest peer of the same run. Threads are set with ``torch.set_num_threads``.
 
 Run: ``python bench/train_step.py [--quick] [--models realnvp maf glow] [--threads 1 2]``; writes
-``bench/results/train_step.json``.
+``bench/results/train_step.json`` and ``.md``. In the suite (``fastflow bench --only train_step``):
+:func:`run`.
 """
 
 from __future__ import annotations
@@ -30,37 +31,31 @@ import argparse
 import math
 import os
 import statistics
-import sys
 import time
 
 import torch
 from torch import nn
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import environment, require_native, table, write_results  # noqa: E402
+import fastflow
+from fastflow.bench._common import (
+    environment,
+    measure,
+    n_params,
+    no_grad,
+    params_line,
+    peer,
+    print_rows,
+    require_native,
+    table,
+    time_rows,
+    timing_mode,
+    write_results,
+)
+from fastflow.models import MAF, RealNVP
 
-import fastflow  # noqa: E402
-from fastflow.models import MAF, RealNVP  # noqa: E402
-
-
-def _try(name):
-    try:
-        return __import__(name)
-    except Exception:  # noqa: BLE001 - a peer that fails to import is skipped
-        print(f"train_step: {name} not installed, skipped")
-        return None
-
-
-nf = _try("normflows")
-zuko = _try("zuko")
-nflows = _try("nflows")
-FrEIA = _try("FrEIA")
+DESCRIPTION = "whole training step (forward, backward, Adam), log_prob and sampling vs peers"
 
 LAYERS, HIDDEN = 5, 64
-
-
-def n_params(m: nn.Module) -> int:
-    return sum(p.numel() for p in m.parameters() if p.requires_grad)
 
 
 def _mlp(sizes, zero_last=True) -> nn.Sequential:
@@ -78,21 +73,22 @@ def _mlp(sizes, zero_last=True) -> nn.Sequential:
 # -- model builders: each returns (module, log_prob(x), sample(n) or None) ----------------------
 
 
-def realnvp_fastflow(d):
-    m = RealNVP(d, layers=LAYERS, hidden=HIDDEN)
+def realnvp_fastflow(d, hidden=HIDDEN):
+    m = RealNVP(d, layers=LAYERS, hidden=hidden)
     return m, m.log_prob, m.sample
 
 
-def realnvp_normflows(d):
+def realnvp_normflows(d, hidden=HIDDEN):
+    nf = peer("normflows")
     flows = []
     for _ in range(LAYERS):
-        net = nf.nets.MLP([d // 2, HIDDEN, HIDDEN, 2 * (d - d // 2)], init_zeros=True)
+        net = nf.nets.MLP([d // 2, hidden, hidden, 2 * (d - d // 2)], init_zeros=True)
         flows += [nf.flows.AffineCouplingBlock(net), nf.flows.Permute(d, mode="swap")]
     m = nf.NormalizingFlow(nf.distributions.DiagGaussian(d, trainable=False), flows)
     return m, m.log_prob, lambda n: m.sample(n)[0]
 
 
-def realnvp_nflows(d):
+def realnvp_nflows(d, hidden=HIDDEN):
     from nflows.distributions import StandardNormal
     from nflows.flows import Flow
     from nflows.transforms import AffineCouplingTransform, CompositeTransform, ReversePermutation
@@ -102,7 +98,7 @@ def realnvp_nflows(d):
     ts = []
     for _ in range(LAYERS):
         ts.append(
-            AffineCouplingTransform(mask, lambda i, o: _NflowsNet(_mlp([i, HIDDEN, HIDDEN, o])))
+            AffineCouplingTransform(mask, lambda i, o: _NflowsNet(_mlp([i, hidden, hidden, o])))
         )
         ts.append(ReversePermutation(d))
     m = Flow(CompositeTransform(ts), StandardNormal([d]))
@@ -118,7 +114,7 @@ class _NflowsNet(nn.Module):
         return self.net(x)
 
 
-def realnvp_freia(d):
+def realnvp_freia(d, hidden=HIDDEN):
     import FrEIA.framework as Ff
     import FrEIA.modules as Fm
 
@@ -126,7 +122,7 @@ def realnvp_freia(d):
     for _ in range(LAYERS):
         inn.append(
             Fm.AffineCouplingOneSided,
-            subnet_constructor=lambda i, o: _mlp([i, HIDDEN, HIDDEN, o]),
+            subnet_constructor=lambda i, o: _mlp([i, hidden, hidden, o]),
         )
         inn.append(Fm.PermuteRandom, seed=0)
 
@@ -135,22 +131,24 @@ def realnvp_freia(d):
         return -0.5 * (z**2).sum(1) - 0.5 * d * math.log(2 * math.pi) + ld
 
     def sample(n):
-        return inn(torch.randn(n, d), rev=True)[0]
+        dev = next(inn.parameters()).device
+        return inn(torch.randn(n, d, device=dev), rev=True)[0]
 
     return inn, log_prob, sample
 
 
-def maf_fastflow(d):
-    m = MAF(d, layers=LAYERS, hidden=(HIDDEN, HIDDEN))
+def maf_fastflow(d, hidden=HIDDEN):
+    m = MAF(d, layers=LAYERS, hidden=(hidden, hidden))
     return m, m.log_prob, m.sample
 
 
-def maf_zuko(d):
-    f = zuko.flows.MAF(d, transforms=LAYERS, hidden_features=(HIDDEN, HIDDEN))
+def maf_zuko(d, hidden=HIDDEN):
+    zuko = peer("zuko")
+    f = zuko.flows.MAF(d, transforms=LAYERS, hidden_features=(hidden, hidden))
     return f, lambda x: f().log_prob(x), lambda n: f().sample((n,))
 
 
-def maf_nflows(d):
+def maf_nflows(d, hidden=HIDDEN):
     from nflows.distributions import StandardNormal
     from nflows.flows import Flow
     from nflows.transforms import (
@@ -163,7 +161,7 @@ def maf_nflows(d):
     for _ in range(LAYERS):
         ts.append(
             MaskedAffineAutoregressiveTransform(
-                d, HIDDEN, num_blocks=1, use_residual_blocks=False, use_batch_norm=False
+                d, hidden, num_blocks=1, use_residual_blocks=False, use_batch_norm=False
             )
         )
         ts.append(ReversePermutation(d))
@@ -182,6 +180,7 @@ def glow_normflows(shape, levels, steps, hidden):
     """normflows' multi-scale Glow (its README/example construction): per level K GlowBlocks
     (ActNorm, LU 1x1 conv, affine coupling with a 3-1-3 conv net), squeeze, and a learned
     diagonal Gaussian per factored-out latent."""
+    nf = peer("normflows")
     c0, h0, w0 = shape
     q0, merges, flows = [], [], []
     for i in range(levels):
@@ -213,11 +212,11 @@ def glow_case(key: str, rounds: int, reps: int, quick: bool) -> list[dict]:
     if quick:
         steps, hidden = max(2, steps // 4), max(16, hidden // 4)
     impls = {}
-    for name, build, ok in (
-        ("fastflow", glow_fastflow, True),
-        ("normflows", glow_normflows, nf is not None),
+    for name, build, lib in (
+        ("fastflow", glow_fastflow, None),
+        ("normflows", glow_normflows, "normflows"),
     ):
-        if ok:
+        if lib is None or peer(lib) is not None:
             torch.manual_seed(0)
             impls[name] = build(shape, levels, steps, hidden)
     torch.manual_seed(1)
@@ -228,19 +227,35 @@ def glow_case(key: str, rounds: int, reps: int, quick: bool) -> list[dict]:
     return _time_cases(impls, x, "glow", key, batch, rounds, reps, sample_reps=reps)
 
 
+# model -> [(implementation, builder(d, hidden), the peer library it needs or None)]
 VECTOR_MODELS = {
     "realnvp": [
-        ("fastflow", realnvp_fastflow, True),
-        ("normflows", realnvp_normflows, nf is not None),
-        ("nflows", realnvp_nflows, nflows is not None),
-        ("FrEIA", realnvp_freia, FrEIA is not None),
+        ("fastflow", realnvp_fastflow, None),
+        ("normflows", realnvp_normflows, "normflows"),
+        ("nflows", realnvp_nflows, "nflows"),
+        ("FrEIA", realnvp_freia, "FrEIA"),
     ],
     "maf": [
-        ("fastflow", maf_fastflow, True),
-        ("zuko", maf_zuko, zuko is not None),
-        ("nflows", maf_nflows, nflows is not None),
+        ("fastflow", maf_fastflow, None),
+        ("zuko", maf_zuko, "zuko"),
+        ("nflows", maf_nflows, "nflows"),
     ],
 }
+
+
+def build_vector(model: str, d: int, hidden: int = HIDDEN, log=print) -> dict:
+    """``{implementation: (module, log_prob, sample)}`` of every installed library that has
+    ``model`` (``realnvp`` or ``maf``) for ``d`` features, each built from seed 0."""
+    impls = {}
+    for name, build, lib in VECTOR_MODELS[model]:
+        if lib is not None and peer(lib, log) is None:
+            continue
+        torch.manual_seed(0)
+        try:
+            impls[name] = build(d, hidden)
+        except Exception as exc:  # noqa: BLE001 - a peer that cannot build the model is skipped
+            log(f"bench: {name} cannot build {model} D={d}: {exc}")
+    return impls
 
 
 # -- timing ---------------------------------------------------------------------------------------
@@ -279,15 +294,7 @@ def interleaved(fns: dict, rounds: int, reps: int, warmup: int = 2) -> dict:
 
 
 def vector_case(model: str, d: int, batch: int, rounds: int, reps: int) -> list[dict]:
-    impls = {}
-    for name, build, ok in VECTOR_MODELS[model]:
-        if not ok:
-            continue
-        torch.manual_seed(0)
-        try:
-            impls[name] = build(d)
-        except Exception as exc:  # noqa: BLE001 - a peer that cannot build the model is skipped
-            print(f"train_step: {name} cannot build {model} D={d}: {exc}")
+    impls = build_vector(model, d)
     torch.manual_seed(1)
     x = torch.randn(batch, d)
     sample_reps = reps if model != "maf" else max(1, reps // 4)
@@ -305,9 +312,9 @@ def _time_cases(impls, x, model, size, batch, rounds, reps, sample_reps) -> list
             if what == "train_step":
                 fns[k] = _stepper(mod, lp, x)
             elif what == "log_prob":
-                fns[k] = _no_grad(lambda lp=lp: lp(x))
+                fns[k] = no_grad(lambda lp=lp: lp(x))
             else:
-                fns[k] = _no_grad(lambda sample=sample: sample(n_sample))
+                fns[k] = no_grad(lambda sample=sample: sample(n_sample))
         res = interleaved(fns, rounds, sample_reps if what == "sample" else reps)
         ff = res["fastflow"][0]
         peers = {k: v for k, v in res.items() if k != "fastflow"}
@@ -337,15 +344,75 @@ def _time_cases(impls, x, model, size, batch, rounds, reps, sample_reps) -> list
     return rows
 
 
-def _no_grad(fn):
-    def run():
-        with torch.no_grad():
-            return fn()
-
-    return run
+# -- the suite entry point ------------------------------------------------------------------------
 
 
-def main(argv=None) -> dict:
+def _suite_case(cfg, model, size, impls, x, reps) -> list[dict]:
+    dev = torch.device(cfg.device)
+    impls = {k: (m.to(dev), lp, smp) for k, (m, lp, smp) in impls.items()}
+    x = x.to(dev)
+    params = {k: n_params(v[0]) for k, v in impls.items()}
+    batch = x.shape[0]
+    n_sample = min(batch, 1024) if model == "maf" else batch
+    case = f"{model} {size} B={batch}"
+    cfg.log(f"  {case}: {params_line(params)}")
+    rows = []
+    for what in ("train_step", "log_prob", "sample"):
+        fns = {}
+        for k, (mod, lp, smp) in impls.items():
+            if what == "train_step":
+                fns[k] = _stepper(mod, lp, x)
+            elif what == "log_prob":
+                fns[k] = no_grad(lambda lp=lp: lp(x))
+            else:
+                fns[k] = no_grad(lambda smp=smp: smp(n_sample))
+        n = max(1, reps // 4) if (what == "sample" and model == "maf") else reps
+        res = measure(fns, rounds=cfg.rounds(5), reps=cfg.reps(n), warmup=2, device=dev)
+        rows += time_rows(
+            "train_step", case, what, res, params, batch=n_sample if what == "sample" else batch
+        )
+    print_rows(rows, cfg.log)
+    return rows
+
+
+def run(cfg) -> list[dict]:
+    """The suite's training-step benchmark: RealNVP and MAF on vectors, Glow on images, fastflow
+    and every installed peer that has the model, interleaved; train step, ``log_prob``, sample.
+
+    Quick: RealNVP and MAF at D=16, batch 256, and a small Glow (L2 K2 h32) on 1x8x8. Full:
+    D in (2, 16, 64, 256) x batch in (256, 4096) and the three Glow cases of :data:`GLOW_CASES`.
+    """
+    dims = cfg.pick((2, 16, 64, 256), (16,))
+    batches = cfg.pick((256, 4096), (256,))
+    rows = []
+    for model in ("realnvp", "maf"):
+        for d in dims:
+            for b in batches:
+                impls = build_vector(model, d, log=cfg.log)
+                torch.manual_seed(1)
+                x = torch.randn(b, d)
+                rows += _suite_case(cfg, model, d, impls, x, reps=10 if b <= 256 else 3)
+    glow_cases = GLOW_CASES if not cfg.quick else {"1x8x8": ((1, 8, 8), 2, 2, 32, 64)}
+    for key, (shape, levels, steps, hidden, batch) in glow_cases.items():
+        impls = {}
+        for name, build, lib in (
+            ("fastflow", glow_fastflow, None),
+            ("normflows", glow_normflows, "normflows"),
+        ):
+            if lib is None or peer(lib, cfg.log) is not None:
+                torch.manual_seed(0)
+                impls[name] = build(shape, levels, steps, hidden)
+        torch.manual_seed(1)
+        x = torch.rand(batch, *shape) - 0.5
+        with torch.no_grad():  # data-dependent ActNorm initialisation on the first batch
+            for _mod, lp, _ in impls.values():
+                lp(x)
+        case_rows = _suite_case(cfg, "glow", key, impls, x, reps=cfg.pick(3, 2))
+        rows += case_rows
+    return rows
+
+
+def main(argv=None, results_dir: str = os.path.join("bench", "results")) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="reduced sizes and repetitions")
     ap.add_argument(
@@ -359,6 +426,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--out", default="train_step")
     args = ap.parse_args(argv)
     require_native()
+    timing_mode()
     dims = args.dims or ([2, 16, 64] if args.quick else [2, 16, 64, 256])
     batches = args.batches or ([256] if args.quick else [256, 4096])
     rounds = args.rounds or 3
@@ -382,7 +450,7 @@ def main(argv=None) -> dict:
         "fastflow": fastflow.info(),
         "rows": rows,
     }
-    path = write_results(args.out, data)
+    path = write_results(args.out, data, results_dir)
     md = path[: -len(".json")] + ".md"
     with open(md + ".tmp", "w") as f:
         f.write(markdown(rows, data["environment"]))
