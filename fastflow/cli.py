@@ -103,6 +103,13 @@ def _configure_train(p: argparse.ArgumentParser) -> None:
         help="maximum likelihood (mle), or flow matching of a continuous model's vector field "
         "with independent (fm) or minibatch optimal-transport (fm-ot) couplings",
     )
+    g.add_argument(
+        "--dequantization",
+        default=d.dequantization,
+        choices=["uniform", "variational"],
+        help="images: uniform noise in each level (default), or a conditional flow q(u|x) "
+        "trained jointly (Flow++); the test line adds the importance-weighted bound",
+    )
     g = p.add_argument_group("run")
     g.add_argument("--device", default=d.device, help="auto, cpu, cuda, cuda:N (auto)")
     g.add_argument(

@@ -115,9 +115,14 @@ def resolve_options(name: str, options: dict | None = None) -> dict:
     return opts
 
 
-def build_model(name: str, data_shape: tuple[int, ...], options: dict | None = None) -> nn.Module:
+def build_model(
+    name: str, data_shape: tuple[int, ...], options: dict | None = None, preprocess=None
+) -> nn.Module:
     """Build registered model ``name`` for data of ``data_shape`` (see
-    :func:`model_input_shape`) with ``options`` over the entry's defaults.
+    :func:`model_input_shape`) with ``options`` over the entry's defaults. With a
+    ``preprocess`` (:class:`~fastflow.training.preprocess.Preprocess`) whose dequantization is
+    ``"variational"``, the model is wrapped in a
+    :class:`~fastflow.dequantization.VariationalDequantization` (trained jointly).
 
     Example:
         >>> flow = build_model("realnvp", (2,), {"hidden": 16, "depth": 4})
@@ -125,7 +130,12 @@ def build_model(name: str, data_shape: tuple[int, ...], options: dict | None = N
         torch.Size([3, 2])
     """
     shape = model_input_shape(name, data_shape)
-    return MODELS[name].build(shape, resolve_options(name, options))
+    flow = MODELS[name].build(shape, resolve_options(name, options))
+    if getattr(preprocess, "dequantization", "uniform") == "variational":
+        from fastflow.dequantization import VariationalDequantization
+
+        flow = VariationalDequantization(flow, tuple(data_shape), preprocess.levels, shape)
+    return flow
 
 
 def _call_accepting(cls, *args, **kwargs):

@@ -117,7 +117,7 @@ def load_model(path: str, device: torch.device | str = "cpu"):
             raise CheckpointError(f"{path}: not a 'fastflow train' checkpoint (no {key!r})")
     pre = Preprocess.from_state(ck["preprocess"])
     try:
-        flow = build_model(ck["model_name"], pre.data_shape, ck["model_options"])
+        flow = build_model(ck["model_name"], pre.data_shape, ck["model_options"], pre)
     except ValueError as e:
         raise CheckpointError(f"{path}: cannot rebuild model {ck['model_name']!r}: {e}") from None
     dtype = DTYPES.get(ck.get("config", {}).get("dtype", "float32"), torch.float32)

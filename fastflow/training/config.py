@@ -63,6 +63,7 @@ class TrainConfig:
     threads: int = 1
     inject_nan_at: int | None = None  # testing aid: make the loss NaN at this step
     objective: str = "mle"  # or "fm" / "fm-ot": flow matching (continuous models)
+    dequantization: str = "uniform"  # images: or "variational" (a learnt q(u|k), Flow++)
 
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
@@ -91,6 +92,7 @@ RESUME_KEYS = (
     "clip_grad",
     "weight_decay",
     "objective",
+    "dequantization",
 )
 
 
@@ -144,6 +146,10 @@ def check_config(cfg: TrainConfig) -> None:
     if cfg.objective not in OBJECTIVES:
         raise ValueError(
             f"--objective must be one of {', '.join(OBJECTIVES)}, got {cfg.objective!r}"
+        )
+    if cfg.dequantization not in ("uniform", "variational"):
+        raise ValueError(
+            f"--dequantization must be uniform or variational, got {cfg.dequantization!r}"
         )
     if cfg.overwrite and cfg.resume is not None:
         raise ValueError("--resume continues a run and --overwrite starts over: pass one of them")

@@ -23,7 +23,9 @@ class Preprocess:
     """Maps data to the flow's input and back, and knows the log-det of that map.
 
     Images: ``x_model = (k + u) / L - 0.5`` reshaped to the model's input shape;
-    ``offset = -D log L`` (so ``log p(y) + offset`` bounds ``log P(k)``). Vectors:
+    ``offset = -D log L`` (so ``log p(y) + offset`` bounds ``log P(k)``). With
+    ``dequantization="variational"`` the rows are the bin centres ``(k + 0.5) / L - 0.5`` and
+    the model (:class:`~fastflow.dequantization.VariationalDequantization`) draws ``u``. Vectors:
     ``x_model = (x - mean) / std``; ``offset = -sum(log std)``.
 
     Example:
@@ -40,12 +42,20 @@ class Preprocess:
         levels: int | None = None,
         mean: list[float] | None = None,
         std: list[float] | None = None,
+        dequantization: str = "uniform",
     ):
         self.kind = kind
         self.data_shape = tuple(data_shape)
         self.model_shape = tuple(model_shape)
         self.levels = levels
         self.dims = math.prod(self.data_shape)
+        if dequantization not in ("uniform", "variational"):
+            raise ValueError(
+                f"--dequantization must be uniform or variational, got {dequantization!r}"
+            )
+        if dequantization == "variational" and kind != "image":
+            raise DataError("--dequantization variational is for images (discrete levels)")
+        self.dequantization = dequantization
         if kind == "image":
             self.offset = -self.dims * math.log(levels)
         else:
@@ -54,10 +64,20 @@ class Preprocess:
             self.offset = -float(torch.log(self.std).sum())
 
     @classmethod
-    def fit(cls, ds: DataSet, train_x: Tensor, model_shape: tuple[int, ...]) -> Preprocess:
+    def fit(
+        cls,
+        ds: DataSet,
+        train_x: Tensor,
+        model_shape: tuple[int, ...],
+        dequantization: str = "uniform",
+    ) -> Preprocess:
         """Build from a data set (vector mean/std from the training rows)."""
         if ds.kind == "image":
-            return cls("image", ds.shape, model_shape, levels=ds.levels)
+            return cls(
+                "image", ds.shape, model_shape, levels=ds.levels, dequantization=dequantization
+            )
+        if dequantization != "uniform":
+            raise DataError(f"--dequantization {dequantization} is for images; {ds.name} is not")
         mean = train_x.mean(0)
         std = train_x.std(0) if train_x.shape[0] > 1 else torch.ones_like(mean)
         std = torch.where(std > 1e-12, std, torch.ones_like(std))
@@ -69,6 +89,7 @@ class Preprocess:
             "data_shape": list(self.data_shape),
             "model_shape": list(self.model_shape),
             "levels": self.levels,
+            "dequantization": self.dequantization,
         }
         if self.kind == "vector":
             s["mean"], s["std"] = self.mean.tolist(), self.std.tolist()
@@ -83,11 +104,14 @@ class Preprocess:
             s.get("levels"),
             s.get("mean"),
             s.get("std"),
+            s.get("dequantization", "uniform"),
         )
 
     def to_model(self, x: Tensor, generator: torch.Generator | None, dtype: torch.dtype) -> Tensor:
         """Raw data rows -> flow input (dequantized for images)."""
-        if self.kind == "image":
+        if self.kind == "image" and self.dequantization == "variational":
+            y = (x.double() + 0.5) / self.levels - 0.5  # bin centres: the model draws u
+        elif self.kind == "image":
             u = torch.rand(x.shape, generator=generator, dtype=torch.float64)
             y = (x.double() + u) / self.levels - 0.5
         else:
