@@ -80,8 +80,8 @@ def test_logdet_is_autograd_derivative():
 
 def test_knots_bounds_and_tails():
     w, h, d = _params((1, 4), 5, scale=2.0, seed=3)
-    _, xk = S._knots(w, 3.0, 1e-3)
-    _, yk = S._knots(h, 3.0, 1e-3)
+    xk = S._knots(w, 3.0, 1e-3)
+    yk = S._knots(h, 3.0, 1e-3)
     # exactly on knots (incl. +-B): the forward hits the y knots, the inverse the x knots
     x = torch.stack([xk[0, 0, 0], xk[0, 1, 2], xk[0, 2, 5], xk[0, 3, 3]])[None]
     y, _ = S.rq_spline(x, w, h, d)
@@ -246,6 +246,10 @@ def test_walk_equals_naive_d_pass_inverse_fp64(kw):
     x_ref, ld_ref = layer.naive_walk(u, c)
     torch.testing.assert_close(x, x_ref, atol=1e-12, rtol=0)
     torch.testing.assert_close(ld, ld_ref, atol=1e-11, rtol=0)
+    with torch.no_grad():  # the in-place (no autograd) walk
+        x_ng, ld_ng = layer.inverse(u, c)
+    torch.testing.assert_close(x_ng, x_ref, atol=1e-12, rtol=0)
+    torch.testing.assert_close(ld_ng, ld_ref, atol=1e-11, rtol=0)
     # the packed naive reference agrees too, and the walk is the inverse of the density pass
     p = layer.packed()
     x_p, _ = reference_made_spline_inverse(u, p, layer.bins, c, layer.made.activation)

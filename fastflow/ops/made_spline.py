@@ -225,7 +225,17 @@ def _prepare(u, packed, context):
     return us, init, ws, bs, packed.out_weight.to(acc), packed.out_bias.to(acc)
 
 
+def _needs_grad(u, packed, context) -> bool:
+    if not torch.is_grad_enabled():
+        return False
+    ts = [u, context, packed.out_weight, packed.out_bias, packed.context_weight]
+    ts += list(packed.weights) + list(packed.biases)
+    return any(isinstance(t, Tensor) and t.requires_grad for t in ts)
+
+
 def _torch_spline_walk(u, packed, context, activation, opts):
+    if not _needs_grad(u, packed, context):
+        return _torch_spline_walk_buffers(u, packed, context, activation, opts)
     bins, spline = opts[0], opts[1:]
     us, init, ws, bs, w_out, b_out = _prepare(u, packed, context)
     n, d = us.shape
@@ -269,6 +279,46 @@ def _torch_spline_walk(u, packed, context, activation, opts):
             groups(k + 1)
     xs_t = torch.stack(xs, 1)
     x = xs_t[:, torch.argsort(packed.order)]
+    return x.to(u.dtype), ld
+
+
+def _torch_spline_walk_buffers(u, packed, context, activation, opts):
+    """The same walk without autograd: every layer's rows written in place into one buffer (the
+    layout of :func:`fastflow.ops.made.torch_degree_walk`), so no concatenations."""
+    bins, spline = opts[0], opts[1:]
+    us, init, ws, bs, w_out, b_out = _prepare(u, packed, context)
+    n, d = us.shape
+    L = len(ws)
+    bl = packed.bounds_list
+    bounds = [bl[l * (d + 1) : (l + 1) * (d + 1)] for l in range(L)]
+    hs = [us.new_empty(n, w.shape[0]) for w in ws]
+    xs = us.new_empty(n, d)
+    ld = us.new_zeros(n)
+
+    def groups(m: int) -> None:
+        for l in range(L):
+            r0, r1 = (0 if m == 0 else bounds[l][m - 1]), bounds[l][m]
+            if r1 <= r0:
+                continue
+            k = m if l == 0 else bounds[l - 1][m]
+            prev = xs if l == 0 else hs[l - 1]
+            pre = torch.addmm(bs[l][r0:r1], prev[:, :k], ws[l][r0:r1, :k].t())
+            if l == 0 and init is not None:
+                pre += init[:, r0:r1]
+            hs[l][:, r0:r1] = _act(pre, activation)
+
+    groups(0)
+    for k in range(d):
+        c = bounds[L - 1][k]
+        theta = torch.addmm(b_out[k], hs[-1][:, :c], w_out[k, :, :c].t())  # [N, P]
+        w, h, dv = _split(theta, bins)
+        xk, lad = rq_spline_elementwise(us[:, k], w, h, dv, True, *spline)
+        xs[:, k] = xk
+        ld += lad
+        if k + 1 < d:
+            groups(k + 1)
+    x = torch.empty_like(xs)
+    x[:, packed.order] = xs
     return x.to(u.dtype), ld
 
 

@@ -116,16 +116,14 @@ def check_spline_options(
 # Reference implementation (the specification), elementwise.
 
 
-def _knots(raw: Tensor, bound: float, min_size: float) -> tuple[Tensor, Tensor]:
-    """Bin sizes ``[..., K]`` and knots ``[..., K + 1]`` (first ``-B``, last ``B`` exactly)."""
+def _knots(raw: Tensor, bound: float, min_size: float) -> Tensor:
+    """Knots ``[..., K + 1]`` from unnormalised sizes ``[..., K]``: the first exactly ``-B``,
+    the last exactly ``B``, the bins at least ``2 B min_size`` apart."""
     k = raw.shape[-1]
     frac = min_size + (1 - min_size * k) * torch.softmax(raw, dim=-1)
-    cum = torch.cumsum(frac, dim=-1)
-    inner = 2 * bound * cum[..., :-1] - bound
-    lo = raw.new_full((*raw.shape[:-1], 1), -bound)
-    hi = raw.new_full((*raw.shape[:-1], 1), bound)
-    knots = torch.cat([lo, inner, hi], dim=-1)
-    return knots[..., 1:] - knots[..., :-1], knots
+    inner = 2 * bound * torch.cumsum(frac[..., :-1], dim=-1) - bound
+    ends = raw.new_full((*raw.shape[:-1], 1), bound)
+    return torch.cat([-ends, inner, ends], dim=-1)
 
 
 def _derivatives(raw: Tensor, min_derivative: float) -> Tensor:
@@ -137,25 +135,23 @@ def _derivatives(raw: Tensor, min_derivative: float) -> Tensor:
 
 
 def _bin(knots: Tensor, v: Tensor) -> Tensor:
-    """Index ``[...]`` of the bin of ``v`` (in ``[-B, B]``): the number of interior knots
+    """Index ``[..., 1]`` of the bin of ``v`` (in ``[-B, B]``): the number of interior knots
     ``<= v``, so a value on a knot belongs to the bin on its right and ``B`` to the last bin."""
     inner = knots[..., 1:-1]
     return (v[..., None] >= inner).sum(-1, keepdim=True)
 
 
-def _gather(t: Tensor, idx: Tensor) -> Tensor:
-    return t.gather(-1, idx).squeeze(-1)
-
-
 def _bin_params(widths, heights, derivatives, bound, min_w, min_h, min_d, v, by_height):
-    w_all, xk_all = _knots(widths, bound, min_w)
-    h_all, yk_all = _knots(heights, bound, min_h)
-    d_all = _derivatives(derivatives, min_d)
-    idx = _bin(yk_all if by_height else xk_all, v)
-    w, h = _gather(w_all, idx), _gather(h_all, idx)
-    xk, yk = _gather(xk_all, idx), _gather(yk_all, idx)
-    d0, d1 = _gather(d_all, idx), _gather(d_all[..., 1:], idx)
-    return xk, yk, w, h, d0, d1
+    """``(x_k, y_k, w, h, d_k, d_k+1)`` of the bin holding ``v`` (an x, or a y if
+    ``by_height``): one gather of both ends per table."""
+    xs = _knots(widths, bound, min_w)
+    ys = _knots(heights, bound, min_h)
+    ds = _derivatives(derivatives, min_d)
+    idx = _bin(ys if by_height else xs, v)
+    ends = torch.cat([idx, idx + 1], dim=-1)
+    x2, y2, d2 = xs.gather(-1, ends), ys.gather(-1, ends), ds.gather(-1, ends)
+    xk, yk = x2[..., 0], y2[..., 0]
+    return xk, yk, x2[..., 1] - xk, y2[..., 1] - yk, d2[..., 0], d2[..., 1]
 
 
 def _forward_in_bin(theta, yk, h, s, d0, d1):
