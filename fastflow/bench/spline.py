@@ -10,14 +10,18 @@
   ``NeuralSplineFlow(kind="autoregressive")`` (the degree walk: one network pass of work per
   layer, in PyTorch) vs zuko's ``NSF`` (its inverse runs the whole MADE once per dimension), same
   MADE sizes (equal parameters), and vs fastflow's own naive D-pass inverse ("naive-d-pass").
+* ``test_nll``: NSF-AR likelihood after a fixed budget (the protocol of
+  :mod:`fastflow.bench.likelihood`: same batches, seeds, Adam, clipping), fastflow vs zuko.
 
 Run in the suite: ``fastflow bench --only spline [--quick]``, or ``python -m
-fastflow.bench.spline [--quick]`` for this benchmark alone (prints the rows and ratios).
+fastflow.bench.spline [--quick] [--likelihood]`` for this benchmark alone (prints the rows and
+ratios).
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 
 import torch
 
@@ -121,9 +125,79 @@ def _ar_case(cfg, d, hidden, batch, zuko) -> list[dict]:
     return time_rows("spline", case, "ar_sample", res, params)
 
 
+def likelihood_cases(quick: bool) -> list:
+    """NSF-AR likelihood cases (the budget and protocol of :mod:`fastflow.bench.likelihood`)."""
+    from fastflow.bench.likelihood import Case
+
+    cases = [Case("moons nsf-ar", "moons", "nsf", steps=300, batch=256, hidden=64, n_data=10000)]
+    if quick:
+        return cases
+    cases[0].steps = 2000
+    return cases + [Case("digits-flat nsf-ar", "digits", "nsf", 2000, 128, 128)]
+
+
+def _likelihood_case(cfg, case, zuko) -> list[dict]:
+    """fastflow's and zuko's NSF (autoregressive, same MADE sizes and bins) trained with the same
+    batches, seed and Adam budget; test NLL (nats, or bits/dim for digits)."""
+    from fastflow.bench import likelihood as LK
+    from fastflow.bench._common import value_row
+    from fastflow.training.preprocess import Preprocess, load_splits
+
+    sp = load_splits(case.data, case.n_data, 0.1, 0.1, seed=0)
+    ds = sp.ds
+    d = math.prod(ds.shape)
+    pre = Preprocess.fit(ds, sp.train, (d,))
+    image = ds.kind == "image"
+    unit, scale = ("bits/dim", 1.0 / (pre.dims * LK.LN2)) if image else ("nats", 1.0)
+    test = pre.to_model(sp.test, torch.Generator().manual_seed(12345), torch.float32)
+    h = case.hidden
+
+    def ff():
+        m = NeuralSplineFlow(d, LAYERS, BINS, kind="autoregressive", hidden=h)
+        return m, m.log_prob
+
+    builders = {"fastflow": ff}
+    if zuko:
+
+        def zk():
+            m = zuko.flows.NSF(d, 0, bins=BINS, transforms=LAYERS, hidden_features=(h, h))
+            return m, lambda x: m().log_prob(x)
+
+        builders["zuko"] = zk
+    rows = []
+    dev = torch.device(cfg.device)
+    for name, build in builders.items():
+        rs = [LK._fit(build, pre, sp.train, test, case, seed, dev) for seed in cfg.seeds]
+        vals = [r["nll"] * scale for r in rs]
+        cfg.log(
+            f"  {case.name} {name}: test {vals} {unit}, {[round(r['wall_s'], 1) for r in rs]} s"
+        )
+        rows.append(
+            value_row(
+                "spline",
+                case.name,
+                "test_nll",
+                name,
+                unit,
+                sum(vals) / len(vals),
+                seeds=list(cfg.seeds),
+                seeds_values=vals,
+                params=rs[0]["params"],
+                wall_s=[round(r["wall_s"], 2) for r in rs],
+                steps=case.steps,
+                batch=case.batch,
+            )  # fmt: skip
+        )
+    if case.data in LK.TRUE_LOG_DENSITY:
+        floor = float(-LK.TRUE_LOG_DENSITY[case.data](sp.test.numpy()).mean())
+        rows.append(value_row("spline", case.name, "test_nll", "true density", unit, floor))
+    return rows
+
+
 def run(cfg) -> list[dict]:
     """The suite's spline benchmark (module doc). Quick: D = 16, hidden 64, batch 256 (coupling)
-    and 256 (sampling). Full: D in (16, 64), hidden 128, batch 1024."""
+    and 256 (sampling), NSF-AR likelihood on moons (300 steps). Full: D in (16, 64), hidden 128,
+    batch 1024; likelihood on moons (2000 steps) and the flattened digits."""
     zuko = peer("zuko", cfg.log)
     hidden = cfg.pick(128, 64)
     batch = cfg.pick(1024, 256)
@@ -131,6 +205,8 @@ def run(cfg) -> list[dict]:
     for d in cfg.pick((16, 64), (16,)):
         rows += _coupling_case(cfg, d, hidden, batch, zuko)
         rows += _ar_case(cfg, d, hidden, batch, zuko)
+    for case in likelihood_cases(cfg.quick):
+        rows += _likelihood_case(cfg, case, zuko)
     return rows
 
 
@@ -153,6 +229,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--quick", action="store_true")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--dims", type=int, nargs="*", default=None)
+    p.add_argument("--likelihood", action="store_true", help="also the NSF-AR likelihood cases")
     a = p.parse_args(argv)
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -162,7 +239,13 @@ def main(argv: list[str] | None = None) -> None:
     for d in a.dims or cfg.pick((16, 64), (16,)):
         rows += _coupling_case(cfg, d, cfg.pick(128, 64), cfg.pick(1024, 256), zuko)
         rows += _ar_case(cfg, d, cfg.pick(128, 64), cfg.pick(1024, 256), zuko)
-    print("\n".join(_ratios(rows)))
+    if a.likelihood:
+        for case in likelihood_cases(cfg.quick):
+            rows += _likelihood_case(cfg, case, zuko)
+    print("\n".join(_ratios([r for r in rows if r["unit"] == "ms"])))
+    for r in rows:
+        if r["unit"] != "ms":
+            print(f"{r['metric']} {r['case']}: {r['impl']} {r['value']:.4f} {r['unit']}")
 
 
 if __name__ == "__main__":
