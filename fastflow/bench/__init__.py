@@ -158,11 +158,12 @@ def run_suite(cfg: BenchConfig) -> dict:
     rows: list[dict] = []
     errors: dict[str, str] = {}
     seconds: dict[str, float] = {}
-    t_all = time.perf_counter()
+    cpu_seconds: dict[str, float] = {}
+    t_all, c_all = time.perf_counter(), time.process_time()
     for name in names:
         mod = load_benchmark(name)
         cfg.log(f"== {name}: {getattr(mod, 'DESCRIPTION', '')}")
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         try:
             got = mod.run(cfg)
         except C.NotNativeError:
@@ -170,12 +171,16 @@ def run_suite(cfg: BenchConfig) -> dict:
         except Exception as e:  # noqa: BLE001 - one broken benchmark must not lose the others
             if os.environ.get("FASTFLOW_DEBUG"):
                 raise
-            errors[name] = f"{type(e).__name__}: {e}"
+            errors[name] = " ".join(f"{type(e).__name__}: {e}".split())[:500]
             cfg.log(f"bench: {name} failed: {errors[name]}")
             got = []
         seconds[name] = round(time.perf_counter() - t0, 2)
+        cpu_seconds[name] = round(time.process_time() - c0, 2)
         rows += got
-        cfg.log(f"   {name}: {len(got)} rows in {seconds[name]:.1f} s")
+        cfg.log(
+            f"   {name}: {len(got)} rows in {seconds[name]:.1f} s "
+            f"({cpu_seconds[name]:.1f} s of CPU time)"
+        )
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d-%H%M")
     dev = str(cfg.device).replace(":", "")
     base = os.path.join(cfg.out, f"bench-{stamp}-{dev}{'-quick' if cfg.quick else ''}")
@@ -193,6 +198,7 @@ def run_suite(cfg: BenchConfig) -> dict:
         "method": R.METHOD,
         "environment": env,
         "seconds": {**seconds, "total": round(time.perf_counter() - t_all, 2)},
+        "cpu_seconds": {**cpu_seconds, "total": round(time.process_time() - c_all, 2)},
         "errors": errors,
         "rows": rows,
     }

@@ -94,6 +94,10 @@ def _num(v, unit="") -> str:
     return f"{v:.3g}" if abs(v) < 1000 else f"{v:.0f}"
 
 
+def _f4(v) -> str:
+    return f"{v:.4f}" if _finite(v) else "-"
+
+
 def likelihood_rows(rows: list[dict]) -> list[dict]:
     return [r for r in rows if r["unit"] in ("nats", "bits/dim")]
 
@@ -109,7 +113,12 @@ def markdown(result: dict) -> str:
         f"({env.get('cpu_count')} cores, {', '.join(env.get('cpu_isa') or [])}; "
         f"{cfg.get('threads')} threads), torch {env.get('torch')}, fastflow "
         f"{(env.get('fastflow') or {}).get('version')} (git {env.get('git_revision')}), "
-        f"{env.get('date')}.",
+        f"{env.get('date')}"
+        + (
+            f", {result['seconds']['total']:.0f} s."
+            if "total" in result.get("seconds", {})
+            else "."
+        ),
         "",
     ]
     rat = ratios(rows)
@@ -139,16 +148,20 @@ def markdown(result: dict) -> str:
             "lower is better; floors are the true density (2-D toys) or the per-pixel histogram "
             "(images, a baseline every flow should beat).",
             "",
-            "| case | library | params | test NLL | spread | seeds | wall s per run | steps |",
-            "|---|---|---|---|---|---|---|---|",
+            "| case | library | params | test NLL | spread | above the floor | seeds | "
+            "wall s per run | steps |",
+            "|---|---|---|---|---|---|---|---|---|",
         ]
+        floors = {r["case"]: r for r in lik if r.get("floor")}
         for r in lik:
             seeds = r.get("seeds_values")
             wall = r.get("wall_s")
+            f = floors.get(r["case"])
+            gap = "-" if f is None or r is f else f"{r['value'] - f['value']:+.3f}"
             lines.append(
                 f"| {r['case']} | {r['impl']} | {r.get('params') or '-'} | "
-                f"{_num(r['value'])} {r['unit']} | {_num(r.get('spread'))} | "
-                f"{', '.join(_num(v) for v in seeds) if seeds else '-'} | "
+                f"{_f4(r['value'])} {r['unit']} | {_f4(r.get('spread'))} | {gap} | "
+                f"{', '.join(_f4(v) for v in seeds) if seeds else '-'} | "
                 f"{', '.join(f'{w:.1f}' for w in wall) if wall else '-'} | "
                 f"{r.get('steps') or '-'} |"
             )
