@@ -103,7 +103,8 @@ def _coupling_case(cfg, d, hidden, batch, zuko) -> list[dict]:
     fns = {"fastflow": _step(ff, x), "eager-reference": _reference(_step(ff, x))}
     if "zuko" in impls:
         fns["zuko"] = _zuko_step(impls["zuko"], x)
-    res = measure(fns, cfg.rounds(5), 5, 2, dev)
+    reps = cfg.reps(5) if hasattr(cfg, "reps") else 5
+    res = measure(fns, cfg.rounds(5), reps, 1 if getattr(cfg, "smoke", False) else 2, dev)
     return time_rows("spline", case, "coupling_step", res, params)
 
 
@@ -199,13 +200,16 @@ def run(cfg) -> list[dict]:
     and 256 (sampling), NSF-AR likelihood on moons (300 steps). Full: D in (16, 64), hidden 128,
     batch 1024; likelihood on moons (2000 steps) and the flattened digits."""
     zuko = peer("zuko", cfg.log)
-    hidden = cfg.pick(128, 64)
-    batch = cfg.pick(1024, 256)
+    smoke = getattr(cfg, "smoke", False)  # end to end at toy sizes (tests)
+    hidden = 8 if smoke else cfg.pick(128, 64)
+    batch = 16 if smoke else cfg.pick(1024, 256)
     rows: list[dict] = []
-    for d in cfg.pick((16, 64), (16,)):
+    for d in (4,) if smoke else cfg.pick((16, 64), (16,)):
         rows += _coupling_case(cfg, d, hidden, batch, zuko)
         rows += _ar_case(cfg, d, hidden, batch, zuko)
     for case in likelihood_cases(cfg.quick):
+        if smoke:
+            case.steps, case.batch, case.n_data, case.hidden = 3, 32, 2000, 8
         rows += _likelihood_case(cfg, case, zuko)
     return rows
 
