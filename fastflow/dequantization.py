@@ -42,7 +42,9 @@ class VariationalDequantizer(nn.Module):
     Args:
         shape: data shape without the batch, ``(C, H, W)`` or ``(D,)``.
         hidden: channels / width of the conditioning networks.
-        layers: number of coupling layers (0: elementwise only).
+        layers: number of coupling layers (0: elementwise only). The defaults (16, 1) are
+            cheap: on 28x28 images a training step of ``q`` costs about a quarter of the
+            default Glow's (hidden 32 with 4 couplings cost twice Glow's, measured on CPU).
 
     Example:
         >>> q = VariationalDequantizer((1, 4, 4), hidden=8)
@@ -54,7 +56,7 @@ class VariationalDequantizer(nn.Module):
     Dequantization and Architecture Design", ICML 2019.
     """
 
-    def __init__(self, shape: tuple[int, ...], hidden: int = 32, layers: int = 4):
+    def __init__(self, shape: tuple[int, ...], hidden: int = 16, layers: int = 1):
         super().__init__()
         shape = tuple(int(s) for s in shape)
         if len(shape) not in (1, 3) or min(shape) < 1:
@@ -165,8 +167,8 @@ class VariationalDequantization(nn.Module):
         levels: int,
         model_shape: tuple[int, ...] | None = None,
         dequantizer: nn.Module | None = None,
-        hidden: int = 32,
-        layers: int = 4,
+        hidden: int = 16,
+        layers: int = 1,
     ):
         super().__init__()
         if not hasattr(flow, "log_prob"):

@@ -288,3 +288,16 @@ def test_fastflow_train_flow_matching_needs_a_continuous_model(tmp_path):
         train(cfg)
     with pytest.raises(ValueError, match="--objective"):
         train(TrainConfig(model="cnf", objective="score"))
+
+
+def test_bench_module_runs_end_to_end():
+    from fastflow.bench import BenchConfig, benchmark_names
+    from fastflow.bench import cnf as bench_cnf
+
+    assert "cnf" in benchmark_names()
+    rows = bench_cnf.run(BenchConfig(smoke=True, seeds=(0,), log=lambda s: None))
+    impls = {(r["case"], r["impl"]) for r in rows}
+    for name in ("CNF-MLE", "CNF-FM", "CNF-FM-OT", "RealNVP", "MAF", "NSF", "true density"):
+        assert ("moons NLL", name) in impls  # (smoke: moons only)
+    assert {r["impl"] for r in rows if r["metric"] == "nfe dopri5"} == {"exact", "hutchinson"}
+    assert all(math.isfinite(r["value"]) for r in rows if r["metric"] == "test_nll")
