@@ -301,3 +301,15 @@ def test_bench_module_runs_end_to_end():
         assert ("moons NLL", name) in impls  # (smoke: moons only)
     assert {r["impl"] for r in rows if r["metric"] == "nfe dopri5"} == {"exact", "hutchinson"}
     assert all(math.isfinite(r["value"]) for r in rows if r["metric"] == "test_nll")
+
+
+def test_resume_from_a_checkpoint_written_before_objective_existed():
+    from fastflow.training import TrainConfig, TrainError
+    from fastflow.training.config import check_resume
+
+    cfg = TrainConfig(model="cnf", data="moons")
+    old = {k: v for k, v in vars(cfg).items() if k not in ("objective", "dequantization")}
+    ck = {"config": old, "state_dict": {}, "optimizer": {}}
+    check_resume(cfg, ck, "old.pt")  # the old run was maximum likelihood, uniform: compatible
+    with pytest.raises(TrainError, match="--objective"):
+        check_resume(TrainConfig(model="cnf", data="moons", objective="fm"), ck, "old.pt")

@@ -72,6 +72,7 @@ AUTOCAST = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 OBJECTIVES = ("mle", "fm", "fm-ot")
 
 # options that must match the checkpoint on --resume (the rest may change)
+_NEW_OPTION_DEFAULTS = {"objective": "mle", "dequantization": "uniform"}
 RESUME_KEYS = (
     "model",
     "hidden",
@@ -178,6 +179,9 @@ def check_resume(cfg: TrainConfig, ck: dict, path: str) -> None:
     old = ck.get("config")
     if not isinstance(old, dict) or "state_dict" not in ck or "optimizer" not in ck:
         raise CheckpointError(f"{path}: not a resumable 'fastflow train' checkpoint")
+    # options added after a checkpoint was written (--objective, --dequantization) had their
+    # defaults' meaning there
+    old = {**{k: v for k, v in _NEW_OPTION_DEFAULTS.items() if k not in old}, **old}
     diffs = [
         f"--{k.replace('_', '-')} {old.get(k)!r} (checkpoint) vs {getattr(cfg, k)!r} (now)"
         for k in RESUME_KEYS
