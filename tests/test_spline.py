@@ -265,6 +265,21 @@ def test_walk_equals_naive_d_pass_inverse_fp64(kw):
         torch.testing.assert_close(a, b, atol=1e-9, rtol=1e-9)
 
 
+def test_iaf_style_density_is_the_walk():
+    from fastflow.nn.spline import SplineInverseAutoregressive
+
+    torch.manual_seed(1)
+    layer = _noisy(SplineInverseAutoregressive(4, hidden=(9,), bins=3, context=2)).double()
+    x, c = torch.randn(6, 4, dtype=F64), torch.randn(6, 2, dtype=F64)
+    z, ld = layer(x, c)
+    z_ref, ld_ref = layer.naive_walk(x, c)
+    torch.testing.assert_close(z, z_ref, atol=1e-12, rtol=0)
+    torch.testing.assert_close(ld, ld_ref, atol=1e-11, rtol=0)
+    x2, ld2 = layer.inverse(z, c)  # sampling: one network pass
+    torch.testing.assert_close(x2, x, atol=1e-10, rtol=0)
+    torch.testing.assert_close(ld2, -ld, atol=1e-10, rtol=0)
+
+
 def test_walk_functional_and_errors():
     torch.manual_seed(0)
     d, h, k = 3, 8, 4

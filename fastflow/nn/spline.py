@@ -214,11 +214,10 @@ class SplineAutoregressive(Transform):
         the specification the degree walk is tested against (slow)."""
         self.made.check_input(u, context, "u")
         x = torch.zeros_like(u)
-        ld = None
+        K = self.bins
         for i in self.made.order.tolist():
             th = self.made(x, context).movedim(1, -1).to(u.dtype)[:, i]
-            K = self.bins
-            xi, ld = rq_spline_inverse(
+            xi, _ = rq_spline_inverse(
                 u[:, i : i + 1], th[:, None, :K], th[:, None, K : 2 * K], th[:, None, 2 * K :],
                 *self._spline(),
             )  # fmt: skip
