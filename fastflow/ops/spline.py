@@ -34,10 +34,11 @@ computed in fp32 and rounded once. Values exactly on a knot, at ``+-B`` and batc
 the tails work (the spline is evaluated on ``clamp(x, -B, B)`` and the tails selected with
 ``torch.where``, so no NaN/inf reaches a gradient).
 
-Backends: :func:`rq_spline` / :func:`rq_spline_inverse` call the native kernel where one is built
-for the tensor's device (:func:`_native_kernel`, the seam where ``csrc/`` plugs in; none is built
-yet) and otherwise the pure-PyTorch reference, :func:`reference_rq_spline` /
-:func:`reference_rq_spline_inverse`, which is the specification the tests check.
+Backends: :func:`rq_spline` / :func:`rq_spline_inverse` validate their arguments and run the
+pure-PyTorch reference, :func:`reference_rq_spline` / :func:`reference_rq_spline_inverse`, the
+specification the tests check. They are where a native kernel plugs in, as in
+:mod:`fastflow.ops.coupling` (``if B.use_native(x): return _native(...)``); the lookup is
+:func:`_native_kernel`. No spline kernel is built in ``csrc/`` yet.
 """
 
 from __future__ import annotations
