@@ -14,9 +14,12 @@ inline void check(bool ok, const std::string& msg) {
   if (!ok) throw std::invalid_argument("fastflow._C: " + msg);
 }
 
+// `count` elements at p: a non-empty buffer needs a pointer. (Messages built only on failure:
+// this runs for every buffer of every call.)
 inline void check_ptr(std::uintptr_t p, int64_t count, const char* name) {
-  check(count >= 0, std::string(name) + ": negative size");
-  check(count == 0 || p != 0, std::string(name) + ": null pointer for a non-empty buffer");
+  if (count < 0) check(false, std::string(name) + ": negative size");
+  if (count != 0 && p == 0)
+    check(false, std::string(name) + ": null pointer for a non-empty buffer");
 }
 
 // Raw pointer (an integer from Python) as a typed pointer.

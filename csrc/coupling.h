@@ -71,7 +71,7 @@ inline int64_t strided_extent(int64_t n, int64_t m, int64_t s) {
   return (n == 0 || m == 0) ? 0 : (n - 1) * s + m;
 }
 inline void check_strided(std::uintptr_t p, int64_t n, int64_t m, int64_t s, const char* name) {
-  check(s >= m, std::string(name) + ": batch stride smaller than the sample size");
+  FF_CHECK(s >= m, std::string(name) + ": batch stride smaller than the sample size");
   check_ptr(p, strided_extent(n, m, s), name);
 }
 
@@ -80,10 +80,11 @@ inline void check_strided(std::uintptr_t p, int64_t n, int64_t m, int64_t s, con
 
 inline void check_coupling_sizes(const char* name, int mode, double clamp, int64_t n, int64_t m,
                                  bool backward) {
-  check(n >= 0 && m >= 0, std::string(name) + ": negative size");
-  check(mode != kSoftClamp || clamp > 0, std::string(name) + ": clamp must be > 0");
+  FF_CHECK(n >= 0 && m >= 0, std::string(name) + ": negative size");
+  FF_CHECK(mode != kSoftClamp || clamp > 0, std::string(name) + ": clamp must be > 0");
   if (backward)
-    check(mode != kAdditive, std::string(name) + ": the additive coupling has no native backward");
+    FF_CHECK(mode != kAdditive,
+             std::string(name) + ": the additive coupling has no native backward");
 }
 
 // forward (in = x, out = y) and inverse (in = y, out = x): in, raw, shift strided.

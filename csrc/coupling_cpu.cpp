@@ -59,7 +59,9 @@ struct AffinePass {
   }
 };
 
-template <typename C>
+// Backward of the forward (Inverse = false: from x, raw, grad_y -> grad_x, grad_raw) or of the
+// inverse (from its output x, raw, grad_x -> grad_y, grad_raw, grad_shift; x contiguous, s_x = m).
+template <typename C, bool Inverse>
 struct BackwardPass {
   using T = typename C::scalar;
   using A = typename C::acc;
@@ -69,10 +71,11 @@ struct BackwardPass {
   const T* raw;
   int64_t s_raw;
   const uint8_t* mask;
-  const T* gy;
+  const T* g;  // grad_y (forward) or grad_x (inverse)
   const A* gl;
-  T* gx;
+  T* g_in;  // grad_x (forward) or grad_y (inverse)
   T* graw;
+  T* gshift;  // inverse only
   A c;
 
   FF_INLINE void rows(int64_t b0, int64_t b1) const {
@@ -85,50 +88,18 @@ struct BackwardPass {
       const A glb = gl[b];
 #pragma omp simd
       for (int64_t i = 0; i < m; ++i) {
-        A a_gx, a_graw;
-        coupling_backward_elem<C::mode, A>(load(x_b[i]), load(raw_b[i]), load(gy[o + i]), glb,
-                                           C::masked ? mask[i] != 0 : true, c, inv_c, a_gx,
-                                           a_graw);
-        gx[o + i] = store<T>(a_gx);
+        const bool mk = C::masked ? mask[i] != 0 : true;
+        A a_g, a_graw, a_gt;
+        if (Inverse) {
+          coupling_inverse_backward_elem<C::mode, A>(load(x_b[i]), load(raw_b[i]), load(g[o + i]),
+                                                     glb, mk, c, inv_c, a_g, a_graw, a_gt);
+          gshift[o + i] = store<T>(a_gt);
+        } else {
+          coupling_backward_elem<C::mode, A>(load(x_b[i]), load(raw_b[i]), load(g[o + i]), glb, mk,
+                                             c, inv_c, a_g, a_graw);
+        }
+        g_in[o + i] = store<T>(a_g);
         graw[o + i] = store<T>(a_graw);
-      }
-    }
-  }
-};
-
-template <typename C>
-struct InverseBackwardPass {
-  using T = typename C::scalar;
-  using A = typename C::acc;
-  int64_t m;
-  const T* x;
-  const T* raw;
-  int64_t s_raw;
-  const uint8_t* mask;
-  const T* gx;
-  const A* gl;
-  T* gy;
-  T* graw;
-  T* gshift;
-  A c;
-
-  FF_INLINE void rows(int64_t b0, int64_t b1) const {
-    const int64_t m = this->m;
-    const A c = this->c, inv_c = A(1) / c;
-    for (int64_t b = b0; b < b1; ++b) {
-      const int64_t o = b * m;
-      const T* raw_b = raw + b * s_raw;
-      const A glb = gl[b];
-#pragma omp simd
-      for (int64_t i = 0; i < m; ++i) {
-        A a_gy, a_graw, a_gt;
-        coupling_inverse_backward_elem<C::mode, A>(load(x[o + i]), load(raw_b[i]),
-                                                   load(gx[o + i]), glb,
-                                                   C::masked ? mask[i] != 0 : true, c, inv_c,
-                                                   a_gy, a_graw, a_gt);
-        gy[o + i] = store<T>(a_gy);
-        graw[o + i] = store<T>(a_graw);
-        gshift[o + i] = store<T>(a_gt);
       }
     }
   }
@@ -151,7 +122,7 @@ void run_pass(const Pass& pass, int64_t n, int nthreads) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Dispatch (arguments checked by the entry points below).
+// Dispatch: one pass per dtype x scale mode x mask.
 
 template <bool Inverse>
 void run_affine(const char* name, int dtype, int mode, double clamp, int64_t n, int64_t m,
@@ -170,34 +141,19 @@ void run_affine(const char* name, int dtype, int mode, double clamp, int64_t n, 
   });
 }
 
+template <bool Inverse>
 void run_backward(const char* name, int dtype, int mode, double clamp, int64_t n, int64_t m,
                   std::uintptr_t x, int64_t s_x, std::uintptr_t raw, int64_t s_raw,
-                  std::uintptr_t mask, std::uintptr_t gy, std::uintptr_t gl, std::uintptr_t gx,
-                  std::uintptr_t graw, int nthreads) {
+                  std::uintptr_t mask, std::uintptr_t g, std::uintptr_t gl, std::uintptr_t g_in,
+                  std::uintptr_t graw, std::uintptr_t gshift, int nthreads) {
   dispatch_coupling(name, dtype, mode, mask != 0, [&](auto cs) {
     using C = decltype(cs);
     using T = typename C::scalar;
     using A = typename C::acc;
-    const BackwardPass<C> pass{m,           ptr<const T>(x),  s_x,        ptr<const T>(raw),
-                               s_raw,       ptr<const uint8_t>(mask),     ptr<const T>(gy),
-                               ptr<const A>(gl), ptr<T>(gx),  ptr<T>(graw), A(clamp)};
-    run_pass(pass, n, nthreads);
-  });
-}
-
-void run_inverse_backward(const char* name, int dtype, int mode, double clamp, int64_t n,
-                          int64_t m, std::uintptr_t x, std::uintptr_t raw, int64_t s_raw,
-                          std::uintptr_t mask, std::uintptr_t gx, std::uintptr_t gl,
-                          std::uintptr_t gy, std::uintptr_t graw, std::uintptr_t gshift,
-                          int nthreads) {
-  dispatch_coupling(name, dtype, mode, mask != 0, [&](auto cs) {
-    using C = decltype(cs);
-    using T = typename C::scalar;
-    using A = typename C::acc;
-    const InverseBackwardPass<C> pass{m,          ptr<const T>(x),  ptr<const T>(raw),
-                                      s_raw,      ptr<const uint8_t>(mask), ptr<const T>(gx),
-                                      ptr<const A>(gl), ptr<T>(gy), ptr<T>(graw),
-                                      ptr<T>(gshift), A(clamp)};
+    const BackwardPass<C, Inverse> pass{m,           ptr<const T>(x),    s_x,
+                                        ptr<const T>(raw), s_raw,        ptr<const uint8_t>(mask),
+                                        ptr<const T>(g), ptr<const A>(gl), ptr<T>(g_in),
+                                        ptr<T>(graw), ptr<T>(gshift),    A(clamp)};
     run_pass(pass, n, nthreads);
   });
 }
@@ -205,7 +161,7 @@ void run_inverse_backward(const char* name, int dtype, int mode, double clamp, i
 }  // namespace
 
 // ---------------------------------------------------------------------------------------------
-// Entry points.
+// Entry points: the checks shared with CUDA (coupling.h), the thread count, then dispatch.
 
 void coupling_forward_cpu(int dtype, int mode, double clamp, int64_t n, int64_t m,
                           std::uintptr_t x, int64_t s_x, std::uintptr_t raw, int64_t s_raw,
@@ -239,8 +195,8 @@ void coupling_backward_cpu(int dtype, int mode, double clamp, int64_t n, int64_t
   check_coupling_backward(name, mode, clamp, n, m, x, s_x, raw, s_raw, grad_y, grad_logdet,
                           grad_x, grad_raw);
   check_threads(name, nthreads);
-  run_backward(name, dtype, mode, clamp, n, m, x, s_x, raw, s_raw, mask, grad_y, grad_logdet,
-               grad_x, grad_raw, nthreads);
+  run_backward<false>(name, dtype, mode, clamp, n, m, x, s_x, raw, s_raw, mask, grad_y,
+                      grad_logdet, grad_x, grad_raw, 0, nthreads);
 }
 
 void coupling_inverse_backward_cpu(int dtype, int mode, double clamp, int64_t n, int64_t m,
@@ -253,8 +209,8 @@ void coupling_inverse_backward_cpu(int dtype, int mode, double clamp, int64_t n,
   check_coupling_inverse_backward(name, mode, clamp, n, m, x, raw, s_raw, grad_x, grad_logdet,
                                   grad_y, grad_raw, grad_shift);
   check_threads(name, nthreads);
-  run_inverse_backward(name, dtype, mode, clamp, n, m, x, raw, s_raw, mask, grad_x, grad_logdet,
-                       grad_y, grad_raw, grad_shift, nthreads);
+  run_backward<true>(name, dtype, mode, clamp, n, m, x, m, raw, s_raw, mask, grad_x, grad_logdet,
+                     grad_y, grad_raw, grad_shift, nthreads);
 }
 
 }  // namespace ff

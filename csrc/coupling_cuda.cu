@@ -82,47 +82,32 @@ __global__ void finish_logdet(int64_t n, int64_t chunks, const A* __restrict__ p
   logdet[b] = sign * s;
 }
 
-template <typename T, int Mode, bool Masked>
+// Backward of the forward (Inverse = false: from x, raw, grad_y -> grad_x, grad_raw) or of the
+// inverse (from its output x, raw, grad_x -> grad_y, grad_raw, grad_shift; x contiguous, s_x = m),
+// as BackwardPass in coupling_cpu.cpp.
+template <typename T, int Mode, bool Masked, bool Inverse>
 __global__ void __launch_bounds__(kThreads)
     backward_kernel(int64_t total, int64_t m, const T* __restrict__ x, int64_t s_x,
                     const T* __restrict__ raw, int64_t s_raw, const uint8_t* __restrict__ mask,
-                    const T* __restrict__ gy,
-                    const acc_t<T>* __restrict__ gl, T* __restrict__ gx, T* __restrict__ graw,
-                    acc_t<T> c) {
+                    const T* __restrict__ g, const acc_t<T>* __restrict__ gl, T* __restrict__ g_in,
+                    T* __restrict__ graw, T* __restrict__ gshift, acc_t<T> c) {
   using A = acc_t<T>;
   const A inv_c = A(1) / c;
   for (int64_t k = int64_t(blockIdx.x) * kThreads + threadIdx.x; k < total;
        k += int64_t(gridDim.x) * kThreads) {
     const int64_t b = k / m, i = k - b * m;
     const bool mk = Masked ? mask[i] != 0 : true;
-    A a_gx, a_graw;
-    coupling_backward_elem<Mode, A>(load(x[b * s_x + i]), load(raw[b * s_raw + i]), load(gy[k]),
-                                    gl[b], mk, c, inv_c, a_gx, a_graw);
-    gx[k] = store<T>(a_gx);
+    A a_g, a_graw, a_gt;
+    if (Inverse) {
+      coupling_inverse_backward_elem<Mode, A>(load(x[b * s_x + i]), load(raw[b * s_raw + i]),
+                                              load(g[k]), gl[b], mk, c, inv_c, a_g, a_graw, a_gt);
+      gshift[k] = store<T>(a_gt);
+    } else {
+      coupling_backward_elem<Mode, A>(load(x[b * s_x + i]), load(raw[b * s_raw + i]), load(g[k]),
+                                      gl[b], mk, c, inv_c, a_g, a_graw);
+    }
+    g_in[k] = store<T>(a_g);
     graw[k] = store<T>(a_graw);
-  }
-}
-
-template <typename T, int Mode, bool Masked>
-__global__ void __launch_bounds__(kThreads)
-    inverse_backward_kernel(int64_t total, int64_t m, const T* __restrict__ x,
-                            const T* __restrict__ raw, int64_t s_raw,
-                            const uint8_t* __restrict__ mask,
-                            const T* __restrict__ gx, const acc_t<T>* __restrict__ gl,
-                            T* __restrict__ gy, T* __restrict__ graw, T* __restrict__ gshift,
-                            acc_t<T> c) {
-  using A = acc_t<T>;
-  const A inv_c = A(1) / c;
-  for (int64_t k = int64_t(blockIdx.x) * kThreads + threadIdx.x; k < total;
-       k += int64_t(gridDim.x) * kThreads) {
-    const int64_t b = k / m, i = k - b * m;
-    A a_gy, a_graw, a_gt;
-    coupling_inverse_backward_elem<Mode, A>(load(x[k]), load(raw[b * s_raw + i]), load(gx[k]), gl[b],
-                                            Masked ? mask[i] != 0 : true, c, inv_c, a_gy, a_graw,
-                                            a_gt);
-    gy[k] = store<T>(a_gy);
-    graw[k] = store<T>(a_graw);
-    gshift[k] = store<T>(a_gt);
   }
 }
 
@@ -158,10 +143,11 @@ void run_affine(const char* name, int dtype, int mode, double clamp, int64_t n, 
   check_cuda(cudaGetLastError(), name);
 }
 
+template <bool Inverse>
 void run_backward(const char* name, int dtype, int mode, double clamp, int64_t n, int64_t m,
                   std::uintptr_t x, int64_t s_x, std::uintptr_t raw, int64_t s_raw,
-                  std::uintptr_t mask, std::uintptr_t gy, std::uintptr_t gl, std::uintptr_t gx,
-                  std::uintptr_t graw, std::uintptr_t stream) {
+                  std::uintptr_t mask, std::uintptr_t g, std::uintptr_t gl, std::uintptr_t g_in,
+                  std::uintptr_t graw, std::uintptr_t gshift, std::uintptr_t stream) {
   const int64_t total = n * m;
   if (total == 0) return;
   cudaStream_t s = reinterpret_cast<cudaStream_t>(stream);
@@ -169,28 +155,11 @@ void run_backward(const char* name, int dtype, int mode, double clamp, int64_t n
     using C = decltype(cs);
     using T = typename C::scalar;
     using A = typename C::acc;
-    backward_kernel<T, C::mode, C::masked><<<elementwise_blocks(total), kThreads, 0, s>>>(
-        total, m, ptr<const T>(x), s_x, ptr<const T>(raw), s_raw, ptr<const uint8_t>(mask),
-        ptr<const T>(gy), ptr<const A>(gl), ptr<T>(gx), ptr<T>(graw), A(clamp));
-  });
-  check_cuda(cudaGetLastError(), name);
-}
-
-void run_inverse_backward(const char* name, int dtype, int mode, double clamp, int64_t n,
-                          int64_t m, std::uintptr_t x, std::uintptr_t raw, int64_t s_raw,
-                          std::uintptr_t mask, std::uintptr_t gx, std::uintptr_t gl,
-                          std::uintptr_t gy, std::uintptr_t graw, std::uintptr_t gshift,
-                          std::uintptr_t stream) {
-  const int64_t total = n * m;
-  if (total == 0) return;
-  cudaStream_t s = reinterpret_cast<cudaStream_t>(stream);
-  dispatch_coupling(name, dtype, mode, mask != 0, [&](auto cs) {
-    using C = decltype(cs);
-    using T = typename C::scalar;
-    using A = typename C::acc;
-    inverse_backward_kernel<T, C::mode, C::masked><<<elementwise_blocks(total), kThreads, 0, s>>>(
-        total, m, ptr<const T>(x), ptr<const T>(raw), s_raw, ptr<const uint8_t>(mask),
-        ptr<const T>(gx), ptr<const A>(gl), ptr<T>(gy), ptr<T>(graw), ptr<T>(gshift), A(clamp));
+    backward_kernel<T, C::mode, C::masked, Inverse>
+        <<<elementwise_blocks(total), kThreads, 0, s>>>(
+            total, m, ptr<const T>(x), s_x, ptr<const T>(raw), s_raw, ptr<const uint8_t>(mask),
+            ptr<const T>(g), ptr<const A>(gl), ptr<T>(g_in), ptr<T>(graw), ptr<T>(gshift),
+            A(clamp));
   });
   check_cuda(cudaGetLastError(), name);
 }
@@ -244,8 +213,8 @@ void coupling_backward_cuda(int dtype, int mode, double clamp, int64_t n, int64_
   const char* name = "coupling_backward_cuda";
   check_coupling_backward(name, mode, clamp, n, m, x, s_x, raw, s_raw, grad_y, grad_logdet,
                           grad_x, grad_raw);
-  run_backward(name, dtype, mode, clamp, n, m, x, s_x, raw, s_raw, mask, grad_y, grad_logdet,
-               grad_x, grad_raw, stream);
+  run_backward<false>(name, dtype, mode, clamp, n, m, x, s_x, raw, s_raw, mask, grad_y,
+                      grad_logdet, grad_x, grad_raw, 0, stream);
 }
 
 void coupling_inverse_backward_cuda(int dtype, int mode, double clamp, int64_t n, int64_t m,
@@ -257,8 +226,8 @@ void coupling_inverse_backward_cuda(int dtype, int mode, double clamp, int64_t n
   const char* name = "coupling_inverse_backward_cuda";
   check_coupling_inverse_backward(name, mode, clamp, n, m, x, raw, s_raw, grad_x, grad_logdet,
                                   grad_y, grad_raw, grad_shift);
-  run_inverse_backward(name, dtype, mode, clamp, n, m, x, raw, s_raw, mask, grad_x, grad_logdet,
-                       grad_y, grad_raw, grad_shift, stream);
+  run_backward<true>(name, dtype, mode, clamp, n, m, x, m, raw, s_raw, mask, grad_x, grad_logdet,
+                     grad_y, grad_raw, grad_shift, stream);
 }
 
 }  // namespace ff

@@ -59,6 +59,39 @@ void channel_affine_grad_params_cuda(int dtype, int64_t n, int64_t c, int64_t p,
 #endif
 
 // ---------------------------------------------------------------------------------------------
+// Argument checks shared by the CPU and CUDA entry points.
+
+inline void check_lu_weight_args(const char* name, int64_t c, std::uintptr_t p, std::uintptr_t l,
+                                 std::uintptr_t u, std::uintptr_t log_s, std::uintptr_t sign_s,
+                                 std::uintptr_t w, std::uintptr_t w_inv, std::uintptr_t logdet,
+                                 std::uintptr_t workspace) {
+  check(c >= 1, std::string(name) + ": need at least one channel");
+  check_ptr(p, c * c, "P");
+  check_ptr(l, c * c, "L");
+  check_ptr(u, c * c, "U");
+  check_ptr(w, c * c, "W");
+  check_ptr(w_inv, c * c, "W_inv");
+  check_ptr(log_s, c, "log_s");
+  check_ptr(sign_s, c, "sign_s");
+  check_ptr(logdet, 1, "logdet");
+  check_ptr(workspace, 3 * c * c, "workspace");
+}
+
+// channel_affine (in = x, out = y) and its parameter gradient (in = x, out = grad_y).
+inline void check_channel_affine_args(const char* name, int64_t n, int64_t c, int64_t p,
+                                      std::uintptr_t in, std::uintptr_t out,
+                                      const char* out_name) {
+  check(n >= 0 && c >= 1 && p >= 1, std::string(name) + ": bad sizes");
+  check_ptr(in, n * c * p, "x");
+  check_ptr(out, n * c * p, out_name);
+}
+
+inline void check_workspace_bytes(const char* name, std::uintptr_t workspace, int64_t given,
+                                  int64_t needed) {
+  check(workspace != 0 && given >= needed, std::string(name) + ": workspace too small");
+}
+
+// ---------------------------------------------------------------------------------------------
 // Shared pieces of the LU assembly (CPU and CUDA run the same formulas).
 
 // Entry (i, j) of U + diag(sign_s * exp(log_s)): only the strict upper triangle of U is read.

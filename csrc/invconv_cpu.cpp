@@ -536,16 +536,7 @@ void lu_weight_cpu(int dtype, int64_t c, std::uintptr_t p, std::uintptr_t l, std
                    std::uintptr_t log_s, std::uintptr_t sign_s, std::uintptr_t w,
                    std::uintptr_t w_inv, std::uintptr_t logdet, std::uintptr_t workspace) {
   const char* name = "lu_weight_cpu";
-  check(c >= 1, std::string(name) + ": need at least one channel");
-  check_ptr(p, c * c, "P");
-  check_ptr(l, c * c, "L");
-  check_ptr(u, c * c, "U");
-  check_ptr(w, c * c, "W");
-  check_ptr(w_inv, c * c, "W_inv");
-  check_ptr(log_s, c, "log_s");
-  check_ptr(sign_s, c, "sign_s");
-  check_ptr(logdet, 1, "logdet");
-  check_ptr(workspace, 3 * c * c, "workspace");
+  check_lu_weight_args(name, c, p, l, u, log_s, sign_s, w, w_inv, logdet, workspace);
   FF_DISPATCH_FLOAT(dtype, name, [&] {
     using A = acc_t<scalar_t>;
     lu_weight_kernel<scalar_t>(c, ptr<const scalar_t>(p), ptr<const scalar_t>(l),
@@ -558,11 +549,9 @@ void lu_weight_cpu(int dtype, int64_t c, std::uintptr_t p, std::uintptr_t l, std
 void channel_affine_cpu(int dtype, int64_t n, int64_t c, int64_t p, std::uintptr_t x,
                         std::uintptr_t w, std::uintptr_t b, std::uintptr_t y, int nthreads) {
   const char* name = "channel_affine_cpu";
-  check(n >= 0 && c >= 1 && p >= 1, std::string(name) + ": bad sizes");
-  check(nthreads >= 1, std::string(name) + ": nthreads must be >= 1");
-  check_ptr(x, n * c * p, "x");
-  check_ptr(y, n * c * p, "y");
+  check_channel_affine_args(name, n, c, p, x, y, "y");
   check_ptr(w, c * c, "W");
+  check_threads(name, nthreads);
   FF_DISPATCH_FLOAT(dtype, name, [&] {
     channel_affine_kernel<scalar_t>(n, c, p, ptr<const scalar_t>(x), ptr<const scalar_t>(w),
                                     ptr<const scalar_t>(b), ptr<scalar_t>(y), nthreads);
@@ -574,13 +563,10 @@ void channel_affine_grad_params_cpu(int dtype, int64_t n, int64_t c, int64_t p, 
                                     std::uintptr_t grad_b, std::uintptr_t workspace,
                                     int64_t workspace_bytes, int nthreads) {
   const char* name = "channel_affine_grad_params_cpu";
-  check(n >= 0 && c >= 1 && p >= 1, std::string(name) + ": bad sizes");
-  check(nthreads >= 1, std::string(name) + ": nthreads must be >= 1");
-  check_ptr(x, n * c * p, "x");
-  check_ptr(grad_y, n * c * p, "grad_y");
-  check(workspace != 0 &&
-            workspace_bytes >= channel_affine_grad_workspace_bytes_cpu(dtype, c, nthreads),
-        std::string(name) + ": workspace too small");
+  check_channel_affine_args(name, n, c, p, x, grad_y, "grad_y");
+  check_threads(name, nthreads);
+  check_workspace_bytes(name, workspace, workspace_bytes,
+                        channel_affine_grad_workspace_bytes_cpu(dtype, c, nthreads));
   FF_DISPATCH_FLOAT(dtype, name, [&] {
     grad_params_kernel<scalar_t>(n, c, p, ptr<const scalar_t>(x), ptr<const scalar_t>(grad_y),
                                  ptr<scalar_t>(grad_w), ptr<scalar_t>(grad_b),

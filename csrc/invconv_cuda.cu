@@ -181,16 +181,7 @@ void lu_weight_cuda(int dtype, int64_t c, std::uintptr_t p, std::uintptr_t l, st
                     std::uintptr_t w_inv, std::uintptr_t logdet, std::uintptr_t workspace,
                     std::uintptr_t stream) {
   const char* name = "lu_weight_cuda";
-  check(c >= 1, std::string(name) + ": need at least one channel");
-  check_ptr(p, c * c, "P");
-  check_ptr(l, c * c, "L");
-  check_ptr(u, c * c, "U");
-  check_ptr(w, c * c, "W");
-  check_ptr(w_inv, c * c, "W_inv");
-  check_ptr(log_s, c, "log_s");
-  check_ptr(sign_s, c, "sign_s");
-  check_ptr(logdet, 1, "logdet");
-  check_ptr(workspace, 3 * c * c, "workspace");
+  check_lu_weight_args(name, c, p, l, u, log_s, sign_s, w, w_inv, logdet, workspace);
   cudaStream_t st = reinterpret_cast<cudaStream_t>(stream);
   FF_DISPATCH_FLOAT(dtype, name, [&] {
     using A = acc_t<scalar_t>;
@@ -206,9 +197,7 @@ void channel_affine_cuda(int dtype, int64_t n, int64_t c, int64_t p, std::uintpt
                          std::uintptr_t w, std::uintptr_t b, std::uintptr_t y,
                          std::uintptr_t stream) {
   const char* name = "channel_affine_cuda";
-  check(n >= 0 && c >= 1 && p >= 1, std::string(name) + ": bad sizes");
-  check_ptr(x, n * c * p, "x");
-  check_ptr(y, n * c * p, "y");
+  check_channel_affine_args(name, n, c, p, x, y, "y");
   check_ptr(w, c * c, "W");
   if (n == 0) return;
   const int64_t blocks = (n * p + kAffineThreads - 1) / kAffineThreads;
@@ -234,12 +223,9 @@ void channel_affine_grad_params_cuda(int dtype, int64_t n, int64_t c, int64_t p,
                                      std::uintptr_t grad_b, std::uintptr_t workspace,
                                      int64_t workspace_bytes, std::uintptr_t stream) {
   const char* name = "channel_affine_grad_params_cuda";
-  check(n >= 0 && c >= 1 && p >= 1, std::string(name) + ": bad sizes");
-  check_ptr(x, n * c * p, "x");
-  check_ptr(grad_y, n * c * p, "grad_y");
-  check(workspace != 0 &&
-            workspace_bytes >= channel_affine_grad_workspace_bytes_cuda(dtype, n, c, p),
-        std::string(name) + ": workspace too small");
+  check_channel_affine_args(name, n, c, p, x, grad_y, "grad_y");
+  check_workspace_bytes(name, workspace, workspace_bytes,
+                        channel_affine_grad_workspace_bytes_cuda(dtype, n, c, p));
   const int64_t chunks = grad_chunks(n, p);
   int64_t chunk = (n * p + chunks - 1) / chunks;
   chunk = chunk < 1 ? 1 : chunk;

@@ -22,6 +22,7 @@
 
 #include "checks.h"
 #include "scale.h"
+#include "storage.h"
 
 namespace ff {
 
@@ -56,7 +57,8 @@ void made_affine_inverse_cpu(int dtype, int act, int mode, double clamp, int64_t
                              const std::vector<int64_t>& hidden, std::uintptr_t u,
                              std::uintptr_t init, const std::vector<std::uintptr_t>& weights,
                              const std::vector<std::uintptr_t>& biases,
-                             const std::vector<int64_t>& bounds, std::uintptr_t x, std::uintptr_t logdet, std::uintptr_t workspace,
+                             const std::vector<int64_t>& bounds, std::uintptr_t x,
+                             std::uintptr_t logdet, std::uintptr_t workspace,
                              int64_t workspace_bytes, int nthreads);
 
 // Hidden layers the CUDA walk supports.
@@ -107,6 +109,35 @@ inline void made_check_bounds(const char* name, int64_t d, const std::vector<int
     check(b[d - 1] == hidden[l] && b[d] == hidden[l],
           nm + ": every hidden unit must have a degree <= d - 1 (bounds[l][d-1] == hidden[l])");
   }
+}
+
+// Every check the CPU and CUDA entry points share: sizes, options, dtype, the degree table and
+// the buffers (the batch's only when the batch is not empty).
+inline void made_check_args(const char* name, int dtype, int act, int mode, double clamp,
+                            int64_t n, int64_t d, const std::vector<int64_t>& hidden,
+                            std::uintptr_t u, std::uintptr_t init,
+                            const std::vector<std::uintptr_t>& weights,
+                            const std::vector<std::uintptr_t>& biases,
+                            const std::vector<int64_t>& bounds, std::uintptr_t x,
+                            std::uintptr_t logdet) {
+  const std::string nm(name);
+  made_check_sizes(name, act, mode, clamp, n, d, hidden, weights, biases);
+  check(dtype == kFloat32 || dtype == kFloat64,
+        nm + ": dtype must be float32 or float64 (cast 16-bit inputs first)");
+  const int64_t L = int64_t(hidden.size());
+  check(int64_t(bounds.size()) == L * (d + 1), nm + ": bounds must have L * (d + 1) entries");
+  made_check_bounds(name, d, hidden, bounds.data());
+  for (int64_t l = 0; l <= L; ++l) {
+    const int64_t rows = l == L ? 2 * d : hidden[l];
+    const int64_t cols = l == 0 ? d : hidden[l - 1];
+    check_ptr(weights[l], rows * cols, "weights");
+    check_ptr(biases[l], rows, "biases");
+  }
+  if (n == 0) return;
+  check_ptr(u, n * d, "u");
+  check_ptr(x, n * d, "x");
+  check_ptr(logdet, n, "logdet");
+  check_ptr(init, init ? n * hidden[0] : 0, "init");
 }
 
 }  // namespace ff

@@ -5,13 +5,27 @@
 
 namespace ff {
 void bind_made(pybind11::module_& m) {
-  m.def("made_workspace_bytes", &made_workspace_bytes);
+  namespace py = pybind11;
+  // activation codes (made.h), as fastflow/ops/made_native.py names them
+  m.attr("ACTIVATIONS") = code_table({{"relu", kRelu}, {"tanh", kTanh}, {"elu", kElu}});
   m.attr("made_cuda_max_layers") = kMadeCudaMaxLayers;
-  m.def("made_affine_inverse_cpu", &made_affine_inverse_cpu);
+
+  m.def("made_workspace_bytes", &made_workspace_bytes, py::arg("dtype"), py::arg("d"),
+        py::arg("hidden"), py::arg("nthreads"));
+  const auto walk = std::make_tuple(py::arg("dtype"), py::arg("act"), py::arg("mode"),
+                                    py::arg("clamp"), py::arg("n"), py::arg("d"),
+                                    py::arg("hidden"), py::arg("u_ptr"), py::arg("init_ptr"),
+                                    py::arg("weight_ptrs"), py::arg("bias_ptrs"),
+                                    py::arg("bounds"));
+  def_with_args(m, "made_affine_inverse_cpu", &made_affine_inverse_cpu, walk, py::arg("x_ptr"),
+                py::arg("logdet_ptr"), py::arg("workspace_ptr"), py::arg("workspace_bytes"),
+                py::arg("nthreads"));
 #if defined(FF_WITH_CUDA)
-  m.def("made_affine_inverse_cuda", &made_affine_inverse_cuda);
-  m.def("made_cuda_supported", &made_cuda_supported, pybind11::arg("dtype"), pybind11::arg("d"),
-        pybind11::arg("hidden"));
+  def_with_args(m, "made_affine_inverse_cuda", &made_affine_inverse_cuda, walk,
+                py::arg("bounds_dev_ptr"), py::arg("x_ptr"), py::arg("logdet_ptr"),
+                py::arg("stream"));
+  m.def("made_cuda_supported", &made_cuda_supported, py::arg("dtype"), py::arg("d"),
+        py::arg("hidden"));
 #endif
 }
 }  // namespace ff

@@ -381,27 +381,14 @@ void made_affine_inverse_cpu(int dtype, int act, int mode, double clamp, int64_t
                              const std::vector<int64_t>& hidden, std::uintptr_t u,
                              std::uintptr_t init, const std::vector<std::uintptr_t>& weights,
                              const std::vector<std::uintptr_t>& biases,
-                             const std::vector<int64_t>& bounds, std::uintptr_t x, std::uintptr_t logdet, std::uintptr_t workspace,
+                             const std::vector<int64_t>& bounds, std::uintptr_t x,
+                             std::uintptr_t logdet, std::uintptr_t workspace,
                              int64_t workspace_bytes, int nthreads) {
   const char* name = "made_affine_inverse_cpu";
-  made_check_sizes(name, act, mode, clamp, n, d, hidden, weights, biases);
-  check(dtype == kFloat32 || dtype == kFloat64,
-        std::string(name) + ": dtype must be float32 or float64 (cast 16-bit inputs first)");
-  check(nthreads >= 1, std::string(name) + ": nthreads must be >= 1");
-  const int64_t L = int64_t(hidden.size());
-  check(int64_t(bounds.size()) == L * (d + 1), std::string(name) + ": bounds must have L * (d + 1) entries");
-  made_check_bounds(name, d, hidden, bounds.data());
-  for (int64_t l = 0; l <= L; ++l) {
-    const int64_t rows = l == L ? 2 * d : hidden[l];
-    const int64_t cols = l == 0 ? d : hidden[l - 1];
-    check_ptr(weights[l], rows * cols, "weights");
-    check_ptr(biases[l], rows, "biases");
-  }
+  made_check_args(name, dtype, act, mode, clamp, n, d, hidden, u, init, weights, biases, bounds, x,
+                  logdet);
+  check_threads(name, nthreads);
   if (n == 0) return;
-  check_ptr(u, n * d, "u");
-  check_ptr(x, n * d, "x");
-  check_ptr(logdet, n, "logdet");
-  check_ptr(init, init ? n * hidden[0] : 0, "init");
   check_ptr(workspace, 1, "workspace");
   check(workspace_bytes >= made_workspace_bytes(dtype, d, hidden, nthreads),
         std::string(name) + ": workspace too small (see made_workspace_bytes)");

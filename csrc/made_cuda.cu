@@ -235,25 +235,13 @@ void made_affine_inverse_cuda(int dtype, int act, int mode, double clamp, int64_
                               const std::vector<int64_t>& bounds, std::uintptr_t bounds_dev,
                               std::uintptr_t x, std::uintptr_t logdet, std::uintptr_t stream) {
   const char* name = "made_affine_inverse_cuda";
-  made_check_sizes(name, act, mode, clamp, n, d, hidden, weights, biases);
-  check(dtype == kFloat32 || dtype == kFloat64,
-        std::string(name) + ": dtype must be float32 or float64 (cast 16-bit inputs first)");
+  made_check_args(name, dtype, act, mode, clamp, n, d, hidden, u, init, weights, biases, bounds, x,
+                  logdet);
   const int64_t L = int64_t(hidden.size());
-  check(L <= kMadeCudaMaxLayers, std::string(name) + ": at most " + std::to_string(kMadeCudaMaxLayers) + " hidden layers");
-  check(int64_t(bounds.size()) == L * (d + 1),
-        std::string(name) + ": bounds must have L * (d + 1) entries");
-  made_check_bounds(name, d, hidden, bounds.data());
+  check(L <= kMadeCudaMaxLayers, std::string(name) + ": at most " +
+                                     std::to_string(kMadeCudaMaxLayers) + " hidden layers");
   check_ptr(bounds_dev, L * (d + 1), "bounds_dev");
-  for (int64_t l = 0; l <= L; ++l) {
-    const int64_t rows = l == L ? 2 * d : hidden[l];
-    const int64_t cols = l == 0 ? d : hidden[l - 1];
-    check_ptr(weights[l], rows * cols, "weights");
-    check_ptr(biases[l], rows, "biases");
-  }
   if (n == 0) return;
-  check_ptr(u, n * d, "u");
-  check_ptr(x, n * d, "x");
-  check_ptr(logdet, n, "logdet");
   check(n <= int64_t(0x7fffffff), std::string(name) + ": batch too large");
   cudaStream_t s = reinterpret_cast<cudaStream_t>(stream);
   if (dtype == kFloat32)

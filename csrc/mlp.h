@@ -27,6 +27,11 @@
 
 namespace ff {
 
+// acts layout constants (exported as _C.MLP_ACTS_ROW_ALIGN_BYTES and _C.MLP_ACTS_ROW_QUANTUM):
+// each layer's columns padded to 64 bytes, rows rounded up to a multiple of 12.
+constexpr int64_t kMlpRowAlignBytes = 64;
+constexpr int64_t kMlpRowQuantum = 12;
+
 int64_t mlp_coupling_workspace_bytes(int dtype, int64_t n, const std::vector<int64_t>& sizes,
                                      int nthreads);
 // (rows, cols) of acts.

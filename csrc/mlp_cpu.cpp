@@ -39,7 +39,7 @@ constexpr int kBlock = 48;
 constexpr int64_t kMaxGroups = 16;
 // acts has n rounded up to a multiple of this many rows: the kernels compute whole row blocks of
 // R (6, 6 or 4) rows, written in place.
-constexpr int64_t kRowQuantum = 12;
+constexpr int64_t kRowQuantum = kMlpRowQuantum;
 
 enum Init : int { kInitZero = 0, kInitBias = 1, kInitLoad = 2 };
 enum Epi : int { kEpiNone = 0, kEpiRelu = 1, kEpiMask = 2 };
@@ -94,7 +94,7 @@ FF_INLINE V vload(const T* p) {
 }
 
 template <typename V, typename T>
-FF_INLINE void vstore(T* p, V v) {
+FF_INLINE void vstore(T* p, const V& v) {
   std::memcpy(p, &v, sizeof(V));
 }
 
@@ -648,9 +648,6 @@ int64_t add(int64_t a, int64_t b) {
   return r;
 }
 
-inline void check_buffer(std::uintptr_t p, int64_t count, const char* name) {
-  FF_CHECK(count == 0 || p != 0, std::string(name) + ": null pointer for a non-empty buffer");
-}
 
 // Where everything lives in the workspace, in elements (every offset a multiple of 64 bytes).
 // Each layer's weight copy and gradient have room for either orientation.
@@ -674,7 +671,7 @@ void geometry(const char* name, int dtype, int64_t n, const std::vector<int64_t>
                  std::string(name) + ": sizes must be in [1, 2^24]");
   const int64_t L = int64_t(sizes.size()) - 1;
   g.L = L;
-  g.pe = dtype == kFloat32 ? 16 : 8;
+  g.pe = kMlpRowAlignBytes / (dtype == kFloat32 ? 4 : 8);
   g.P.resize(L + 1);
   for (int64_t i = 0; i <= L; ++i) g.P[i] = (sizes[i] + g.pe - 1) / g.pe * g.pe;
   g.woff.resize(L);
@@ -980,7 +977,7 @@ namespace {
 
 void check_workspace(const char* name, const Geometry& g, int dtype, std::uintptr_t workspace,
                      int64_t workspace_bytes_given) {
-  check_buffer(workspace, 1, "workspace");
+  check_ptr(workspace, 1, "workspace");
   FF_CHECK(workspace_bytes_given >= workspace_bytes(g, dtype),
                std::string(name) + ": workspace too small (see mlp_coupling_workspace_bytes)");
 }
@@ -1001,12 +998,12 @@ void forward_impl(const char* name, int dtype, int mode, double clamp, int64_t n
   const Split sp = check_call(name, mode, clamp, n, d, cut, parity, n_ctx, sizes);
   Call<T> C;
   geometry(name, dtype, n, sizes, nthreads, C.g);
-  check_buffer(params, C.g.numel, "params");
+  check_ptr(params, C.g.numel, "params");
   if (n == 0) return;
-  check_buffer(in, mul(n, d), inverse ? "y" : "x");
-  check_buffer(ctx, mul(n, n_ctx), "ctx");
-  check_buffer(out, mul(n, d), inverse ? "x" : "y");
-  check_buffer(logdet, n, "logdet");
+  check_ptr(in, mul(n, d), inverse ? "y" : "x");
+  check_ptr(ctx, mul(n, n_ctx), "ctx");
+  check_ptr(out, mul(n, d), inverse ? "x" : "y");
+  check_ptr(logdet, n, "logdet");
   if (acts != 0) check_acts(name, C.g, acts_numel);
   check_workspace(name, C.g, dtype, workspace, workspace_bytes_given);
   make_plan<T>(C, sizes, sp, mode, clamp, n, d, n_ctx, false);
@@ -1062,20 +1059,20 @@ void backward_impl(int dtype, int mode, double clamp, int64_t n, int64_t d, int6
   const Split sp = check_call(name, mode, clamp, n, d, cut, parity, n_ctx, sizes);
   Call<T> C;
   geometry(name, dtype, n, sizes, nthreads, C.g);
-  check_buffer(params, C.g.numel, "params");
-  check_buffer(grad_params, C.g.numel, "grad_params");
+  check_ptr(params, C.g.numel, "params");
+  check_ptr(grad_params, C.g.numel, "grad_params");
   if (n == 0) {
     T* gp = ptr<T>(grad_params);
     for (int64_t i = 0; i < C.g.numel; ++i) gp[i] = T(0);
     return;
   }
-  check_buffer(x, mul(n, d), "x");
-  check_buffer(ctx, mul(n, n_ctx), "ctx");
-  check_buffer(acts, 1, "acts");
+  check_ptr(x, mul(n, d), "x");
+  check_ptr(ctx, mul(n, n_ctx), "ctx");
+  check_ptr(acts, 1, "acts");
   check_acts(name, C.g, acts_numel);
-  check_buffer(grad_y, mul(n, d), "grad_y");
-  check_buffer(grad_logdet, n, "grad_logdet");
-  check_buffer(grad_x, mul(n, d), "grad_x");
+  check_ptr(grad_y, mul(n, d), "grad_y");
+  check_ptr(grad_logdet, n, "grad_logdet");
+  check_ptr(grad_x, mul(n, d), "grad_x");
   check_workspace(name, C.g, dtype, workspace, workspace_bytes_given);
   make_plan<T>(C, sizes, sp, mode, clamp, n, d, n_ctx, true);
   C.P.in = ptr<const T>(x);

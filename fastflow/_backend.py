@@ -24,9 +24,13 @@ _BACKENDS = ("auto", "native", "reference")
 _backend = "auto"
 _warned = False
 
-#: dtype codes understood by the kernels (csrc/common.h, enum DType)
+#: dtype codes understood by the kernels (csrc/storage.h, enum DType; _C.DTYPE_CODES, pinned by
+#: tests/test_bindings.py). Kept here so that the reference backend works without _C.
 DTYPE_CODES = {torch.float32: 0, torch.float64: 1, torch.bfloat16: 2, torch.float16: 3}
 FLOAT_DTYPES = tuple(DTYPE_CODES)
+#: SIMD variants of the CPU kernels, narrowest first, as FASTFLOW_CPU_ISA and _C.cpu_isa() name
+#: them (csrc/cpu_isa.h; _C.CPU_ISA_NAMES)
+CPU_ISA_NAMES = ("base", "avx2", "avx512")
 
 
 def _warn_missing_once() -> None:

@@ -6,8 +6,8 @@ import torch
 import fastflow
 from fastflow import _backend
 
-# SIMD variants of the CPU kernels, narrowest first (csrc/common.h, cpu_isa_level)
-_ISA_ORDER = ("base", "avx2", "avx512")
+# SIMD variants of the CPU kernels, narrowest first (csrc/cpu_isa.h, cpu_isa_level)
+_ISA_ORDER = _backend.CPU_ISA_NAMES
 
 
 def _cpu_isas() -> list[str]:

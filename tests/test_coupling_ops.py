@@ -267,12 +267,23 @@ def test_kernel_rechecks_sizes():
 
     x = torch.zeros(2, 3)
     p = x.data_ptr()
+
+    def call(ptr=p, dtype=0, x_stride=3):
+        B._C.coupling_forward_cpu(
+            dtype=dtype, mode=0, clamp=2.0, n=2, m=3, x_ptr=ptr, x_stride=x_stride, raw_ptr=ptr,
+            raw_stride=3, shift_ptr=ptr, shift_stride=3, mask_ptr=0, y_ptr=ptr, logdet_ptr=ptr,
+            nthreads=1,
+        )  # fmt: skip
+
+    call()  # valid
     with pytest.raises(ValueError, match="null pointer"):
-        B._C.coupling_forward_cpu(0, 0, 2.0, 2, 3, 0, 3, 0, 3, 0, 3, 0, 0, 0, 1)
+        call(ptr=0)
     with pytest.raises(ValueError, match="dtype"):
-        B._C.coupling_forward_cpu(9, 0, 2.0, 2, 3, p, 3, p, 3, p, 3, 0, p, p, 1)
+        call(dtype=9)
     with pytest.raises(ValueError, match="batch stride"):
-        B._C.coupling_forward_cpu(0, 0, 2.0, 2, 3, p, 2, p, 3, p, 3, 0, p, p, 1)
+        call(x_stride=2)
+    with pytest.raises(TypeError):  # a name the kernel does not take
+        B._C.coupling_forward_cpu(dtype=0, mode=0, clamp=2.0, n=2, m=3, s_x=3)
 
 
 @pytest.mark.parametrize("shape", [(4, 10), (3, 8, 5, 2), (1, 6)])

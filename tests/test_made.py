@@ -283,26 +283,13 @@ def test_native_rejects_bad_tables():
     wp = [w.data_ptr() for w in p.weights]
     bp = [b.data_ptr() for b in p.biases]
 
-    def call(bounds, hidden=(4,), nbytes=4096):
+    def call(bounds, hidden=(4,), nbytes=4096, dtype=1):
         B._C.made_affine_inverse_cpu(
-            1,
-            0,
-            0,
-            3.0,
-            2,
-            3,
-            list(hidden),
-            us.data_ptr(),
-            0,
-            wp,
-            bp,
-            bounds,
-            x.data_ptr(),
-            ld.data_ptr(),
-            ws.data_ptr(),
-            nbytes,
-            1,
-        )
+            dtype=dtype, act=0, mode=0, clamp=3.0, n=2, d=3, hidden=list(hidden),
+            u_ptr=us.data_ptr(), init_ptr=0, weight_ptrs=wp, bias_ptrs=bp, bounds=bounds,
+            x_ptr=x.data_ptr(), logdet_ptr=ld.data_ptr(), workspace_ptr=ws.data_ptr(),
+            workspace_bytes=nbytes, nthreads=1,
+        )  # fmt: skip
 
     call(p.bounds_list)  # valid
     with pytest.raises(ValueError, match="non-decreasing"):
@@ -314,25 +301,7 @@ def test_native_rejects_bad_tables():
     with pytest.raises(ValueError, match="workspace too small"):
         call(p.bounds_list, nbytes=16)
     with pytest.raises(ValueError, match="float32 or float64"):
-        B._C.made_affine_inverse_cpu(
-            2,
-            0,
-            0,
-            3.0,
-            2,
-            3,
-            [4],
-            us.data_ptr(),
-            0,
-            wp,
-            bp,
-            p.bounds_list,
-            x.data_ptr(),
-            ld.data_ptr(),
-            ws.data_ptr(),
-            4096,
-            1,
-        )
+        call(p.bounds_list, dtype=2)
 
 
 @pytest.mark.cuda

@@ -24,7 +24,7 @@ SIZES = list(itertools.product([1, 3, 17, 300], [2, 3, 17], [(), (9,), (13, 5, 6
 
 
 def _isa(isa, monkeypatch):
-    order = ["base", "avx2", "avx512"]
+    order = B.CPU_ISA_NAMES
     if isa == "default":
         return
     if order.index(B._C.cpu_isa()) < order.index(isa):

@@ -247,9 +247,9 @@ def test_item6_deep_or_wide_made_on_cuda_falls_back(native):
     z, ld2 = t.forward(x)
     torch.testing.assert_close(z, u, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(ld, -ld2, rtol=1e-4, atol=1e-4)
-    assert not fastflow._C.made_cuda_supported(0, 4, [8] * 10)
-    assert not fastflow._C.made_cuda_supported(0, 4, [200_000])
-    assert fastflow._C.made_cuda_supported(0, 4, [64, 64])
+    assert not fastflow._C.made_cuda_supported(dtype=0, d=4, hidden=[8] * 10)
+    assert not fastflow._C.made_cuda_supported(dtype=0, d=4, hidden=[200_000])
+    assert fastflow._C.made_cuda_supported(dtype=0, d=4, hidden=[64, 64])
 
 
 def test_item6_cuda_limits_are_exported():

@@ -37,6 +37,12 @@ from fastflow.ops.mlp_coupling import MLPLayout
 
 __all__ = ["acts_layout", "backward", "forward", "inverse", "workspace"]
 
+#: acts layout of the kernel (csrc/mlp.h; _C.MLP_ACTS_ROW_ALIGN_BYTES / _ROW_QUANTUM, pinned by
+#: tests/test_bindings.py): each layer's columns padded to this many bytes, rows to a multiple of
+#: ACTS_ROW_QUANTUM
+ACTS_ROW_ALIGN_BYTES = 64
+ACTS_ROW_QUANTUM = 12
+
 
 @lru_cache(maxsize=256)
 def _workspace_bytes(code: int, n: int, sizes: tuple[int, ...], nthreads: int) -> int:
@@ -62,7 +68,7 @@ def acts_layout(
         ((12, 48), [(0, 20), (32, 2)])
     """
     shape = _acts_shape(B.DTYPE_CODES[dtype], n, tuple(sizes))
-    pad = 16 if dtype == torch.float32 else 8
+    pad = ACTS_ROW_ALIGN_BYTES // dtype.itemsize
     cols, off = [], 0
     for s in sizes[1:]:
         cols.append((off, s))

@@ -44,7 +44,8 @@ __all__ = [
     "reference_additive_coupling_inverse",
 ]
 
-#: scale function name -> kernel mode code (csrc/common.h, enum ScaleMode)
+#: scale function name -> kernel mode code (csrc/scale.h, enum ScaleMode; _C.SCALE_MODES, pinned
+#: by tests/test_bindings.py, which also has "additive": _ADDITIVE)
 SCALE_FNS = {"softclamp": 0, "glow": 1, "identity": 2}
 _ADDITIVE = 3
 
@@ -138,21 +139,25 @@ def reference_additive_coupling_inverse(
 # a conditioner's output are read in place. Outputs are contiguous.
 
 
-def _run(name: str, t: Tensor, *args) -> None:
-    """Call ``_C.<name>_cpu`` or ``_C.<name>_cuda`` for ``t``'s device (CUDA: on ``t``'s device
-    and its current stream; the CUDA forward and inverse take a workspace, allocated here and
-    kept alive across the launch)."""
+def _run(name: str, t: Tensor, **kw) -> None:
+    """Call ``_C.<name>_cpu`` or ``_C.<name>_cuda`` for ``t``'s device, by keyword (CUDA: on
+    ``t``'s device and its current stream; the CUDA forward and inverse take a workspace,
+    allocated here and kept alive across the launch)."""
     if t.device.type == "cuda":
-        ws = None
         if name in ("coupling_forward", "coupling_inverse"):
-            n, m = args[3], args[4]
-            nbytes = B._C.coupling_workspace_bytes(B.DTYPE_CODES[t.dtype], n, m)
+            nbytes = B._C.coupling_workspace_bytes(dtype=kw["dtype"], n=kw["n"], m=kw["m"])
             ws = torch.empty(max(nbytes, 1), dtype=torch.uint8, device=t.device)
+            kw["workspace_ptr"] = ws.data_ptr()
         with B.cuda_guard(t):
-            extra = () if ws is None else (ws.data_ptr(),)
-            getattr(B._C, name + "_cuda")(*args, *extra, B.stream_of(t))
+            getattr(B._C, name + "_cuda")(**kw, stream=B.stream_of(t))
     else:
-        getattr(B._C, name + "_cpu")(*args, B.num_threads())
+        getattr(B._C, name + "_cpu")(**kw, nthreads=B.num_threads())
+
+
+def _head(x: Tensor, mode: int, clamp: float) -> dict:
+    """The arguments every coupling kernel takes first: dtype code, scale mode, clamp, sizes."""
+    n, m = _sizes(x)
+    return dict(dtype=B.DTYPE_CODES[x.dtype], mode=mode, clamp=clamp, n=n, m=m)
 
 
 def _bs(t: Tensor) -> int:
@@ -180,6 +185,12 @@ def _sp(name: str, t: Tensor, x: Tensor) -> tuple[int, int]:
     raise ValueError(f"{name}: each sample must be contiguous (batch-strided at most)")
 
 
+def _strided(key: str, name: str, t: Tensor, x: Tensor) -> dict:
+    """``{key_ptr, key_stride}`` keyword arguments of a batch-strided input (see :func:`_sp`)."""
+    p, stride = _sp(name, t, x)
+    return {f"{key}_ptr": p, f"{key}_stride": stride}
+
+
 def _mask_ptr(mask: Tensor | None, x: Tensor) -> int:
     if mask is None:
         return 0
@@ -203,24 +214,26 @@ def _sizes(x: Tensor) -> tuple[int, int]:
 def _affine_fwd_impl(
     x: Tensor, raw: Tensor, shift: Tensor, mask: Tensor | None, mode: int, clamp: float
 ) -> tuple[Tensor, Tensor]:
-    n, m = _sizes(x)
-    args = (*_sp("x", x, x), *_sp("raw", raw, x), *_sp("shift", shift, x), _mask_ptr(mask, x))
     y = _new(x)
-    logdet = torch.empty(n, dtype=B.acc_dtype(x.dtype), device=x.device)
-    code = B.DTYPE_CODES[x.dtype]
-    _run("coupling_forward", x, code, mode, clamp, n, m, *args, B.ptr(y), B.ptr(logdet))
+    logdet = torch.empty(x.shape[0], dtype=B.acc_dtype(x.dtype), device=x.device)
+    _run(
+        "coupling_forward", x, **_head(x, mode, clamp), **_strided("x", "x", x, x),
+        **_strided("raw", "raw", raw, x), **_strided("shift", "shift", shift, x),
+        mask_ptr=_mask_ptr(mask, x), y_ptr=B.ptr(y), logdet_ptr=B.ptr(logdet),
+    )  # fmt: skip
     return y, logdet
 
 
 def _affine_inv_impl(
     y: Tensor, raw: Tensor, shift: Tensor, mask: Tensor | None, mode: int, clamp: float
 ) -> tuple[Tensor, Tensor]:
-    n, m = _sizes(y)
-    args = (*_sp("y", y, y), *_sp("raw", raw, y), *_sp("shift", shift, y), _mask_ptr(mask, y))
     x = _new(y)
-    logdet = torch.empty(n, dtype=B.acc_dtype(y.dtype), device=y.device)
-    code = B.DTYPE_CODES[y.dtype]
-    _run("coupling_inverse", y, code, mode, clamp, n, m, *args, B.ptr(x), B.ptr(logdet))
+    logdet = torch.empty(y.shape[0], dtype=B.acc_dtype(y.dtype), device=y.device)
+    _run(
+        "coupling_inverse", y, **_head(y, mode, clamp), **_strided("y", "y", y, y),
+        **_strided("raw", "raw", raw, y), **_strided("shift", "shift", shift, y),
+        mask_ptr=_mask_ptr(mask, y), x_ptr=B.ptr(x), logdet_ptr=B.ptr(logdet),
+    )  # fmt: skip
     return x, logdet
 
 
@@ -233,14 +246,15 @@ def _affine_bwd_impl(
     mode: int,
     clamp: float,
 ) -> tuple[Tensor, Tensor]:
-    n, m = _sizes(x)
-    args = (*_sp("x", x, x), *_sp("raw", raw, x), _mask_ptr(mask, x))
-    gy = B.ptr(grad_y, x.dtype, x.numel(), x.device, "grad_y")
-    gld = _ld_ptr("grad_logdet", grad_logdet, x)
     gx = _new(x)
     graw = _new(x)
-    code = B.DTYPE_CODES[x.dtype]
-    _run("coupling_backward", x, code, mode, clamp, n, m, *args, gy, gld, B.ptr(gx), B.ptr(graw))
+    _run(
+        "coupling_backward", x, **_head(x, mode, clamp), **_strided("x", "x", x, x),
+        **_strided("raw", "raw", raw, x), mask_ptr=_mask_ptr(mask, x),
+        grad_y_ptr=B.ptr(grad_y, x.dtype, x.numel(), x.device, "grad_y"),
+        grad_logdet_ptr=_ld_ptr("grad_logdet", grad_logdet, x),
+        grad_x_ptr=B.ptr(gx), grad_raw_ptr=B.ptr(graw),
+    )  # fmt: skip
     return gx, graw
 
 
@@ -253,31 +267,31 @@ def _affine_inv_bwd_impl(
     mode: int,
     clamp: float,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    n, m = _sizes(x)
-    px = B.ptr(x, x.dtype, x.numel(), x.device, "x")
-    args = (px, *_sp("raw", raw, x), _mask_ptr(mask, x))
-    gx = B.ptr(grad_x, x.dtype, x.numel(), x.device, "grad_x")
-    gld = _ld_ptr("grad_logdet", grad_logdet, x)
     gy = _new(x)
     graw = _new(x)
     gshift = _new(x)
-    code = B.DTYPE_CODES[x.dtype]
     _run(
-        "coupling_inverse_backward", x, code, mode, clamp, n, m, *args, gx, gld,
-        B.ptr(gy), B.ptr(graw), B.ptr(gshift),
+        "coupling_inverse_backward", x, **_head(x, mode, clamp),
+        x_ptr=B.ptr(x, x.dtype, x.numel(), x.device, "x"), **_strided("raw", "raw", raw, x),
+        mask_ptr=_mask_ptr(mask, x),
+        grad_x_ptr=B.ptr(grad_x, x.dtype, x.numel(), x.device, "grad_x"),
+        grad_logdet_ptr=_ld_ptr("grad_logdet", grad_logdet, x),
+        grad_y_ptr=B.ptr(gy), grad_raw_ptr=B.ptr(graw), grad_shift_ptr=B.ptr(gshift),
     )  # fmt: skip
     return gy, graw, gshift
 
 
 def _additive_impl(x: Tensor, shift: Tensor, mask: Tensor | None, inverse: bool) -> Tensor:
-    n, m = _sizes(x)
     y = _new(x)
     # the kernel writes a (zero) log-det; additive couplings have a unit Jacobian
-    logdet = torch.empty(n, dtype=B.acc_dtype(x.dtype), device=x.device)
-    name = "coupling_inverse" if inverse else "coupling_forward"
-    args = (*_sp("x", x, x), 0, 1, *_sp("shift", shift, x), _mask_ptr(mask, x))
-    code = B.DTYPE_CODES[x.dtype]
-    _run(name, x, code, _ADDITIVE, 1.0, n, m, *args, B.ptr(y), B.ptr(logdet))
+    logdet = torch.empty(x.shape[0], dtype=B.acc_dtype(x.dtype), device=x.device)
+    ins, outs = ("y", "x") if inverse else ("x", "y")
+    _run(
+        "coupling_inverse" if inverse else "coupling_forward", x,
+        **_head(x, _ADDITIVE, 1.0), **_strided(ins, "x", x, x), raw_ptr=0, raw_stride=1,
+        **_strided("shift", "shift", shift, x), mask_ptr=_mask_ptr(mask, x),
+        **{f"{outs}_ptr": B.ptr(y)}, logdet_ptr=B.ptr(logdet),
+    )  # fmt: skip
     return y
 
 

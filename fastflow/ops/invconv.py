@@ -141,14 +141,16 @@ def plain_weight(W: Tensor, inverse: bool = True) -> tuple[Tensor, Tensor | None
 # Native ops. Inputs reaching these are validated and contiguous.
 
 
-def _run(name: str, t: Tensor, *args) -> None:
-    """Call ``_C.<name>_cpu(..., nthreads)`` or ``_C.<name>_cuda(..., stream)`` for ``t`` (on
-    ``t``'s device)."""
+def _run(name: str, t: Tensor, threads: bool = True, **kw) -> None:
+    """Call ``_C.<name>_cpu(**kw, nthreads=...)`` (``nthreads`` only where ``threads``) or
+    ``_C.<name>_cuda(**kw, stream=...)`` for ``t`` (on ``t``'s device), by keyword."""
     if t.device.type == "cuda":
         with B.cuda_guard(t):
-            getattr(B._C, name + "_cuda")(*args, B.stream_of(t))
+            getattr(B._C, name + "_cuda")(**kw, stream=B.stream_of(t))
+    elif threads:
+        getattr(B._C, name + "_cpu")(**kw, nthreads=B.num_threads())
     else:
-        getattr(B._C, name + "_cpu")(*args, B.num_threads())
+        getattr(B._C, name + "_cpu")(**kw)
 
 
 def _sizes(x: Tensor) -> tuple[int, int, int]:
@@ -166,24 +168,23 @@ def _lu_weight(
     if L.dim() != 2 or L.shape[0] != L.shape[1] or L.dtype not in B.DTYPE_CODES:
         raise ValueError(f"L must be a floating [C, C] matrix, got {L.dtype} {tuple(L.shape)}")
     c, dt, dev = L.shape[0], L.dtype, L.device
-    ptrs = [
-        B.ptr(t, dt, k, dev, name)
+    ptrs = {
+        f"{name.lower()}_ptr": B.ptr(t, dt, k, dev, name)
         for name, t, k in (
             ("P", P, c * c), ("L", L, c * c), ("U", U, c * c), ("log_s", log_s, c),
             ("sign_s", sign_s, c),
         )
-    ]  # fmt: skip
+    }  # fmt: skip
     W = torch.empty_like(L)
     W_inv = torch.empty_like(L)
     logdet = torch.empty((), dtype=B.acc_dtype(dt), device=dev)
-    nbytes = B._C.lu_weight_workspace_bytes(B.DTYPE_CODES[dt], c)
+    code = B.DTYPE_CODES[dt]
+    nbytes = B._C.lu_weight_workspace_bytes(dtype=code, c=c)
     ws = torch.empty(max(nbytes, 1), dtype=torch.uint8, device=dev)
-    args = (B.DTYPE_CODES[dt], c, *ptrs, B.ptr(W), B.ptr(W_inv), B.ptr(logdet), B.ptr(ws))
-    if dev.type == "cuda":
-        with B.cuda_guard(L):
-            B._C.lu_weight_cuda(*args, B.stream_of(L))
-    else:
-        B._C.lu_weight_cpu(*args)
+    _run(
+        "lu_weight", L, threads=False, dtype=code, c=c, **ptrs, w_ptr=B.ptr(W),
+        w_inv_ptr=B.ptr(W_inv), logdet_ptr=B.ptr(logdet), workspace_ptr=B.ptr(ws),
+    )  # fmt: skip
     return W, W_inv, logdet
 
 
@@ -240,7 +241,10 @@ def _channel_affine_impl(x: Tensor, W: Tensor, b: Tensor | None) -> Tensor:
     px = B.ptr(x, dt, x.numel(), dev, "x")
     pw, pb = B.ptr(W, dt, c * c, dev, "W"), B.ptr(b, dt, c, dev, "b")
     y = torch.empty_like(x, memory_format=torch.contiguous_format)
-    _run("channel_affine", x, B.DTYPE_CODES[dt], n, c, p, px, pw, pb, B.ptr(y))
+    _run(
+        "channel_affine", x, dtype=B.DTYPE_CODES[dt], n=n, c=c, p=p, x_ptr=px, w_ptr=pw,
+        b_ptr=pb, y_ptr=B.ptr(y),
+    )  # fmt: skip
     return y
 
 
@@ -263,24 +267,17 @@ def _channel_affine_grad_params_impl(x: Tensor, grad_y: Tensor) -> tuple[Tensor,
     gb = x.new_empty((c,))
     code = B.DTYPE_CODES[x.dtype]
     if x.device.type == "cuda":
-        nbytes = B._C.channel_affine_grad_workspace_bytes_cuda(code, n, c, p)
+        nbytes = B._C.channel_affine_grad_workspace_bytes_cuda(dtype=code, n=n, c=c, p=p)
     else:
-        nbytes = B._C.channel_affine_grad_workspace_bytes_cpu(code, c, B.num_threads())
+        nbytes = B._C.channel_affine_grad_workspace_bytes_cpu(
+            dtype=code, c=c, nthreads=B.num_threads()
+        )
     ws = torch.empty(max(nbytes, 1), dtype=torch.uint8, device=x.device)
     _run(
-        "channel_affine_grad_params",
-        x,
-        code,
-        n,
-        c,
-        p,
-        px,
-        pg,
-        B.ptr(gw),
-        B.ptr(gb),
-        B.ptr(ws),
-        nbytes,
-    )
+        "channel_affine_grad_params", x, dtype=code, n=n, c=c, p=p, x_ptr=px, grad_y_ptr=pg,
+        grad_w_ptr=B.ptr(gw), grad_b_ptr=B.ptr(gb), workspace_ptr=B.ptr(ws),
+        workspace_bytes=nbytes,
+    )  # fmt: skip
     return gw, gb
 
 

@@ -54,7 +54,8 @@ __all__ = [
     "torch_degree_walk",
 ]
 
-#: activation name -> kernel code (csrc/made.h, enum Activation)
+#: activation name -> kernel code (csrc/made.h, enum Activation; _C.ACTIVATIONS, pinned by
+#: tests/test_bindings.py)
 ACTIVATIONS = {"relu": 0, "tanh": 1, "elu": 2}
 
 
@@ -614,7 +615,7 @@ def _device_bounds(bounds_list: list[int], device: torch.device) -> Tensor:
 def _cuda_walk_fits(dtype: torch.dtype, d: int, hidden: list[int], device: torch.device) -> bool:
     """Whether the CUDA walk handles this MADE on ``device`` (layers, shared memory per block)."""
     with torch.cuda.device(device):
-        return bool(B._C.made_cuda_supported(B.DTYPE_CODES[dtype], d, hidden))
+        return bool(B._C.made_cuda_supported(dtype=B.DTYPE_CODES[dtype], d=d, hidden=hidden))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -624,7 +625,9 @@ def _cuda_walk_fits(dtype: torch.dtype, d: int, hidden: list[int], device: torch
 def _workspace(u: Tensor, d: int, hidden: list[int]) -> tuple[Tensor | None, int]:
     if u.device.type == "cuda":
         return None, 0
-    nbytes = B._C.made_workspace_bytes(B.DTYPE_CODES[u.dtype], d, hidden, B.num_threads())
+    nbytes = B._C.made_workspace_bytes(
+        dtype=B.DTYPE_CODES[u.dtype], d=d, hidden=hidden, nthreads=B.num_threads()
+    )
     return torch.empty(max(nbytes, 1), dtype=torch.uint8, device=u.device), nbytes
 
 
@@ -658,22 +661,21 @@ def _made_inv(
         wp.append(B.ptr(w, dt, rows * cols, dev, f"weights[{l}]"))
         bp.append(B.ptr(b, dt, rows, dev, f"biases[{l}]"))
         cols = rows
-    pu = B.ptr(us, dt, n * d, dev, "us")
-    pinit = B.ptr(init, dt, n * hidden[0], dev, "init")
-    px, pld = B.ptr(xs), B.ptr(logdet)
+    kw = dict(
+        dtype=code, act=act, mode=mode, clamp=clamp, n=n, d=d, hidden=hidden,
+        u_ptr=B.ptr(us, dt, n * d, dev, "us"), init_ptr=B.ptr(init, dt, n * hidden[0], dev, "init"),
+        weight_ptrs=wp, bias_ptrs=bp, bounds=bounds_list, x_ptr=B.ptr(xs),
+        logdet_ptr=B.ptr(logdet),
+    )  # fmt: skip
     if dev.type == "cuda":
         pb = B.ptr(bounds, torch.long, len(bounds_list), dev, "bounds")
         with B.cuda_guard(us):
-            B._C.made_affine_inverse_cuda(
-                code, act, mode, clamp, n, d, hidden, pu, pinit, wp, bp, bounds_list, pb, px, pld,
-                B.stream_of(us),
-            )  # fmt: skip
+            B._C.made_affine_inverse_cuda(**kw, bounds_dev_ptr=pb, stream=B.stream_of(us))
     else:
         ws, nbytes = _workspace(us, d, hidden)
         B._C.made_affine_inverse_cpu(
-            code, act, mode, clamp, n, d, hidden, pu, pinit, wp, bp, bounds_list, px, pld,
-            B.ptr(ws), nbytes, B.num_threads(),
-        )  # fmt: skip
+            **kw, workspace_ptr=B.ptr(ws), workspace_bytes=nbytes, nthreads=B.num_threads()
+        )
     return xs, logdet
 
 

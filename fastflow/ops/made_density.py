@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 
 from fastflow import _backend as B
-from fastflow.ops.coupling import SCALE_FNS, _run, _sp
+from fastflow.ops.coupling import SCALE_FNS, _head, _run, _strided
 from fastflow.ops.made import _check_mlp, _check_options, made_affine_forward
 
 __all__ = ["MADELayout", "made_affine_density", "made_views"]
@@ -90,11 +90,13 @@ class _MadeDensity(torch.autograd.Function):
             h = torch.addmm(biases[l], h, mw[l].t())
         n, d = x.shape
         shift, raw = h[:, :d], h[:, d:]
-        args = (*_sp("x", x, x), *_sp("raw", raw, x), *_sp("shift", shift, x), 0)
         u = torch.empty_like(x)
         logdet = torch.empty(n, dtype=x.dtype, device=x.device)
-        code = B.DTYPE_CODES[x.dtype]
-        _run("coupling_inverse", x, code, mode, clamp, n, d, *args, B.ptr(u), B.ptr(logdet))
+        _run(
+            "coupling_inverse", x, **_head(x, mode, clamp), **_strided("y", "x", x, x),
+            **_strided("raw", "raw", raw, x), **_strided("shift", "shift", shift, x), mask_ptr=0,
+            x_ptr=B.ptr(u), logdet_ptr=B.ptr(logdet),
+        )  # fmt: skip
         ctx.save_for_backward(x, context, params, u, h, *acts, *mw)
         ctx.meta = (layout, masks, activation, mode, clamp)
         return u, logdet
@@ -112,11 +114,11 @@ class _MadeDensity(torch.autograd.Function):
         gshift = torch.empty_like(x)
         gu = B.ptr(grad_u.contiguous(), x.dtype, n * d, x.device, "grad_u")
         gl = B.ptr(grad_logdet.contiguous(), x.dtype, n, x.device, "grad_logdet")
-        raw_p, raw_s = _sp("raw", out[:, d:], x)
         _run(
-            "coupling_inverse_backward", x, B.DTYPE_CODES[x.dtype], mode, clamp, n, d,
-            B.ptr(u, x.dtype, n * d, x.device, "u"), raw_p, raw_s, 0, gu, gl, B.ptr(gx),
-            B.ptr(graw), B.ptr(gshift),
+            "coupling_inverse_backward", x, **_head(x, mode, clamp),
+            x_ptr=B.ptr(u, x.dtype, n * d, x.device, "u"), **_strided("raw", "raw", out[:, d:], x),
+            mask_ptr=0, grad_x_ptr=gu, grad_logdet_ptr=gl, grad_y_ptr=B.ptr(gx),
+            grad_raw_ptr=B.ptr(graw), grad_shift_ptr=B.ptr(gshift),
         )  # fmt: skip
         g_out[:, :d] = gshift
         g_out[:, d:] = graw

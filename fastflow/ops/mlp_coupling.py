@@ -38,9 +38,10 @@ from fastflow import _backend as B
 from fastflow.ops._checks import check_float_tensor
 from fastflow.ops.coupling import (
     SCALE_FNS,
+    _head,
     _ref_scale,
     _run,
-    _sp,
+    _strided,
     check_scale,
 )
 
@@ -191,10 +192,14 @@ def _mlp_forward(inp: Tensor, views, keep: bool) -> tuple[Tensor, list[Tensor]]:
 def _coupling_call(name: str, x: Tensor, raw: Tensor, shift: Tensor, mode: int, clamp: float):
     """``coupling_forward``/``coupling_inverse`` kernel on batch-strided views (read in place)."""
     n, m = x.shape
-    args = (*_sp("x", x, x), *_sp("raw", raw, x), *_sp("shift", shift, x), 0)
     y = torch.empty((n, m), dtype=x.dtype, device=x.device)
     logdet = torch.empty(n, dtype=x.dtype, device=x.device)
-    _run(name, x, B.DTYPE_CODES[x.dtype], mode, clamp, n, m, *args, B.ptr(y), B.ptr(logdet))
+    ins, outs = ("y", "x") if name == "coupling_inverse" else ("x", "y")
+    _run(
+        name, x, **_head(x, mode, clamp), **_strided(ins, "x", x, x),
+        **_strided("raw", "raw", raw, x), **_strided("shift", "shift", shift, x), mask_ptr=0,
+        **{f"{outs}_ptr": B.ptr(y)}, logdet_ptr=B.ptr(logdet),
+    )  # fmt: skip
     return y, logdet
 
 
@@ -225,12 +230,12 @@ class _FusedMLPCoupling(torch.autograd.Function):
         g_out = torch.empty_like(out)
         gxb = torch.empty_like(xb, memory_format=torch.contiguous_format)
         graw = torch.empty((n, db), dtype=x.dtype, device=x.device)
-        args = (*_sp("x", xb, xb), *_sp("raw", raw, xb), 0)
-        gy_p = B.ptr(gyb, x.dtype, n * db, x.device, "grad_y")
-        gl_p = B.ptr(grad_logdet.contiguous(), x.dtype, n, x.device, "grad_logdet")
         _run(
-            "coupling_backward", xb, B.DTYPE_CODES[x.dtype], mode, clamp, n, db, *args, gy_p,
-            gl_p, B.ptr(gxb), B.ptr(graw),
+            "coupling_backward", xb, **_head(xb, mode, clamp), **_strided("x", "x", xb, xb),
+            **_strided("raw", "raw", raw, xb), mask_ptr=0,
+            grad_y_ptr=B.ptr(gyb, x.dtype, n * db, x.device, "grad_y"),
+            grad_logdet_ptr=B.ptr(grad_logdet.contiguous(), x.dtype, n, x.device, "grad_logdet"),
+            grad_x_ptr=B.ptr(gxb), grad_raw_ptr=B.ptr(graw),
         )  # fmt: skip
         g_out[:, :db] = graw
         g_out[:, db:] = gyb
