@@ -360,3 +360,17 @@ def test_registry_and_training_with_noise(tmp_path):
     flow, _, _ = load_model(ck)
     load_inverse(str(tmp_path / "run" / "inverse.pt"), flow)
     assert flow.sample(2, method="learned").shape == (2, 1, 8, 8)
+
+
+def test_bench_smoke():
+    """``fastflow bench --only tarflow`` at smoke sizes: runs end to end, rows of every method."""
+    pytest.importorskip("sklearn")
+    from fastflow.bench import BenchConfig
+    from fastflow.bench.tarflow import run
+
+    rows = run(BenchConfig(smoke=True, log=lambda s: None))
+    decode = {r["impl"]: r for r in rows if r["metric"] == "decode"}
+    assert set(decode) == {"naive", "exact", "jacobi", "learned"}
+    assert decode["exact"]["iterations"] == 2 * 15  # two blocks of 16 tokens, one pass per token
+    assert {r["impl"] for r in rows if r["metric"] == "test_bpd"} == {"TarFlow", "Glow"}
+    assert all(math.isfinite(r["value"]) for r in rows)
