@@ -21,25 +21,38 @@ degree), where every mask is a prefix. Three implementations:
 * :func:`reference_made_affine_inverse`, the naive ``D``-pass loop (the specification).
 
 Gradients: the density direction is plain autograd (masked matmuls + the fused coupling op). The
-inverse's backward uses the implicit-function rule at the solution ``x``: with ``J = du/dx``
-(triangular), ``grad_u = J^-T g`` and ``grad_theta = -(J^-T g)^T du/dtheta``, where ``J^-T g`` is
-found by the exact fixed-point (Neumann) iteration ``lam += exp(s) * (g - J^T lam)``, each step one
-vector-Jacobian product of the density direction; it terminates after at most ``D`` steps because
-the off-diagonal part of ``J`` is nilpotent. So training through the inverse costs up to ``D``
-backward passes (sampling without gradients costs one pass).
+inverse's backward uses the implicit-function rule at the solution ``x`` (see
+:mod:`fastflow.ops.made_native`), so training through the inverse costs up to ``D`` backward
+passes (sampling without gradients costs one pass).
+
+This module holds the public ops and their argument checks; the pure-PyTorch references live in
+:mod:`fastflow.ops.made_reference` and the native op in :mod:`fastflow.ops.made_native` (both
+re-exported here).
 """
 
 from __future__ import annotations
 
-from typing import NamedTuple
-
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from fastflow import _backend as B
 from fastflow.ops._checks import check_float_tensor
-from fastflow.ops.coupling import SCALE_FNS, affine_coupling_inverse, check_scale
+from fastflow.ops.coupling import affine_coupling_inverse, check_scale
+from fastflow.ops.made_native import (
+    ACTIVATIONS,
+    _device_bounds,  # noqa: F401 (re-exported: tests)
+    native_made_affine_inverse,
+)
+from fastflow.ops.made_reference import (
+    PackedMADE,
+    _act,  # noqa: F401 (re-exported: made_spline)
+    _context_term,  # noqa: F401 (re-exported: made_spline)
+    _mlp,
+    _sorted_mlp,  # noqa: F401 (re-exported: made_spline)
+    degree_mask,
+    reference_made_affine_inverse,
+    torch_degree_walk,
+)
 
 __all__ = [
     "ACTIVATIONS",
@@ -53,33 +66,6 @@ __all__ = [
     "reference_made_affine_inverse",
     "torch_degree_walk",
 ]
-
-#: activation name -> kernel code (csrc/made.h, enum Activation; _C.ACTIVATIONS, pinned by
-#: tests/test_bindings.py)
-ACTIVATIONS = {"relu": 0, "tanh": 1, "elu": 2}
-
-
-def _act(h: Tensor, activation: str) -> Tensor:
-    if not (torch.is_grad_enabled() and h.requires_grad):
-        # no autograd graph: in place, saving an allocation (and its page faults) per layer
-        if activation == "relu":
-            return h.relu_()
-        if activation == "tanh":
-            return h.tanh_()
-        return F.elu_(h)
-    if activation == "relu":
-        return F.relu(h)
-    if activation == "tanh":
-        return torch.tanh(h)
-    return F.elu(h)
-
-
-def _scale(raw: Tensor, scale_fn: str, clamp: float) -> Tensor:
-    if scale_fn == "softclamp":
-        return clamp * torch.tanh(raw / clamp)
-    if scale_fn == "glow":
-        return F.logsigmoid(raw + 2.0)
-    return raw
 
 
 def _check_options(activation: str, scale_fn: str, clamp: float) -> float:
@@ -174,11 +160,6 @@ def _check_mlp(x, weights, biases, context, context_weight, min_out: int = 1) ->
                 raise TypeError(f"{name} has dtype {t.dtype} but x has dtype {x.dtype}")
 
 
-def _mlp(x, weights, biases, activation, context, context_weight) -> Tensor:
-    init = None if context is None else context @ context_weight.t()
-    return _sorted_mlp(x, weights, biases, init, activation)
-
-
 def made_affine_forward(
     x: Tensor,
     weights: list[Tensor],
@@ -226,28 +207,6 @@ def made_affine_forward(
 
 # ----------------------------------------------------------------------------------------------
 # Sorted coordinates.
-
-
-class PackedMADE(NamedTuple):
-    """A MADE in sorted coordinates (see :func:`pack_made`)."""
-
-    order: Tensor  #: int64 [D]: order[k] is the input of degree k + 1
-    weights: list[Tensor]  #: masked, rows/cols sorted; the last is [2 D, H_L] (shifts, raw scales)
-    biases: list[Tensor]
-    context_weight: Tensor | None  #: [H_1, C], rows sorted
-    bounds: Tensor  #: int64 [L, D + 1]: bounds[l, m] = #units of layer l with degree <= m
-    bounds_list: list[int]  #: the same table as a flat Python list (host-side checks)
-
-
-def degree_mask(out_deg: Tensor, in_deg: Tensor, strict: bool) -> Tensor:
-    """MADE connectivity: unit ``i`` of degree ``out_deg[i]`` reads input ``j`` iff
-    ``out_deg[i] >= in_deg[j]`` (hidden layers) or ``>`` (``strict``: the output layer).
-
-    Example:
-        >>> degree_mask(torch.tensor([1, 2]), torch.tensor([1, 2]), strict=True).int().tolist()
-        [[0, 0], [1, 0]]
-    """
-    return (out_deg[:, None] > in_deg[None, :]) if strict else (out_deg[:, None] >= in_deg[None, :])
 
 
 def pack_made(
@@ -338,150 +297,6 @@ def pack_made(
         cw = cw.contiguous()
     bt = torch.stack(bounds).to(torch.long)
     return PackedMADE(order, ws, bs, cw, bt, bt.flatten().tolist())
-
-
-def _context_term(packed: PackedMADE, context: Tensor | None) -> Tensor | None:
-    """``context @ context_weight^T`` in ``context``'s dtype (the walk's accumulation dtype).
-
-    Autocast is switched off here: under it the product would come back in bf16/fp16 while the
-    walk reads the buffer as fp32/fp64 (twice its size)."""
-    if context is None:
-        return None
-    with torch.autocast(context.device.type, enabled=False):
-        return (context @ packed.context_weight.to(context.dtype).t()).contiguous()
-
-
-def _sorted_mlp(xs: Tensor, weights, biases, init, activation: str) -> Tensor:
-    h = xs
-    last = len(weights) - 1
-    for l, (w, b) in enumerate(zip(weights, biases)):
-        h = torch.addmm(b, h, w.t())
-        if l == 0 and init is not None:
-            h = h + init
-        if l < last:
-            h = _act(h, activation)
-    return h
-
-
-def _sorted_density(xs, weights, biases, init, activation, scale_fn, clamp):
-    """u, logdet of the density direction in sorted coordinates (differentiable)."""
-    d = xs.shape[1]
-    out = _sorted_mlp(xs, weights, biases, init, activation)
-    s = _scale(out[:, d : 2 * d], scale_fn, clamp)
-    return (xs - out[:, :d]) * torch.exp(-s), -s.sum(1), s
-
-
-# ----------------------------------------------------------------------------------------------
-# References.
-
-
-def reference_made_affine_inverse(
-    u: Tensor,
-    packed: PackedMADE,
-    context: Tensor | None = None,
-    activation: str = "relu",
-    scale_fn: str = "softclamp",
-    clamp: float = 3.0,
-) -> tuple[Tensor, Tensor]:
-    """The naive inverse (the specification): ``D`` full network passes, one per input.
-
-    Example:
-        >>> p = pack_made([torch.randn(4, 2), torch.randn(4, 4)], [torch.zeros(4)] * 2,
-        ...               torch.tensor([1, 2]), [torch.ones(4, dtype=torch.long)])
-        >>> x, ld = reference_made_affine_inverse(torch.randn(3, 2), p)
-        >>> x.shape
-        torch.Size([3, 2])
-    """
-    with torch.autocast(u.device.type, enabled=False):  # the specification: accumulation dtype
-        return _reference_inverse(u, packed, context, activation, scale_fn, clamp)
-
-
-def _reference_inverse(u, packed, context, activation, scale_fn, clamp):
-    acc = B.acc_dtype(u.dtype)
-    us = u.to(acc)[:, packed.order]
-    init = _context_term(packed, None if context is None else context.to(acc))
-    ws = [w.to(acc) for w in packed.weights]
-    bs = [b.to(acc) for b in packed.biases]
-    d = u.shape[1]
-    xs = torch.zeros_like(us)
-    for k in range(d):
-        out = _sorted_mlp(xs, ws, bs, init, activation)
-        s = _scale(out[:, d + k], scale_fn, clamp)
-        xk = us[:, k] * torch.exp(s) + out[:, k]
-        xs = torch.cat([xs[:, :k], xk[:, None], xs[:, k + 1 :]], 1)
-    out = _sorted_mlp(xs, ws, bs, init, activation)
-    logdet = _scale(out[:, d : 2 * d], scale_fn, clamp).sum(1)
-    x = torch.empty_like(xs)
-    x[:, packed.order] = xs
-    return x.to(u.dtype), logdet
-
-
-@torch.no_grad()
-def torch_degree_walk(
-    u: Tensor,
-    packed: PackedMADE,
-    context: Tensor | None = None,
-    activation: str = "relu",
-    scale_fn: str = "softclamp",
-    clamp: float = 3.0,
-) -> tuple[Tensor, Tensor]:
-    """The degree walk written with torch slicing and matmuls (no gradients).
-
-    The same algorithm as the native kernels: hidden units of degree 0, then for each input in
-    order its output pair from the last layer's finished prefix, then every hidden unit of the next
-    degree from its mask's prefix. A second reference and the benchmark's pure-PyTorch baseline.
-
-    Example:
-        >>> p = pack_made([torch.randn(4, 2), torch.randn(4, 4)], [torch.zeros(4)] * 2,
-        ...               torch.tensor([1, 2]), [torch.tensor([1, 1, 0, 1])])
-        >>> u = torch.randn(3, 2)
-        >>> torch.allclose(torch_degree_walk(u, p)[0], reference_made_affine_inverse(u, p)[0])
-        True
-    """
-    with torch.autocast(u.device.type, enabled=False):
-        return _torch_walk(u, packed, context, activation, scale_fn, clamp)
-
-
-def _torch_walk(u, packed, context, activation, scale_fn, clamp):
-    acc = B.acc_dtype(u.dtype)
-    n, d = u.shape
-    us = u.to(acc)[:, packed.order]
-    init = _context_term(packed, None if context is None else context.to(acc))
-    ws = [w.to(acc) for w in packed.weights]
-    bs = [b.to(acc) for b in packed.biases]
-    L = len(ws) - 1
-    bl = packed.bounds_list
-    bounds = [bl[l * (d + 1) : (l + 1) * (d + 1)] for l in range(L)]
-    hs = [us.new_empty(n, w.shape[0]) for w in ws[:-1]]
-    xs = us.new_empty(n, d)
-    w_pair = ws[-1].view(2, d, -1).transpose(0, 1)  # [d, 2, H_L]
-    b_pair = bs[-1].view(2, d).t()  # [d, 2]
-    ld = us.new_zeros(n)
-
-    def groups(m: int) -> None:
-        for l in range(L):
-            r0, r1 = (0 if m == 0 else bounds[l][m - 1]), bounds[l][m]
-            if r1 <= r0:
-                continue
-            k = m if l == 0 else bounds[l - 1][m]
-            prev = xs if l == 0 else hs[l - 1]
-            pre = torch.addmm(bs[l][r0:r1], prev[:, :k], ws[l][r0:r1, :k].t())
-            if l == 0 and init is not None:
-                pre += init[:, r0:r1]
-            hs[l][:, r0:r1] = _act(pre, activation)
-
-    groups(0)
-    for k in range(d):
-        c = bounds[L - 1][k]
-        out = torch.addmm(b_pair[k], hs[-1][:, :c], w_pair[k, :, :c].t())
-        s = _scale(out[:, 1], scale_fn, clamp)
-        xs[:, k] = us[:, k] * torch.exp(s) + out[:, 0]
-        ld += s
-        if k + 1 < d:
-            groups(k + 1)
-    x = torch.empty_like(xs)
-    x[:, packed.order] = xs
-    return x.to(u.dtype), ld
 
 
 # ----------------------------------------------------------------------------------------------
@@ -607,130 +422,6 @@ def _check_bounds(packed: PackedMADE, d: int, hidden: list[int]) -> None:
         raise ValueError("packed.bounds and packed.bounds_list disagree")
 
 
-def _device_bounds(bounds_list: list[int], device: torch.device) -> Tensor:
-    t = torch.tensor(bounds_list, dtype=torch.long)
-    return t if device.type == "cpu" else t.to(device, non_blocking=True)
-
-
-def _cuda_walk_fits(dtype: torch.dtype, d: int, hidden: list[int], device: torch.device) -> bool:
-    """Whether the CUDA walk handles this MADE on ``device`` (layers, shared memory per block)."""
-    with torch.cuda.device(device):
-        return bool(B._C.made_cuda_supported(dtype=B.DTYPE_CODES[dtype], d=d, hidden=hidden))
-
-
-# ----------------------------------------------------------------------------------------------
-# Native op: the walk in sorted coordinates. Inputs are fp32/fp64, contiguous, validated.
-
-
-def _workspace(u: Tensor, d: int, hidden: list[int]) -> tuple[Tensor | None, int]:
-    if u.device.type == "cuda":
-        return None, 0
-    nbytes = B._C.made_workspace_bytes(
-        dtype=B.DTYPE_CODES[u.dtype], d=d, hidden=hidden, nthreads=B.num_threads()
-    )
-    return torch.empty(max(nbytes, 1), dtype=torch.uint8, device=u.device), nbytes
-
-
-@torch.library.custom_op("fastflow::made_affine_inverse", mutates_args=())
-def _made_inv(
-    us: Tensor,
-    init: Tensor | None,
-    weights: list[Tensor],
-    biases: list[Tensor],
-    bounds: Tensor,
-    bounds_list: list[int],
-    act: int,
-    mode: int,
-    clamp: float,
-) -> tuple[Tensor, Tensor]:
-    if us.dim() != 2 or us.dtype not in (torch.float32, torch.float64):
-        raise ValueError(f"us must be a float32/float64 [N, D] tensor, got {us.dtype} {us.shape}")
-    n, d = us.shape
-    dt, dev = us.dtype, us.device
-    if len(weights) < 2 or len(biases) != len(weights):
-        raise ValueError("weights and biases: one per hidden layer plus the output layer")
-    hidden = [w.shape[0] for w in weights[:-1]]
-    if len(bounds_list) != len(hidden) * (d + 1) or bounds.numel() != len(bounds_list):
-        raise ValueError("bounds/bounds_list must hold L * (D + 1) entries")
-    xs = torch.empty_like(us)
-    logdet = torch.empty(n, dtype=dt, device=dev)
-    code = B.DTYPE_CODES[dt]
-    wp, bp, cols = [], [], d
-    for l, (w, b) in enumerate(zip(weights, biases)):
-        rows = 2 * d if l == len(hidden) else hidden[l]
-        wp.append(B.ptr(w, dt, rows * cols, dev, f"weights[{l}]"))
-        bp.append(B.ptr(b, dt, rows, dev, f"biases[{l}]"))
-        cols = rows
-    kw = dict(
-        dtype=code, act=act, mode=mode, clamp=clamp, n=n, d=d, hidden=hidden,
-        u_ptr=B.ptr(us, dt, n * d, dev, "us"), init_ptr=B.ptr(init, dt, n * hidden[0], dev, "init"),
-        weight_ptrs=wp, bias_ptrs=bp, bounds=bounds_list, x_ptr=B.ptr(xs),
-        logdet_ptr=B.ptr(logdet),
-    )  # fmt: skip
-    if dev.type == "cuda":
-        pb = B.ptr(bounds, torch.long, len(bounds_list), dev, "bounds")
-        with B.cuda_guard(us):
-            B._C.made_affine_inverse_cuda(**kw, bounds_dev_ptr=pb, stream=B.stream_of(us))
-    else:
-        ws, nbytes = _workspace(us, d, hidden)
-        B._C.made_affine_inverse_cpu(
-            **kw, workspace_ptr=B.ptr(ws), workspace_bytes=nbytes, nthreads=B.num_threads()
-        )
-    return xs, logdet
-
-
-@_made_inv.register_fake
-def _(us, init, weights, biases, bounds, bounds_list, act, mode, clamp):
-    return torch.empty_like(us), us.new_empty(us.shape[0])
-
-
-_ACT_NAMES = {v: k for k, v in ACTIVATIONS.items()}
-_MODE_NAMES = {v: k for k, v in SCALE_FNS.items()}
-
-
-def _setup_inv(ctx, inputs, output):
-    _us, init, weights, biases, _bounds, _bl, act, mode, clamp = inputs
-    ctx.has_init = init is not None
-    ctx.n_layers = len(weights)
-    ctx.save_for_backward(output[0], init, *weights, *biases)
-    ctx.act, ctx.mode, ctx.clamp = _ACT_NAMES[act], _MODE_NAMES[mode], clamp
-
-
-def _backward_inv(ctx, grad_x, grad_logdet):
-    saved = ctx.saved_tensors
-    nl = ctx.n_layers
-    xs, init = saved[0], saved[1]
-    weights, biases = list(saved[2 : 2 + nl]), list(saved[2 + nl :])
-    with torch.enable_grad():
-        x = xs.detach().requires_grad_(True)
-        theta = [t.detach().requires_grad_(True) for t in weights + biases]
-        init_l = init.detach().requires_grad_(True) if init is not None else None
-        u_hat, ld_f, s = _sorted_density(
-            x, theta[:nl], theta[nl:], init_l, ctx.act, ctx.mode, ctx.clamp
-        )
-        gl = grad_logdet.to(x.dtype)
-        # the inverse's logdet is -ld_f(x): its explicit dependence on x
-        (g_ld_x,) = torch.autograd.grad(ld_f, x, gl, retain_graph=True)
-        g = grad_x - g_ld_x
-        # lam = J^-T g by the nilpotent fixed-point iteration (exact after <= D steps)
-        e = torch.exp(s.detach())
-        lam = e * g
-        for _ in range(x.shape[1] - 1):
-            (jt,) = torch.autograd.grad(u_hat, x, lam, retain_graph=True)
-            step = e * (g - jt)
-            if not bool(step.any()):
-                break
-            lam = lam + step
-        leaves = theta + ([init_l] if init_l is not None else [])
-        grads = torch.autograd.grad((u_hat, ld_f), leaves, (-lam, -gl), allow_unused=True)
-    grads = [torch.zeros_like(t) if gr is None else gr for gr, t in zip(grads, leaves)]
-    g_init = grads[-1] if init is not None else None
-    return lam, g_init, grads[:nl], grads[nl : 2 * nl], None, None, None, None, None
-
-
-_made_inv.register_autograd(_backward_inv, setup_context=_setup_inv)
-
-
 def made_affine_inverse(
     u: Tensor,
     packed: PackedMADE,
@@ -773,27 +464,7 @@ def made_affine_inverse(
     hidden = check_packed(packed, u, context)
     if not B.use_native(u):
         return reference_made_affine_inverse(u, packed, context, activation, scale_fn, clamp)
-    acc = B.acc_dtype(u.dtype)
-    with torch.autocast(u.device.type, enabled=False):
-        us = u.to(acc)[:, packed.order].contiguous()
-        init = _context_term(packed, None if context is None else context.to(acc))
-    ws = [w.to(acc).contiguous() for w in packed.weights]
-    bs = [b.to(acc).contiguous() for b in packed.biases]
-    if u.device.type == "cuda" and not _cuda_walk_fits(acc, us.shape[1], hidden, u.device):
-        # more layers or a wider state than the shared-memory walk holds on this GPU
+    out = native_made_affine_inverse(u, packed, context, hidden, activation, scale_fn, clamp)
+    if out is None:
         return reference_made_affine_inverse(u, packed, context, activation, scale_fn, clamp)
-    # the device copy of the degree table is built from the validated host list
-    bounds = _device_bounds(packed.bounds_list, u.device)
-    xs, logdet = _made_inv(
-        us,
-        init,
-        ws,
-        bs,
-        bounds,
-        packed.bounds_list,
-        ACTIVATIONS[activation],
-        SCALE_FNS[scale_fn],
-        clamp,
-    )
-    x = xs[:, torch.argsort(packed.order)]
-    return x.to(u.dtype), logdet
+    return out
