@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from fastflow import _backend as B
+from fastflow.ops.coupling import _ref_scale
 
 __all__ = [
     "PackedMADE",
@@ -67,14 +68,6 @@ def _act(h: Tensor, activation: str) -> Tensor:
     return F.elu(h)
 
 
-def _scale(raw: Tensor, scale_fn: str, clamp: float) -> Tensor:
-    if scale_fn == "softclamp":
-        return clamp * torch.tanh(raw / clamp)
-    if scale_fn == "glow":
-        return F.logsigmoid(raw + 2.0)
-    return raw
-
-
 def _mlp(x, weights, biases, activation, context, context_weight) -> Tensor:
     init = None if context is None else context @ context_weight.t()
     return _sorted_mlp(x, weights, biases, init, activation)
@@ -107,7 +100,7 @@ def _sorted_density(xs, weights, biases, init, activation, scale_fn, clamp):
     """u, logdet of the density direction in sorted coordinates (differentiable)."""
     d = xs.shape[1]
     out = _sorted_mlp(xs, weights, biases, init, activation)
-    s = _scale(out[:, d : 2 * d], scale_fn, clamp)
+    s = _ref_scale(out[:, d : 2 * d], scale_fn, clamp)
     return (xs - out[:, :d]) * torch.exp(-s), -s.sum(1), s
 
 
@@ -147,11 +140,11 @@ def _reference_inverse(u, packed, context, activation, scale_fn, clamp):
     xs = torch.zeros_like(us)
     for k in range(d):
         out = _sorted_mlp(xs, ws, bs, init, activation)
-        s = _scale(out[:, d + k], scale_fn, clamp)
+        s = _ref_scale(out[:, d + k], scale_fn, clamp)
         xk = us[:, k] * torch.exp(s) + out[:, k]
         xs = torch.cat([xs[:, :k], xk[:, None], xs[:, k + 1 :]], 1)
     out = _sorted_mlp(xs, ws, bs, init, activation)
-    logdet = _scale(out[:, d : 2 * d], scale_fn, clamp).sum(1)
+    logdet = _ref_scale(out[:, d : 2 * d], scale_fn, clamp).sum(1)
     x = torch.empty_like(xs)
     x[:, packed.order] = xs
     return x.to(u.dtype), logdet
@@ -216,7 +209,7 @@ def _torch_walk(u, packed, context, activation, scale_fn, clamp):
     for k in range(d):
         c = bounds[L - 1][k]
         out = torch.addmm(b_pair[k], hs[-1][:, :c], w_pair[k, :, :c].t())
-        s = _scale(out[:, 1], scale_fn, clamp)
+        s = _ref_scale(out[:, 1], scale_fn, clamp)
         xs[:, k] = us[:, k] * torch.exp(s) + out[:, 0]
         ld += s
         if k + 1 < d:
