@@ -16,7 +16,9 @@ adds its benchmark by adding one file, ``fastflow/bench/<name>.py``::
 Rows are dicts with ``bench``, ``case``, ``metric``, ``impl`` (``fastflow``, a peer, or a
 baseline), ``unit`` (``ms``, ``MiB``, ``nats``, ``bits/dim``: lower is better for all) and
 ``value``; timed rows also ``min``/``max``/``rounds`` (per-round medians, interleaved with the
-other implementations, so per-round ratios are paired) and ``params``. The suite turns them
+other implementations, so per-round ratios are paired) and ``params``. Likelihood rows have a
+``metric`` starting with ``test`` (e.g. ``test_nll``), per-seed ``seeds_values`` and ``wall_s``
+lists, and their case's floor a row with ``floor=True``. The suite turns them
 into the JSON, the markdown table (ratios peer / fastflow) and the charts
 (:mod:`fastflow.bench._report`).
 
@@ -186,7 +188,7 @@ def run_suite(cfg: BenchConfig) -> dict:
     base = os.path.join(cfg.out, f"bench-{stamp}-{dev}{'-quick' if cfg.quick else ''}")
     result = {
         "fastflow_bench": 1,
-        "command": "fastflow bench" + (" --quick" if cfg.quick else ""),
+        "command": _command_line(cfg),
         "config": {
             "quick": cfg.quick,
             "smoke": cfg.smoke,
@@ -202,12 +204,29 @@ def run_suite(cfg: BenchConfig) -> dict:
         "errors": errors,
         "rows": rows,
     }
-    files = R.write_outputs(result, base, charts=cfg.charts)
+    try:
+        files = R.write_outputs(result, base, charts=cfg.charts)
+        cfg.log("")
+        cfg.log(R.markdown(result))
+    except Exception as e:  # noqa: BLE001 - the JSON is written first and must not be lost
+        if os.environ.get("FASTFLOW_DEBUG"):
+            raise
+        files = [base + ".json"]
+        result["errors"]["report"] = " ".join(f"{type(e).__name__}: {e}".split())[:500]
+        cfg.log(f"bench: the report failed ({result['errors']['report']}); rows are in {files[0]}")
     result["files"] = files
-    cfg.log("")
-    cfg.log(R.markdown(result))
     cfg.log("wrote " + ", ".join(files))
     return result
+
+
+def _command_line(cfg: BenchConfig) -> str:
+    parts = ["fastflow bench"] + (["--quick"] if cfg.quick and not cfg.smoke else [])
+    parts += ["--smoke"] if cfg.smoke else []
+    parts += [] if cfg.device == "cpu" else [f"--device {cfg.device}"]
+    parts += [] if cfg.threads is None else [f"--threads {cfg.threads}"]
+    parts += [f"--only {' '.join(cfg.only)}"] if cfg.only else []
+    parts += [] if tuple(cfg.seeds) == (0, 1) else [f"--seeds {' '.join(map(str, cfg.seeds))}"]
+    return " ".join(parts)
 
 
 # -- the command ----------------------------------------------------------------------------------

@@ -94,12 +94,28 @@ def _num(v, unit="") -> str:
     return f"{v:.3g}" if abs(v) < 1000 else f"{v:.0f}"
 
 
+def _list(v) -> list:
+    """A row's per-seed field as a list (modules may store one value)."""
+    if v is None:
+        return []
+    return list(v) if isinstance(v, (list, tuple)) else [v]
+
+
 def _f4(v) -> str:
     return f"{v:.4f}" if _finite(v) else "-"
 
 
+FLOOR_NAMES = ("true density", "per-pixel histogram")
+
+
+def is_floor(r: dict) -> bool:
+    """A floor/baseline row of a likelihood case (``floor=True`` or a floor's name)."""
+    return bool(r.get("floor")) or r["impl"] in FLOOR_NAMES
+
+
 def likelihood_rows(rows: list[dict]) -> list[dict]:
-    return [r for r in rows if r["unit"] in ("nats", "bits/dim")]
+    """Test NLL rows (metric ``test_...`` in nats or bits/dim) and their floors."""
+    return [r for r in rows if r["unit"] in ("nats", "bits/dim") and r["metric"].startswith("test")]
 
 
 def markdown(result: dict) -> str:
@@ -111,7 +127,7 @@ def markdown(result: dict) -> str:
     lines = [
         f"`{result.get('command', 'fastflow bench')}` on {dev or env.get('cpu_model')} "
         f"({env.get('cpu_count')} cores, {', '.join(env.get('cpu_isa') or [])}; "
-        f"{cfg.get('threads')} threads), torch {env.get('torch')}, fastflow "
+        f"threads: {cfg.get('threads')}), torch {env.get('torch')}, fastflow "
         f"{(env.get('fastflow') or {}).get('version')} (git {env.get('git_revision')}), "
         f"{env.get('date')}"
         + (
@@ -152,24 +168,28 @@ def markdown(result: dict) -> str:
             "wall s per run | steps |",
             "|---|---|---|---|---|---|---|---|---|",
         ]
-        floors = {r["case"]: r for r in lik if r.get("floor")}
+        floors = {r["case"]: r for r in lik if is_floor(r)}
         for r in lik:
-            seeds = r.get("seeds_values")
-            wall = r.get("wall_s")
+            seeds = _list(r.get("seeds_values"))
+            wall = _list(r.get("wall_s"))
             f = floors.get(r["case"])
             gap = "-" if f is None or r is f else f"{r['value'] - f['value']:+.3f}"
+            spread = r.get("spread")
+            fin = [v for v in seeds if _finite(v)]
+            if spread is None and len(fin) > 1:
+                spread = max(fin) - min(fin)
             lines.append(
                 f"| {r['case']} | {r['impl']} | {r.get('params') or '-'} | "
-                f"{_f4(r['value'])} {r['unit']} | {_f4(r.get('spread'))} | {gap} | "
+                f"{_f4(r['value'])} {r['unit']} | {_f4(spread)} | {gap} | "
                 f"{', '.join(_f4(v) for v in seeds) if seeds else '-'} | "
-                f"{', '.join(f'{w:.1f}' for w in wall) if wall else '-'} | "
-                f"{r.get('steps') or '-'} |"
+                f"{', '.join(f'{w:.1f}' for w in wall if _finite(w)) if wall else '-'} | "
+                f"{'-' if is_floor(r) else r.get('steps') or '-'} |"
             )
         lines.append("")
     other = [
         r
         for r in rows
-        if r["unit"] not in ("nats", "bits/dim")
+        if r not in lik
         and not any(
             (q["bench"], q["case"], q["metric"]) == (r["bench"], r["case"], r["metric"])
             for q in rat
@@ -262,11 +282,11 @@ def likelihood_chart(result: dict, path: str) -> str | None:
     nrows = math.ceil(n / cols)
     fig, axes = plt.subplots(nrows, cols, figsize=(3.6 * cols, 3.0 * nrows), squeeze=False)
     for ax, (case, rs) in zip(axes.flat, cases.items()):
-        libs = [r for r in rs if not r.get("floor")]
-        floors = [r for r in rs if r.get("floor")]
+        libs = [r for r in rs if not is_floor(r)]
+        floors = [r for r in rs if is_floor(r)]
         vals = [r["value"] for r in libs]
-        lo = [r["value"] - min(r.get("seeds_values") or [r["value"]]) for r in libs]
-        hi = [max(r.get("seeds_values") or [r["value"]]) - r["value"] for r in libs]
+        lo = [r["value"] - min(_list(r.get("seeds_values")) or [r["value"]]) for r in libs]
+        hi = [max(_list(r.get("seeds_values")) or [r["value"]]) - r["value"] for r in libs]
         ax.bar(range(len(libs)), vals, yerr=[lo, hi], color="#4c72b0", capsize=3)
         ax.set_xticks(range(len(libs)))
         ax.set_xticklabels([r["impl"] for r in libs], fontsize=8, rotation=20)
@@ -292,7 +312,7 @@ def likelihood_chart(result: dict, path: str) -> str | None:
 def write_outputs(result: dict, base: str, charts: bool = True) -> list[str]:
     """``base.json``, ``base.md`` and (when matplotlib is installed) ``base-speed.png`` and
     ``base-likelihood.png``; returns the paths written."""
-    files = [write_json(base + ".json", result)]
+    files = [write_json(base + ".json", result)]  # first: a report bug must not lose the run
     md = base + ".md"
     with open(md + ".tmp", "w") as f:
         f.write(markdown(result))
@@ -304,6 +324,14 @@ def write_outputs(result: dict, base: str, charts: bool = True) -> list[str]:
             if p:
                 files.append(p)
     return files
+
+
+def render(path: str, charts: bool = True) -> list[str]:
+    """Write the markdown and charts of a saved run ``path`` (``.json``) again, next to it."""
+    with open(path) as f:
+        result = json.load(f)
+    base = path[: -len(".json")] if path.endswith(".json") else path
+    return write_outputs(result, base, charts)[1:]
 
 
 # -- comparing two runs ---------------------------------------------------------------------------

@@ -55,13 +55,13 @@ def run(cfg) -> list[dict]:
     backward, Adam) with stored activations and with invertible recomputation, against
     normflows' Glow of the same architecture (which stores activations).
 
-    Quick: 3x16x16, L2 K4 h64, batch 16. Full: 3x32x32, L3 K16 h512, batch 64.
+    Quick: 3x16x16, L2 K4 h64, batch 64. Full: 3x32x32, L3 K16 h512, batch 64.
     """
     from fastflow.bench.train_step import glow_normflows
 
     dev = torch.device(cfg.device)
     shape, levels, steps, hidden, batch = cfg.pick(
-        ((3, 32, 32), 3, 16, 512, 64), ((3, 16, 16), 2, 4, 64, 16)
+        ((3, 32, 32), 3, 16, 512, 64), ((3, 16, 16), 2, 4, 64, 64)
     )
     torch.manual_seed(0)
     ff = Glow(shape, levels=levels, steps=steps, hidden=hidden).to(dev)
