@@ -152,6 +152,14 @@ def run_suite(cfg: BenchConfig) -> dict:
     C.require_native(cfg.device)
     C.timing_mode()
     env = C.environment(cfg.device)
+    load = (env.get("load_average") or [0.0])[0]
+    if load > 0.75 * (env["cpu_count"] or 1) and str(cfg.device) == "cpu":
+        cfg.log(
+            f"bench: note: load average {load:.1f} on {env['cpu_count']} cores: other processes "
+            "share the CPU, so timings are noisy (ratios are paired per round); with several "
+            "threads per process small ops can slow down many times over, --threads 1 suffers "
+            "least"
+        )
     cfg.log(
         f"fastflow bench{' --quick' if cfg.quick else ''}: {', '.join(names)} on {cfg.device} "
         f"({env['cpu_model']}, {env['cpu_count']} cores, {torch.get_num_threads()} threads, "
