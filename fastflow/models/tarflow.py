@@ -454,6 +454,7 @@ def train_inverse(
     inverse: LearnedInverse | None = None,
     seed: int = 0,
     log_every: int = 0,
+    max_seconds: float | None = None,
 ) -> tuple[LearnedInverse, list[dict]]:
     """Train BiFlow's learned inverse of a frozen ``model`` and attach it
     (``model.sample(method="learned")``).
@@ -474,6 +475,8 @@ def train_inverse(
         inverse: continue training this one (default: a new :meth:`LearnedInverse.for_model`).
         seed: batch order and noise.
         log_every: print the losses every this many steps (0: quiet).
+        max_seconds: also stop after this much wall time (``steps`` is then an upper bound;
+            the cosine decay still spans ``steps``).
 
     Returns:
         ``(inverse, history)``; ``history`` has ``{"step", "loss", "recon", "align"}`` records
@@ -510,6 +513,7 @@ def train_inverse(
     n = data.shape[0]
     every = max(1, steps // 50)
     history: list[dict] = []
+    t0 = time.perf_counter()
     try:
         for step in range(steps):
             idx = torch.randint(0, n, (min(batch_size, n),), generator=g)
@@ -546,6 +550,12 @@ def train_inverse(
                         f"train-inverse step {step + 1}/{steps}  loss {rec['loss']:.4f}  "
                         f"recon {rec['recon']:.5f}  align {rec['align']:.4f}"
                     )
+            if max_seconds is not None and time.perf_counter() - t0 >= max_seconds:
+                history.append(
+                    {"step": step + 1, "loss": loss.item(), "recon": recon.item(),
+                     "align": align.item()}
+                )  # fmt: skip
+                break
     finally:
         model.train(was_training)
     inv.eval()
