@@ -149,6 +149,22 @@ def test_smoke_run_end_to_end_with_a_missing_peer(tmp_path, monkeypatch, capsys)
     assert any(r["peer"] == "nflows" for r in ratios(rows))
 
 
+def test_quick_run_of_one_small_benchmark(tmp_path):
+    """The CI check of the issue: ``fastflow bench --quick --only maf`` end to end (a few
+    seconds on one thread), whatever peers are installed."""
+    argv = ["bench", "--quick", "--only", "maf", "--threads", "1", "--out", str(tmp_path)]
+    assert main(argv) == 0
+    (js,) = [f for f in os.listdir(tmp_path) if f.endswith(".json")]
+    with open(tmp_path / js) as f:
+        res = json.load(f)
+    assert res["command"] == "fastflow bench --quick --threads 1 --only maf"
+    rows = {(r["metric"], r["impl"]): r for r in res["rows"]}
+    for key in [("log_prob", "fastflow"), ("sample", "fastflow"), ("sample", "torch-walk")]:
+        r = rows[key]
+        assert r["min"] <= r["value"] <= r["max"] and len(r["rounds"]) >= 2
+    assert (tmp_path / (js[: -len(".json")] + "-speed.png")).exists()
+
+
 def _result(values: dict, date: str) -> dict:
     rows = [
         {"bench": "b", "case": "c", "metric": "m", "impl": k, "unit": "ms", "value": v}
