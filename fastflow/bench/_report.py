@@ -256,7 +256,15 @@ def speed_chart(result: dict, path: str) -> str | None:
         ax.axvline(1.0, color="k", lw=0.8)
         pos = [v for r in rs for v in (r["min"], r["max"]) if v > 0]
         if pos and max(pos) / min(pos) > 10:
+            from matplotlib.ticker import FixedLocator, NullFormatter, NullLocator
+
             ax.set_xscale("log")
+            ticks = [m * 10.0**e for e in range(-3, 4) for m in (1, 2, 5)]
+            ticks = [t for t in ticks if min(pos) / 2 <= t <= max(pos) * 2]
+            ax.xaxis.set_major_locator(FixedLocator(ticks))
+            ax.xaxis.set_minor_locator(NullLocator())
+            ax.xaxis.set_minor_formatter(NullFormatter())
+            ax.set_xticklabels([f"{t:g}" for t in ticks])
         what = "time" if unit == "ms" else "peak memory"
         ax.set_xlabel(f"peer {what} / fastflow {what} (above 1: fastflow better)")
     env = result.get("environment", {})
