@@ -204,6 +204,10 @@ def markdown(result: dict) -> str:
                 f"{_num(r['value'], r['unit'])} {r['unit']} |"
             )
         lines.append("")
+    secs = {k: v for k, v in result.get("seconds", {}).items() if k != "total"}
+    if secs:
+        lines.append("Seconds per benchmark: " + ", ".join(f"{k} {v:.0f}" for k, v in secs.items()))
+        lines.append("")
     if result.get("errors"):
         lines.append("Failed: " + "; ".join(f"{k}: {v}" for k, v in result["errors"].items()))
         lines.append("")
