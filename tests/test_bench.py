@@ -110,13 +110,13 @@ def test_histogram_is_in_the_flows_dequantized_units():
 
 
 def test_smoke_run_end_to_end_with_a_missing_peer(tmp_path, monkeypatch, capsys):
-    """``fastflow bench --quick --only train_step likelihood`` (smoke sizes) with zuko made
+    """``fastflow bench --quick --only maf likelihood`` (smoke sizes) with zuko made
     unimportable: one skip line, no zuko rows, valid JSON + markdown + both PNG charts."""
     from fastflow.bench import _common
 
     monkeypatch.setitem(sys.modules, "zuko", None)  # import zuko -> ImportError
     monkeypatch.setattr(_common, "_skipped", set())
-    argv = ["bench", "--quick", "--smoke", "--only", "train_step", "likelihood"]
+    argv = ["bench", "--quick", "--smoke", "--only", "maf", "likelihood"]
     argv += ["--out", str(tmp_path), "--seeds", "0", "--threads", "1"]
     assert main(argv) == 0
     out = capsys.readouterr().out
@@ -140,12 +140,12 @@ def test_smoke_run_end_to_end_with_a_missing_peer(tmp_path, monkeypatch, capsys)
     impls = {r["impl"] for r in rows}
     assert "zuko" not in impls and {"fastflow", "nflows", "true density"} <= impls
     assert "per-pixel histogram" in impls
-    step = [r for r in rows if r["bench"] == "train_step" and r["metric"] == "train_step"]
-    assert step and all(r["params"] for r in step)
+    timed = [r for r in rows if r["bench"] == "maf"]
+    assert timed and all(r["params"] and r["unit"] == "ms" for r in timed)
     lik = [r for r in rows if r["bench"] == "likelihood" and not r.get("floor")]
     assert lik and all(len(r["wall_s"]) == 1 for r in lik)
     md = (tmp_path / (base + ".md")).read_text()
-    assert "| train_step |" in md and "true density" in md
+    assert "| maf |" in md and "true density" in md
     assert any(r["peer"] == "nflows" for r in ratios(rows))
 
 
