@@ -125,7 +125,7 @@ def train_flow(flow, x_levels, levels, seconds, batch, lr, seed, noise_std=0.0, 
 
 
 @torch.no_grad()
-def test_bpd(flow, x_levels, levels, seed=123, batch=500) -> float:
+def score_bpd(flow, x_levels, levels, seed=123, batch=500) -> float:
     g = torch.Generator().manual_seed(seed)
     d = math.prod(x_levels.shape[1:])
     out = []
@@ -266,7 +266,7 @@ def run_bench(args, log=print) -> dict:
     tf_train = train_flow(
         flow, xtr, levels, args.train_seconds, args.batch, args.lr, args.seed, args.noise_std, log
     )
-    tf_bpd = test_bpd(flow, xte, levels)
+    tf_bpd = score_bpd(flow, xte, levels)
     log(f"  TarFlow test bits/dim {tf_bpd:.4f} after {tf_train['steps']} steps")
     glow = glow_like(shape, n_params(flow))
     glow_cfg = {"levels": len(glow.transforms), "params": n_params(glow)}
@@ -274,7 +274,7 @@ def run_bench(args, log=print) -> dict:
     glow_train = train_flow(
         glow, xtr, levels, args.train_seconds, args.batch, 1e-3, args.seed, 0, log
     )
-    glow_bpd = test_bpd(glow, xte, levels)
+    glow_bpd = score_bpd(glow, xte, levels)
     log(f"  Glow test bits/dim {glow_bpd:.4f} after {glow_train['steps']} steps")
 
     # -- the learned inverse ---------------------------------------------------------------------
