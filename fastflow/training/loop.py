@@ -447,8 +447,9 @@ def _end_epoch(run: Run, stats: _EpochStats) -> None:
         run.metrics_len += 1
     save_checkpoints(run, best=improved)
     rank0_print(
-        f"epoch {rec['epoch']:.4g}/{cfg.epochs}  step {run.step}  train {train_bpd:.4f} bpd  "
-        f"val {val_bpd:.4f} bpd  {rec['samples_per_s']:.0f} samples/s"
+        f"epoch {rec['epoch']:.4g}/{cfg.epochs}  step {run.step}  train {train_bpd:.4f} "
+        + ("bpd  " if cfg.objective == "mle" else "flow-matching loss  ")
+        + f"val {val_bpd:.4f} bpd  {rec['samples_per_s']:.0f} samples/s"
         + ("  *best*" if improved else "")
         + (f"  ({int(s_skip)} non-finite batches skipped)" if s_skip else "")
     )
