@@ -44,4 +44,5 @@ PYBIND11_MODULE(_C, m) {
   ff::bind_invconv(m);
   ff::bind_made(m);
   ff::bind_mlp(m);
+  ff::bind_spline(m);
 }

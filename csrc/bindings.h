@@ -14,6 +14,7 @@ void bind_coupling(pybind11::module_& m);
 void bind_invconv(pybind11::module_& m);
 void bind_made(pybind11::module_& m);
 void bind_mlp(pybind11::module_& m);
+void bind_spline(pybind11::module_& m);
 
 // {name: code} of a constant table Python keeps a copy of (checked by tests/test_bindings.py).
 inline pybind11::dict code_table(std::initializer_list<std::pair<const char*, int>> items) {

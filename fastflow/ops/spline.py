@@ -34,11 +34,17 @@ computed in fp32 and rounded once. Values exactly on a knot, at ``+-B`` and batc
 the tails work (the spline is evaluated on ``clamp(x, -B, B)`` and the tails selected with
 ``torch.where``, so no NaN/inf reaches a gradient).
 
-Backends: :func:`rq_spline` / :func:`rq_spline_inverse` validate their arguments and run the
-pure-PyTorch reference, :func:`reference_rq_spline` / :func:`reference_rq_spline_inverse`, the
-specification the tests check. They are where a native kernel plugs in, as in
-:mod:`fastflow.ops.coupling` (``if B.use_native(x): return _native(...)``); the lookup is
-:func:`_native_kernel`. No spline kernel is built in ``csrc/`` yet.
+Backends: :func:`rq_spline` / :func:`rq_spline_inverse` validate their arguments, then run the
+native kernel (``csrc/spline*.{h,cpp,cu}``; CPU, and CUDA when built with it) in eager mode: one
+pass over memory for the forward or inverse (normalisation, bin search, the bin's map or stable
+root and the per-sample log-det sum, per element), one more for the backward (the gradients of
+the input and of the three raw parameter tensors, derived by hand; the inverse's by the same
+implicit rule, recomputing the root from its input). 16-bit inputs are computed in fp32 in the
+kernel, as here. The pure-PyTorch reference, :func:`reference_rq_spline` /
+:func:`reference_rq_spline_inverse`, is the specification the tests check and the fallback:
+under ``set_backend("reference")``, without ``_C``, for more than ``_C.SPLINE_MAX_BINS`` (64)
+bins, and under ``torch.compile`` (the kernel is not wrapped in a custom op yet, so compiled
+graphs trace the reference). The kernel is once differentiable (as the reference's inverse is).
 """
 
 from __future__ import annotations
@@ -284,17 +290,105 @@ def reference_rq_spline_inverse(
 
 
 def _native_kernel(t: Tensor):
-    """The compiled spline entry point for ``t``'s device, or None.
-
-    The seam for ``csrc/``: a native kernel registers ``_C.rq_spline_cpu`` /
-    ``_C.rq_spline_cuda`` (forward, inverse and backward in one pass over memory) and wraps it
-    in a ``torch.library`` op here, as :mod:`fastflow.ops.coupling` does. No spline kernel is
-    built yet, so every call runs the reference (also under ``set_backend("native")``).
-    """
+    """The compiled spline entry point for ``t``'s device, or None (reference backend, no
+    ``_C``, or a ``_C`` built without the spline kernels): ``_C.rq_spline_cpu`` /
+    ``_C.rq_spline_cuda`` (forward and inverse; ``rq_spline_backward_*`` their backward)."""
     if B.get_backend() == "reference" or B._C is None:
         return None
     name = "rq_spline_cuda" if t.device.type == "cuda" else "rq_spline_cpu"
     return getattr(B._C, name, None)
+
+
+def _use_native(x: Tensor, bins: int) -> bool:
+    """Whether this call runs the native kernel: native backend for ``x``'s device, a ``_C``
+    with the spline kernels, at most ``_C.SPLINE_MAX_BINS`` bins, eager mode (under
+    ``torch.compile`` the reference is traced: no custom op wraps the kernel yet)."""
+    if torch.compiler.is_compiling() or not B.use_native(x):
+        return False
+    if _native_kernel(x) is None:
+        return False
+    return bins <= getattr(B._C, "SPLINE_MAX_BINS", 0)
+
+
+def _run(name: str, t: Tensor, **kw) -> None:
+    """``_C.<name>_cpu`` / ``_C.<name>_cuda`` for ``t``'s device, by keyword."""
+    if t.device.type == "cuda":
+        with B.cuda_guard(t):
+            getattr(B._C, name + "_cuda")(**kw, stream=B.stream_of(t))
+    else:
+        getattr(B._C, name + "_cpu")(**kw, nthreads=B.num_threads())
+
+
+def _kernel_args(v, widths, heights, derivatives, mask, opts, inverse) -> dict:
+    """The arguments the forward and backward kernels share; every pointer through
+    :func:`fastflow._backend.ptr` with the dtype, size and device the kernel reads."""
+    bins = opts[0]
+    n = v.shape[0]
+    e = v.numel()
+    dev, dt = v.device, v.dtype
+    return dict(
+        dtype=B.DTYPE_CODES[dt], n=n, m=(e // n if n else 0), bins=bins, bound=opts[1],
+        min_bin_width=opts[2], min_bin_height=opts[3], min_derivative=opts[4],
+        inverse=inverse, in_ptr=B.ptr(v, dt, e, dev, "x"),
+        widths_ptr=B.ptr(widths, dt, e * bins, dev, "widths"),
+        heights_ptr=B.ptr(heights, dt, e * bins, dev, "heights"),
+        derivatives_ptr=B.ptr(derivatives, dt, e * (bins - 1), dev, "derivatives"),
+        mask_ptr=B.ptr(mask, torch.uint8, e // n if n else None, dev, "mask"),
+    )  # fmt: skip
+
+
+def _native_fwd(v, widths, heights, derivatives, mask, opts, inverse):
+    out = torch.empty_like(v, memory_format=torch.contiguous_format)
+    logdet = torch.empty(v.shape[0], dtype=B.acc_dtype(v.dtype), device=v.device)
+    kw = _kernel_args(v, widths, heights, derivatives, mask, opts, inverse)
+    _run("rq_spline", v, **kw, out_ptr=B.ptr(out), logdet_ptr=B.ptr(logdet))
+    return out, logdet
+
+
+def _native_bwd(v, widths, heights, derivatives, mask, opts, inverse, grad_out, grad_logdet):
+    kw = _kernel_args(v, widths, heights, derivatives, mask, opts, inverse)
+    g_in = torch.empty_like(v, memory_format=torch.contiguous_format)
+    gw, gh = torch.empty_like(widths), torch.empty_like(heights)
+    gd = torch.empty_like(derivatives)
+    _run(
+        "rq_spline_backward", v, **kw,
+        grad_out_ptr=B.ptr(grad_out, v.dtype, v.numel(), v.device, "grad_out"),
+        grad_logdet_ptr=B.ptr(grad_logdet, B.acc_dtype(v.dtype), v.shape[0], v.device,
+                              "grad_logdet"),
+        grad_in_ptr=B.ptr(g_in), grad_widths_ptr=B.ptr(gw), grad_heights_ptr=B.ptr(gh),
+        grad_derivatives_ptr=B.ptr(gd),
+    )  # fmt: skip
+    return g_in, gw, gh, gd
+
+
+class _SplineFn(torch.autograd.Function):
+    """Eager native path: forward or inverse in one kernel pass, backward in one more (it
+    recomputes the bin, and for the inverse the root, from the saved inputs)."""
+
+    @staticmethod
+    def forward(ctx, v, widths, heights, derivatives, mask, opts, inverse):
+        ctx.save_for_backward(v, widths, heights, derivatives, mask)
+        ctx.opts, ctx.inverse = opts, inverse
+        return _native_fwd(v, widths, heights, derivatives, mask, opts, inverse)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out, grad_logdet):
+        v, widths, heights, derivatives, mask = ctx.saved_tensors
+        grads = _native_bwd(
+            v, widths, heights, derivatives, mask, ctx.opts, ctx.inverse,
+            grad_out.contiguous(), grad_logdet.contiguous(),
+        )  # fmt: skip
+        return (*grads, None, None, None)
+
+
+def _native(v, widths, heights, derivatives, mask, opts, inverse):
+    if mask is not None:
+        mask = (torch.broadcast_to(mask, v.shape[1:]) != 0).to(torch.uint8).contiguous()
+    return _SplineFn.apply(
+        v.contiguous(), widths.contiguous(), heights.contiguous(), derivatives.contiguous(),
+        mask, opts, inverse,
+    )  # fmt: skip
 
 
 def _check(name, x, widths, heights, derivatives, bound, min_w, min_h, min_d, mask):
@@ -374,7 +468,8 @@ def rq_spline(
     """
     opts = _check("x", x, widths, heights, derivatives, bound, min_bin_width, min_bin_height,
                   min_derivative, mask)  # fmt: skip
-    # _native_kernel(x) is None until csrc/ has a spline kernel (see its docstring)
+    if _use_native(x, opts[0]):
+        return _native(x, widths, heights, derivatives, mask, opts, False)
     return reference_rq_spline(x, widths, heights, derivatives, *opts[1:], mask=mask)
 
 
@@ -402,4 +497,6 @@ def rq_spline_inverse(
     """
     opts = _check("y", y, widths, heights, derivatives, bound, min_bin_width, min_bin_height,
                   min_derivative, mask)  # fmt: skip
+    if _use_native(y, opts[0]):
+        return _native(y, widths, heights, derivatives, mask, opts, True)
     return reference_rq_spline_inverse(y, widths, heights, derivatives, *opts[1:], mask=mask)
