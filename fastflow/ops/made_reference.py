@@ -177,6 +177,28 @@ def torch_degree_walk(
         return _torch_walk(u, packed, context, activation, scale_fn, clamp)
 
 
+def walk_bounds(packed: PackedMADE, d: int, layers: int) -> list[list[int]]:
+    """Per hidden layer, the ``d + 1`` row bounds of its degree groups (rows of degree <= m end
+    at ``bounds[l][m]``)."""
+    bl = packed.bounds_list
+    return [bl[l * (d + 1) : (l + 1) * (d + 1)] for l in range(layers)]
+
+
+def fill_degree_rows(m, xs, hs, ws, bs, bounds, init, activation) -> None:
+    """One step of the degree walk, in place: the hidden rows of degree ``m`` of every layer,
+    from the first ``m`` sorted inputs ``xs`` and the finished rows of the layer below."""
+    for l in range(len(hs)):
+        r0, r1 = (0 if m == 0 else bounds[l][m - 1]), bounds[l][m]
+        if r1 <= r0:
+            continue
+        k = m if l == 0 else bounds[l - 1][m]
+        prev = xs if l == 0 else hs[l - 1]
+        pre = torch.addmm(bs[l][r0:r1], prev[:, :k], ws[l][r0:r1, :k].t())
+        if l == 0 and init is not None:
+            pre += init[:, r0:r1]
+        hs[l][:, r0:r1] = _act(pre, activation)
+
+
 def _torch_walk(u, packed, context, activation, scale_fn, clamp):
     acc = B.acc_dtype(u.dtype)
     n, d = u.shape
@@ -185,8 +207,7 @@ def _torch_walk(u, packed, context, activation, scale_fn, clamp):
     ws = [w.to(acc) for w in packed.weights]
     bs = [b.to(acc) for b in packed.biases]
     L = len(ws) - 1
-    bl = packed.bounds_list
-    bounds = [bl[l * (d + 1) : (l + 1) * (d + 1)] for l in range(L)]
+    bounds = walk_bounds(packed, d, L)
     hs = [us.new_empty(n, w.shape[0]) for w in ws[:-1]]
     xs = us.new_empty(n, d)
     w_pair = ws[-1].view(2, d, -1).transpose(0, 1)  # [d, 2, H_L]
@@ -194,16 +215,7 @@ def _torch_walk(u, packed, context, activation, scale_fn, clamp):
     ld = us.new_zeros(n)
 
     def groups(m: int) -> None:
-        for l in range(L):
-            r0, r1 = (0 if m == 0 else bounds[l][m - 1]), bounds[l][m]
-            if r1 <= r0:
-                continue
-            k = m if l == 0 else bounds[l - 1][m]
-            prev = xs if l == 0 else hs[l - 1]
-            pre = torch.addmm(bs[l][r0:r1], prev[:, :k], ws[l][r0:r1, :k].t())
-            if l == 0 and init is not None:
-                pre += init[:, r0:r1]
-            hs[l][:, r0:r1] = _act(pre, activation)
+        fill_degree_rows(m, xs, hs, ws, bs[:L], bounds, init, activation)
 
     groups(0)
     for k in range(d):

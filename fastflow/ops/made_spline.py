@@ -37,6 +37,7 @@ from fastflow.ops.made import (
     degree_mask,
     pack_made,
 )
+from fastflow.ops.made_reference import fill_degree_rows, walk_bounds
 from fastflow.ops.spline import (
     check_spline_options,
     rq_spline_elementwise,
@@ -240,8 +241,7 @@ def _torch_spline_walk(u, packed, context, activation, opts):
     us, init, ws, bs, w_out, b_out = _prepare(u, packed, context)
     n, d = us.shape
     L = len(ws)
-    bl = packed.bounds_list
-    bounds = [bl[l * (d + 1) : (l + 1) * (d + 1)] for l in range(L)]
+    bounds = walk_bounds(packed, d, L)
     # per layer, the finished rows as a list of column blocks (degree order); lists and cat
     # rather than writes into one buffer, so autograd can differentiate the walk
     hs: list[list[Tensor]] = [[] for _ in range(L)]
@@ -289,23 +289,13 @@ def _torch_spline_walk_buffers(u, packed, context, activation, opts):
     us, init, ws, bs, w_out, b_out = _prepare(u, packed, context)
     n, d = us.shape
     L = len(ws)
-    bl = packed.bounds_list
-    bounds = [bl[l * (d + 1) : (l + 1) * (d + 1)] for l in range(L)]
+    bounds = walk_bounds(packed, d, L)
     hs = [us.new_empty(n, w.shape[0]) for w in ws]
     xs = us.new_empty(n, d)
     ld = us.new_zeros(n)
 
     def groups(m: int) -> None:
-        for l in range(L):
-            r0, r1 = (0 if m == 0 else bounds[l][m - 1]), bounds[l][m]
-            if r1 <= r0:
-                continue
-            k = m if l == 0 else bounds[l - 1][m]
-            prev = xs if l == 0 else hs[l - 1]
-            pre = torch.addmm(bs[l][r0:r1], prev[:, :k], ws[l][r0:r1, :k].t())
-            if l == 0 and init is not None:
-                pre += init[:, r0:r1]
-            hs[l][:, r0:r1] = _act(pre, activation)
+        fill_degree_rows(m, xs, hs, ws, bs, bounds, init, activation)
 
     groups(0)
     for k in range(d):
