@@ -35,7 +35,7 @@ the tails work (the spline is evaluated on ``clamp(x, -B, B)`` and the tails sel
 ``torch.where``, so no NaN/inf reaches a gradient).
 
 Backends: :func:`rq_spline` / :func:`rq_spline_inverse` validate their arguments, then run the
-native kernel (``csrc/spline*.{h,cpp,cu}``; CPU, and CUDA when built with it) in eager mode: one
+native kernel (``csrc/spline*.{h,cpp,cu}``; CPU, and CUDA when built with it): one
 pass over memory for the forward or inverse (normalisation, bin search, the bin's map or stable
 root and the per-sample log-det sum, per element), one more for the backward (the gradients of
 the input and of the three raw parameter tensors, derived by hand; the inverse's by the same
@@ -43,8 +43,9 @@ implicit rule, recomputing the root from its input). 16-bit inputs are computed 
 kernel, as here. The pure-PyTorch reference, :func:`reference_rq_spline` /
 :func:`reference_rq_spline_inverse`, is the specification the tests check and the fallback:
 under ``set_backend("reference")``, without ``_C``, for more than ``_C.SPLINE_MAX_BINS`` (64)
-bins, and under ``torch.compile`` (the kernel is not wrapped in a custom op yet, so compiled
-graphs trace the reference). The kernel is once differentiable (as the reference's inverse is).
+bins. Under ``torch.compile`` the kernels run as the custom ops ``fastflow::rq_spline_fwd`` /
+``fastflow::rq_spline_bwd`` (fake implementations, autograd formula). The kernel is once
+differentiable (as the reference's inverse is).
 """
 
 from __future__ import annotations
@@ -301,9 +302,8 @@ def _native_kernel(t: Tensor):
 
 def _use_native(x: Tensor, bins: int) -> bool:
     """Whether this call runs the native kernel: native backend for ``x``'s device, a ``_C``
-    with the spline kernels, at most ``_C.SPLINE_MAX_BINS`` bins, eager mode (under
-    ``torch.compile`` the reference is traced: no custom op wraps the kernel yet)."""
-    if torch.compiler.is_compiling() or not B.use_native(x):
+    with the spline kernels, at most ``_C.SPLINE_MAX_BINS`` bins."""
+    if not B.use_native(x):
         return False
     if _native_kernel(x) is None:
         return False
@@ -382,13 +382,73 @@ class _SplineFn(torch.autograd.Function):
         return (*grads, None, None, None)
 
 
+# The kernels as torch.library ops (fake implementations, autograd formula): what
+# torch.compile and opcheck see. Eager calls run the same implementations under _SplineFn.
+
+
+def _fwd_op_impl(
+    v: Tensor, widths: Tensor, heights: Tensor, derivatives: Tensor, mask: Tensor | None,
+    bins: int, bound: float, min_w: float, min_h: float, min_d: float, inverse: bool,
+) -> tuple[Tensor, Tensor]:  # fmt: skip
+    opts = (bins, bound, min_w, min_h, min_d)
+    return _native_fwd(v, widths, heights, derivatives, mask, opts, inverse)
+
+
+def _bwd_op_impl(
+    v: Tensor, widths: Tensor, heights: Tensor, derivatives: Tensor, mask: Tensor | None,
+    grad_out: Tensor, grad_logdet: Tensor, bins: int, bound: float, min_w: float,
+    min_h: float, min_d: float, inverse: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
+    opts = (bins, bound, min_w, min_h, min_d)
+    return _native_bwd(v, widths, heights, derivatives, mask, opts, inverse, grad_out,
+                       grad_logdet)  # fmt: skip
+
+
+_spline_fwd_op = torch.library.custom_op("fastflow::rq_spline_fwd", _fwd_op_impl, mutates_args=())
+_spline_bwd_op = torch.library.custom_op("fastflow::rq_spline_bwd", _bwd_op_impl, mutates_args=())
+
+
+@_spline_fwd_op.register_fake
+def _(v, widths, heights, derivatives, mask, bins, bound, min_w, min_h, min_d, inverse):
+    out = torch.empty_like(v, memory_format=torch.contiguous_format)
+    return out, v.new_empty(v.shape[0], dtype=B.acc_dtype(v.dtype))
+
+
+@_spline_bwd_op.register_fake
+def _(v, widths, heights, derivatives, mask, grad_out, grad_logdet, *opts):
+    return (
+        torch.empty_like(v, memory_format=torch.contiguous_format),
+        torch.empty_like(widths), torch.empty_like(heights), torch.empty_like(derivatives),
+    )  # fmt: skip
+
+
+def _setup_op(ctx, inputs, output):
+    v, widths, heights, derivatives, mask, *opts = inputs
+    ctx.save_for_backward(v, widths, heights, derivatives, mask)
+    ctx.opts = opts
+
+
+def _backward_op(ctx, grad_out, grad_logdet):
+    v, widths, heights, derivatives, mask = ctx.saved_tensors
+    grads = _spline_bwd_op(
+        v, widths, heights, derivatives, mask, grad_out.contiguous(),
+        grad_logdet.contiguous(), *ctx.opts,
+    )  # fmt: skip
+    return (*grads, None, None, None, None, None, None, None)
+
+
+_spline_fwd_op.register_autograd(_backward_op, setup_context=_setup_op)
+
+
 def _native(v, widths, heights, derivatives, mask, opts, inverse):
+    """The native kernels: custom ops while compiling, the autograd.Function in eager mode."""
     if mask is not None:
         mask = (torch.broadcast_to(mask, v.shape[1:]) != 0).to(torch.uint8).contiguous()
-    return _SplineFn.apply(
-        v.contiguous(), widths.contiguous(), heights.contiguous(), derivatives.contiguous(),
-        mask, opts, inverse,
-    )  # fmt: skip
+    args = (v.contiguous(), widths.contiguous(), heights.contiguous(), derivatives.contiguous(),
+            mask)  # fmt: skip
+    if torch.compiler.is_compiling():
+        return _spline_fwd_op(*args, *opts, inverse)
+    return _SplineFn.apply(*args, opts, inverse)
 
 
 def _check(name, x, widths, heights, derivatives, bound, min_w, min_h, min_d, mask):
