@@ -78,7 +78,7 @@ def trace_rows(cfg) -> list[dict]:
                 adaptive.ode.trace = trace
                 lps[trace] = adaptive.log_prob(x)
                 rows.append(value_row("cnf", case, "nfe dopri5", trace, "evals", adaptive.nfe))
-            reps = 2 if cfg.smoke else 16
+            reps = 2 if cfg.smoke else cfg.pick(16, 4)
             adaptive.ode.trace = "hutchinson"
             draws = torch.stack([adaptive.log_prob(x) for _ in range(reps)])
         rows.append(
@@ -167,10 +167,10 @@ def toy_rows(cfg) -> list[dict]:
     """CNF-MLE, CNF-FM(-OT), RealNVP, MAF, NSF at one budget on moons and 8 gaussians."""
     from fastflow.training.preprocess import Preprocess, load_splits
 
-    steps = 3 if cfg.smoke else cfg.pick(2000, 400)
+    steps = 3 if cfg.smoke else cfg.pick(2000, 150)
     batch = 32 if cfg.smoke else 256
     rows = []
-    for data in ("moons",) if cfg.smoke else ("moons", "8gaussians"):
+    for data in ("moons",) if cfg.smoke or cfg.quick else ("moons", "8gaussians"):
         sp = load_splits(data, 1000 if cfg.smoke else 20000, 0.1, 0.1, seed=0)
         pre = Preprocess.fit(sp.ds, sp.train, (2,))
         xtr = pre.to_model(sp.train, None, torch.float32)
