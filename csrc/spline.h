@@ -161,12 +161,10 @@ FF_HOST_DEVICE int spline_find_bin(const A* p, int k, A min_f, A scale_f, A two_
   for (int j = 1; j < k; ++j) {
     cum += min_f + scale_f * p[j - 1];
     const A knot = two_b * cum - b;
-    if (v >= knot) {
-      idx = j;
-      lo = knot;
-    } else if (j == idx + 1) {
-      hi = knot;
-    }
+    const bool ge = v >= knot;
+    hi = (!ge && j == idx + 1) ? knot : hi;
+    lo = ge ? knot : lo;
+    idx = ge ? j : idx;
   }
   return idx;
 }
@@ -178,11 +176,11 @@ FF_HOST_DEVICE void spline_knots_at(const A* p, int k, A min_f, A scale_f, A two
   A cum = 0;
   lo = -b;
   hi = b;
-  for (int j = 1; j <= idx + 1 && j < k; ++j) {
+  for (int j = 1; j < k; ++j) {
     cum += min_f + scale_f * p[j - 1];
     const A knot = two_b * cum - b;
-    if (j == idx) lo = knot;
-    if (j == idx + 1) hi = knot;
+    lo = j == idx ? knot : lo;
+    hi = j == idx + 1 ? knot : hi;
   }
 }
 
@@ -203,7 +201,10 @@ FF_HOST_DEVICE A spline_bin_forward(A theta, A yk, A h, A s, A d0, A d1, A& lad)
   const A y = yk + h * (s * theta * theta + d0 * t1) / denom;
   const A num =
       d1 * theta * theta + A(2) * s * t1 + d0 * (A(1) - theta) * (A(1) - theta);
-  lad = A(2) * ff_log(s) + ff_log(num) - A(2) * ff_log(denom);
+  // log(s^2 num / denom^2) with one log (s, num, denom are bounded away from 0 and inf by the
+  // minimum bin sizes and derivatives)
+  const A r = s / denom;
+  lad = ff_log(r * r * num);
   return y;
 }
 
@@ -381,13 +382,10 @@ FF_HOST_DEVICE A spline_elem_backward(A v, const T* rw, const T* rh, const T* rd
   // w = xk1 - xk, h = yk1 - yk
   spline_table_backward(pw, k, A(cs.scale_w), two_b, idx, g_xk - g_w, g_w, gw);
   spline_table_backward(ph, k, A(cs.scale_h), two_b, idx, g_yk - g_h, g_h, gh);
-  for (int i = 0; i < k - 1; ++i) {
-    // interior knot j = i + 1
-    A g = A(0);
-    if (i + 1 == idx) g += g_d0;
-    if (i + 1 == idx + 1) g += g_d1;
-    gd[i] = store<T>(g == A(0) ? A(0) : g * spline_softplus_grad(load(rd[i]) + sd));
-  }
+  for (int i = 0; i < k - 1; ++i) gd[i] = store<T>(A(0));
+  // interior knot j has raw derivative j - 1; the bin's ends are knots idx and idx + 1
+  if (idx >= 1) gd[idx - 1] = store<T>(g_d0 * spline_softplus_grad(load(rd[idx - 1]) + sd));
+  if (idx + 1 <= k - 1) gd[idx] = store<T>(g_d1 * spline_softplus_grad(load(rd[idx]) + sd));
   return g_in;
 }
 
