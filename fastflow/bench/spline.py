@@ -4,8 +4,8 @@
   of a spline-coupling flow: fastflow's :class:`~fastflow.models.NeuralSplineFlow`
   (``kind="coupling"``) vs zuko's ``NSF(passes=2)`` (its coupling variant) at (nearly) equal
   parameters (fastflow's conditioner width is chosen to match zuko's count), and vs the same
-  fastflow flow run with ``set_backend("reference")`` ("eager-reference"). No native spline
-  kernel is built yet, so the last ratio is ~1 by construction.
+  fastflow flow run with ``set_backend("reference")`` ("eager-reference": the same flow with
+  the pure-PyTorch spline instead of the native kernel).
 * ``ar_sample``: ``sample(B)`` of a spline autoregressive flow: fastflow's
   ``NeuralSplineFlow(kind="autoregressive")`` (the degree walk: one network pass of work per
   layer, in PyTorch) vs zuko's ``NSF`` (its inverse runs the whole MADE once per dimension), same
