@@ -552,8 +552,8 @@ def rq_spline_inverse(
         >>> y = torch.tensor([[-3.0, 0.0, 3.0, 7.0]])  # the bounds, a value on a knot, a tail
         >>> p = torch.zeros(1, 4, 5)
         >>> x, ld = rq_spline_inverse(y, p, p, p[..., :4])
-        >>> x.tolist(), ld.tolist()
-        ([[-3.0, 0.0, 3.0, 7.0]], [0.0])
+        >>> torch.allclose(x, y), ld.abs().max().item() < 1e-6  # zero parameters: the identity
+        (True, True)
     """
     opts = _check("y", y, widths, heights, derivatives, bound, min_bin_width, min_bin_height,
                   min_derivative, mask)  # fmt: skip
