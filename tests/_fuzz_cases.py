@@ -48,7 +48,7 @@ from fastflow.ops import made_density as MD
 from fastflow.ops import mlp_coupling as MC
 
 SEED = 20250611
-FAMILIES = ("coupling", "invconv", "made_net", "made_inverse")
+FAMILIES = ("coupling", "invconv", "made_net", "made_inverse", "spline")
 
 F32, F64, BF16, F16 = torch.float32, torch.float64, torch.bfloat16, torch.float16
 FLOATS = (F32, F64, BF16, F16)
@@ -1655,11 +1655,70 @@ def made_inverse_cases() -> list[Case]:
     return cases
 
 
+# ---- spline -----------------------------------------------------------------------------------
+
+
+def spline_cases() -> list[Case]:
+    """The rational-quadratic spline ops: random shapes, bins, dtypes, layouts and values
+    (tails, non-finite, huge parameters), gradients, and invalid arguments."""
+    from fastflow.ops import spline as S
+
+    rng = random.Random(SEED + 5)
+    name = _Namer("spline")
+    ops = {"fwd": S.rq_spline, "inv": S.rq_spline_inverse}
+    cases: list[Case] = []
+    shapes = [(3, 4), (1, 1), (0, 3), (2, 3, 5), (5, 17), (4, 0)]
+    for i in range(24):
+        op = ("fwd", "inv")[i % 2]
+        shape, k = rng.choice(shapes), rng.choice([1, 2, 5, 8, 70])
+        dtype = rng.choice(FLOATS)
+        xv = rng.choices(["randn", "big", "tiny", "zero", "nan", "inf"], [6, 2, 1, 1, 1, 1])[0]
+        pv = rng.choices(["randn", "big", "zero"], [6, 1, 1])[0]
+        lay = [rng.choice(_layouts_for(shape)), "contig", "contig", "contig"]
+        bound = rng.choice([3.0, 3.0, 1.0, 0.5])
+        specs = [Spec(shape, dtype, xv, lay[0], 2.0)]
+        specs += [Spec(shape + (k,), dtype, pv), Spec(shape + (k,), dtype, pv)]
+        specs += [Spec(shape + (k - 1,), dtype, pv)]
+        desc = f"{op}-{DNAME[dtype]}-{_shape_str(shape)}-K{k}-{lay[0]}-{xv}/{pv}-B{bound:g}"
+        cases.append(Case(name(desc), ops[op], specs, {"bound": bound}))
+    for op in ("fwd", "inv"):  # gradients in fp64
+        specs = [Spec((3, 4), F64, "randn", "contig", 2.0)]
+        specs += [Spec((3, 4, 6), F64), Spec((3, 4, 6), F64), Spec((3, 4, 5), F64)]
+        cases.append(Case(name(f"{op}-grad"), ops[op], specs, grad=_grad_args(0, 1, 2, 3)))
+    bad = [  # invalid by the contract: ValueError / TypeError naming the argument
+        ("heights-bins", [Spec((3, 4)), Spec((3, 4, 6)), Spec((3, 4, 5)), Spec((3, 4, 5))], {}),
+        ("deriv-count", [Spec((3, 4)), Spec((3, 4, 6)), Spec((3, 4, 6)), Spec((3, 4, 6))], {}),
+        (
+            "int-x",
+            [Spec((3, 4), torch.int64), Spec((3, 4, 2)), Spec((3, 4, 2)), Spec((3, 4, 1))],
+            {},
+        ),
+        ("mixed-dtype", [Spec((3, 4), F64), Spec((3, 4, 2)), Spec((3, 4, 2)), Spec((3, 4, 1))], {}),
+        (
+            "bound",
+            [Spec((3, 4)), Spec((3, 4, 2)), Spec((3, 4, 2)), Spec((3, 4, 1))],
+            {"bound": -1.0},
+        ),
+        (
+            "min-width",
+            [Spec((3, 4)), Spec((3, 4, 2)), Spec((3, 4, 2)), Spec((3, 4, 1))],
+            {"min_bin_width": 0.9},
+        ),
+        ("meta", [meta((3, 4)), Spec((3, 4, 2)), Spec((3, 4, 2)), Spec((3, 4, 1))], {}),
+        ("list", [pylist((3, 4)), Spec((3, 4, 2)), Spec((3, 4, 2)), Spec((3, 4, 1))], {}),
+    ]
+    for op in ("fwd", "inv"):
+        for desc, args, kw in bad:
+            cases.append(Case(name(f"{op}-bad-{desc}"), ops[op], args, kw, reject=True))
+    return cases
+
+
 _BUILDERS = {
     "coupling": coupling_cases,
     "invconv": invconv_cases,
     "made_net": made_net_cases,
     "made_inverse": made_inverse_cases,
+    "spline": spline_cases,
 }
 
 
