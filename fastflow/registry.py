@@ -8,7 +8,9 @@ A new model plugs in with one entry::
 
 Options every builder receives (``None`` in the call means the entry's default): ``hidden``
 (conditioner width), ``depth`` (steps per scale / number of layers), ``scales`` (levels of a
-multi-scale image flow). Models that take vectors only are fed flattened images.
+multi-scale image flow), ``marginal`` (bins of a per-pixel
+:class:`~fastflow.nn.PiecewiseLinearMarginal` at the data end; 0 = none; only for entries whose
+defaults have it). Models that take vectors only are fed flattened images.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from torch import nn
 
 __all__ = ["ModelSpec", "MODELS", "register_model", "build_model", "model_input_shape"]
 
-OPTION_KEYS = ("hidden", "depth", "scales")
+OPTION_KEYS = ("hidden", "depth", "scales", "marginal")
 
 
 @dataclass
@@ -112,6 +114,12 @@ def resolve_options(name: str, options: dict | None = None) -> dict:
     for k in ("hidden", "depth", "scales"):
         if k in opts and (not isinstance(opts[k], int) or opts[k] < 1):
             raise ValueError(f"--{k} must be a positive int, got {opts[k]!r}")
+    m = opts.get("marginal", 0)
+    if isinstance(m, bool) or not isinstance(m, int) or m < 0:
+        raise ValueError(f"--marginal must be an int >= 0 (bins; 0 = none), got {m!r}")
+    if m and "marginal" not in _spec(name).defaults:
+        takes = ", ".join(n for n, s in MODELS.items() if "marginal" in s.defaults)
+        raise ValueError(f"--marginal is for the models {takes}, not {name!r}")
     return opts
 
 
@@ -153,13 +161,41 @@ def _call_accepting(cls, *args, **kwargs):
 @register_model(
     "glow",
     kinds=("image",),
-    defaults={"hidden": 64, "depth": 8, "scales": 2},
-    description="Glow (Kingma & Dhariwal 2018): multi-scale ActNorm/1x1 conv/affine coupling",
+    defaults={"hidden": 64, "depth": 8, "scales": 2, "marginal": 0},
+    description="Glow (Kingma & Dhariwal 2018): multi-scale ActNorm/1x1 conv/affine coupling; "
+    "--marginal N: a per-pixel histogram marginal (N bins) at the data end",
 )
 def _glow(shape, o):
     from fastflow.models.glow import Glow
 
-    return Glow(shape, levels=o["scales"], steps=o["depth"], hidden=o["hidden"])
+    glow = Glow(shape, levels=o["scales"], steps=o["depth"], hidden=o["hidden"])
+    return with_marginal(glow, shape, o.get("marginal", 0))
+
+
+def with_marginal(flow, shape: tuple[int, ...], bins: int):
+    """``flow`` with a :class:`~fastflow.nn.PiecewiseLinearMarginal` of ``bins`` bins on
+    ``[-0.5, 0.5]`` (the dequantized range of ``fastflow train``'s images) before its
+    transforms; ``flow`` itself when ``bins`` is 0.
+
+    Example:
+        >>> from fastflow.models import Glow
+        >>> f = with_marginal(Glow((1, 4, 4), levels=1, steps=1, hidden=4), (1, 4, 4), 8)
+        >>> type(f.transforms[0]).__name__, f.log_prob(__import__("torch").zeros(2, 1, 4, 4)).shape
+        ('PiecewiseLinearMarginal', torch.Size([2]))
+    """
+    if not bins:
+        return flow
+    from fastflow.flow import Flow
+    from fastflow.nn.base import Compose
+    from fastflow.nn.marginal import PiecewiseLinearMarginal
+
+    marginal = PiecewiseLinearMarginal(tuple(shape), bins=bins, low=-0.5, high=0.5)
+    return Flow(
+        Compose([marginal, flow.transforms]),
+        flow.base,
+        invertible_recompute=flow.invertible_recompute,
+        event_shape=tuple(shape),
+    )
 
 
 @register_model(

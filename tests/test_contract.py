@@ -87,6 +87,7 @@ CASES = [
     ("invconv/vec", lambda: ff.InvConv1x1(D), (D,), None),
     ("lulinear", lambda: ff.LULinear(D), (D,), None),
     ("lulinear/no-bias", lambda: ff.LULinear(D, bias=False), (D,), None),
+    ("marginal/img", lambda: ff.PiecewiseLinearMarginal(IMG, bins=7, low=-5.0, high=5.0), IMG, None),  # noqa: E501
     # Glow steps
     ("glowstep/affine", lambda: ff.GlowStep(4, hidden=4), IMG4, None),
     ("glowstep/additive", lambda: ff.GlowStep(4, hidden=4, coupling="additive"), IMG4, None),

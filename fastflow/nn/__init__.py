@@ -17,6 +17,7 @@ from fastflow.nn.glow_step import GlowConditioner, GlowStep
 from fastflow.nn.invconv import InvConv1x1
 from fastflow.nn.lulinear import LULinear
 from fastflow.nn.made import MADE
+from fastflow.nn.marginal import PiecewiseLinearMarginal
 from fastflow.nn.permutation import RandomPermutation, Reverse
 from fastflow.nn.planar import BatchNormFlow, PlanarFlow, RadialFlow
 from fastflow.nn.recompute import invertible_checkpoint
@@ -40,6 +41,7 @@ __all__ = [
     "LULinear",
     "MADE",
     "MaskedAffineAutoregressive",
+    "PiecewiseLinearMarginal",
     "PlanarFlow",
     "RadialFlow",
     "Patchify",
