@@ -71,3 +71,46 @@ def test_nflows_nsf_has_fastflows_parameter_count():
         assert nf.log_prob(x).shape == (5,)
     with pytest.raises(ValueError, match="kind"):
         nflows_nsf(6, 16, "planar")
+
+
+def test_cnf_bench_digits_case_smoke_without_zuko(monkeypatch):
+    """The 8x8-digits case of the CNF bench (smoke sizes): every model, bits/dim beside the
+    per-pixel histogram, evaluations of the maximum-likelihood CNF's solves."""
+    from fastflow.bench import cnf
+
+    _no_peers(monkeypatch)
+    lines = []
+    cfg = BenchConfig(smoke=True, seeds=(0,), log=lines.append)
+    rows = cnf.dataset_rows(cfg, "digits", cnf.peer("zuko", lines.append))
+    assert sum("zuko not installed" in s for s in lines) == 1
+    nll = {r["impl"]: r for r in rows if r["metric"] == "test_nll"}
+    assert set(nll) == {"CNF-MLE", "CNF-FM", "CNF-FM-OT", "RealNVP", "MAF", "NSF",
+                        "per-pixel histogram"}  # fmt: skip
+    assert all(r["unit"] == "bits/dim" and math.isfinite(r["value"]) for r in nll.values())
+    assert nll["per-pixel histogram"]["floor"]
+    nfe = {(r["metric"], r["impl"]): r["value"] for r in rows if r["unit"] == "evals"}
+    assert nfe[("nfe train step", "CNF-MLE")] == 32  # rk4 x 8, no adjoint
+    assert nfe[("nfe test solve", "CNF-MLE")] >= 6  # dopri5: at least one step
+    assert ("nfe train step", "CNF-FM") not in nfe
+
+
+def test_zuko_cnf_adapter_counts_evaluations_and_matches_parameters():
+    zuko = pytest.importorskip("zuko")
+    from fastflow.bench.cnf import ZukoCNF
+    from fastflow.models import CNF
+
+    for d in (2, 20):
+        z = ZukoCNF(zuko, d, hidden=8)
+        assert _common.n_params(z) == _common.n_params(CNF(d, hidden=8)) - d
+        assert z.exact == (d <= 16)
+    z = ZukoCNF(zuko, 2, hidden=8)
+    with torch.no_grad():
+        lp = z.log_prob(torch.randn(7, 2))
+    assert lp.shape == (7,) and z.nfe >= 6 and z.calls == z.nfe
+    x = torch.randn(7, 2)
+    with torch.no_grad():
+        exact = [z.log_prob(x) for _ in range(2)]
+        z.exact = False  # Hutchinson: a different (random) estimate of the same density
+        est = z.log_prob(x)
+    torch.testing.assert_close(exact[0], exact[1])
+    assert not torch.allclose(est, exact[0]) and z.calls >= 3 * 6

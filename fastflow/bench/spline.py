@@ -35,7 +35,10 @@ import fastflow
 from fastflow.bench._common import measure, n_params, no_grad, params_line, peer, time_rows
 from fastflow.models.nsf import NeuralSplineFlow
 
-DESCRIPTION = "spline coupling fwd+bwd and NSF-AR sampling vs zuko NSF (equal parameters)"
+DESCRIPTION = (
+    "spline coupling fwd+bwd, NSF-AR sampling and likelihood vs zuko NSF and nflows RQ-NSF "
+    "(equal parameters)"
+)
 
 LAYERS, BINS = 3, 8
 
