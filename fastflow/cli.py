@@ -74,6 +74,12 @@ def _configure_train(p: argparse.ArgumentParser) -> None:
     g.add_argument("--hidden", type=int, help="conditioner width (model default if omitted)")
     g.add_argument("--depth", type=int, help="steps per scale (glow) or layers (vector flows)")
     g.add_argument("--scales", type=int, help="levels of a multi-scale image flow")
+    g.add_argument(
+        "--marginal",
+        type=int,
+        help="glow: bins of a per-pixel histogram marginal layer at the data end (the image "
+        "levels, e.g. 256; 0 = none; default none, mnist5k: 256)",
+    )
     g = p.add_argument_group("data")
     g.add_argument(
         "--data",
@@ -87,7 +93,7 @@ def _configure_train(p: argparse.ArgumentParser) -> None:
     g.add_argument("--val", type=float, default=d.val, help="validation fraction (0.1)")
     g.add_argument("--test", type=float, default=d.test, help="test fraction (0.1)")
     g = p.add_argument_group("optimisation")
-    g.add_argument("--epochs", type=int, default=d.epochs, help=f"epochs ({d.epochs})")
+    g.add_argument("--epochs", type=int, help="epochs (50; mnist5k: 10)")
     g.add_argument("--max-steps", type=int, help="stop after this many optimizer steps")
     g.add_argument("--batch-size", type=int, default=d.batch_size, help="per process (64)")
     g.add_argument("--lr", type=float, default=d.lr, help=f"Adam learning rate ({d.lr})")
@@ -105,10 +111,10 @@ def _configure_train(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument(
         "--dequantization",
-        default=d.dequantization,
         choices=["uniform", "variational"],
-        help="images: uniform noise in each level (default), or a conditional flow q(u|x) "
-        "trained jointly (Flow++); the test line adds the importance-weighted bound",
+        help="images: uniform noise in each level (default; mnist5k: variational), or a "
+        "conditional flow q(u|x) trained jointly (Flow++); the test line adds the "
+        "importance-weighted bound",
     )
     g = p.add_argument_group("run")
     g.add_argument("--device", default=d.device, help="auto, cpu, cuda, cuda:N (auto)")

@@ -107,3 +107,42 @@ def test_registry_option():
         build_model("realnvp", (2,), {"marginal": 8})
     with pytest.raises(ValueError, match="--marginal"):
         build_model("glow", (1, 4, 4), {"marginal": -1})
+
+
+def test_data_defaults():
+    from fastflow.training.config import TrainConfig, model_options, resolve_defaults
+
+    cfg, picked = resolve_defaults(TrainConfig(data="mnist5k"))
+    assert picked == {"epochs": 10, "marginal": 256, "dequantization": "variational"}
+    assert model_options(cfg)["marginal"] == 256
+    # given options win; models without the option do not get it; other data: general defaults
+    cfg, picked = resolve_defaults(
+        TrainConfig(data="mnist5k", marginal=0, dequantization="uniform")
+    )
+    assert (cfg.marginal, cfg.dequantization, picked) == (0, "uniform", {"epochs": 10})
+    cfg, _ = resolve_defaults(TrainConfig(data="mnist5k", model="realnvp"))
+    assert cfg.marginal is None and "marginal" not in model_options(cfg)
+    cfg, picked = resolve_defaults(TrainConfig(data="digits"))
+    assert (cfg.epochs, cfg.dequantization, cfg.marginal, picked) == (50, "uniform", None, {})
+
+
+def test_train_cli_with_marginal(tmp_path, capsys):
+    from fastflow.cli import main
+    from fastflow.training import load_model
+
+    out = str(tmp_path / "run")
+    argv = ["train", "--data", "digits", "--n-data", "96", "--marginal", "17", "--hidden", "4"]
+    argv += ["--depth", "1", "--scales", "1", "--epochs", "1", "--batch-size", "32", "--out", out]
+    assert main([*argv, "--no-progress", "--no-plots"]) == 0
+    printed = capsys.readouterr().out
+    assert "test bits/dim of the per-pixel histogram" in printed
+    flow, pre, ck = load_model(f"{out}/best.pt")
+    assert ck["model_options"]["marginal"] == 17
+    assert (
+        isinstance(flow.transforms[0], PiecewiseLinearMarginal) and flow.transforms[0]._initialized
+    )
+    assert (
+        main(["train", "--data", "moons", "--model", "maf", "--marginal", "8", "--out", out + "2"])
+        == 1
+    )
+    assert "--marginal is for the models glow" in capsys.readouterr().err
