@@ -60,4 +60,23 @@ void mlp_coupling_inverse_cpu(int dtype, int mode, double clamp, int64_t n, int6
                               std::uintptr_t x, std::uintptr_t logdet, std::uintptr_t workspace,
                               int64_t workspace_bytes, int nthreads);
 
+// The density direction of an affine MADE layer (MAF; fastflow/ops/made_density.py) on the same
+// machinery: the MLP `sizes` = (d, hidden..., 2 d) reads all of x [n, d] (its weights already
+// multiplied by their masks: the caller applies them) and outputs (shift, raw), shift = out[:, :d],
+// raw = out[:, d:]; u = (x - shift) * exp(-s), logdet[n] = -sum s. acts and the workspace as for
+// the coupling (mlp_coupling_acts_shape / _workspace_bytes of the same sizes). No context.
+void made_density_forward_cpu(int dtype, int mode, double clamp, int64_t n, int64_t d,
+                              const std::vector<int64_t>& sizes, std::uintptr_t x,
+                              std::uintptr_t params, std::uintptr_t u, std::uintptr_t logdet,
+                              std::uintptr_t acts, int64_t acts_numel, std::uintptr_t workspace,
+                              int64_t workspace_bytes, int nthreads);
+
+// grad_params: the gradient with respect to the (masked) flat parameters given.
+void made_density_backward_cpu(int dtype, int mode, double clamp, int64_t n, int64_t d,
+                               const std::vector<int64_t>& sizes, std::uintptr_t x,
+                               std::uintptr_t params, std::uintptr_t acts, int64_t acts_numel,
+                               std::uintptr_t grad_u, std::uintptr_t grad_logdet,
+                               std::uintptr_t grad_x, std::uintptr_t grad_params,
+                               std::uintptr_t workspace, int64_t workspace_bytes, int nthreads);
+
 }  // namespace ff

@@ -35,5 +35,18 @@ void bind_mlp(pybind11::module_& m) {
                 std::tuple_cat(head, std::make_tuple(py::arg("y_ptr"), ctx, params,
                                                      py::arg("x_ptr"), py::arg("logdet_ptr")),
                                ws));
+  const auto mhead = std::make_tuple(py::arg("dtype"), py::arg("mode"), py::arg("clamp"),
+                                     py::arg("n"), py::arg("d"), py::arg("sizes"));
+  def_with_args(m, "made_density_forward_cpu", &made_density_forward_cpu,
+                std::tuple_cat(mhead, std::make_tuple(py::arg("x_ptr"), params, py::arg("u_ptr"),
+                                                      py::arg("logdet_ptr"), acts, acts_numel),
+                               ws));
+  def_with_args(m, "made_density_backward_cpu", &made_density_backward_cpu,
+                std::tuple_cat(mhead, std::make_tuple(py::arg("x_ptr"), params, acts, acts_numel,
+                                                      py::arg("grad_u_ptr"),
+                                                      py::arg("grad_logdet_ptr"),
+                                                      py::arg("grad_x_ptr"),
+                                                      py::arg("grad_params_ptr")),
+                               ws));
 }
 }  // namespace ff

@@ -49,6 +49,10 @@ struct Plan {
   int mode;
   T c, inv_c;
   int64_t n, d, da, db, nc, a_off, b_off, L;
+  // made: the MADE density layer (every column conditions and is transformed; the MLP output is
+  // (shift, raw)); raw_off / shift_off: their columns in the MLP output
+  bool made;
+  int64_t raw_off, shift_off;
   const int64_t* s;  // sizes [L + 1]
   const int64_t* P;  // sizes padded to 64 bytes [L + 1]
   // per-layer weights, copied into the layout this direction's product reads (see pack), and the
@@ -335,10 +339,11 @@ FF_INLINE void gather_input(const Plan<T>& P, int64_t b0, int64_t nb, int64_t mr
 template <typename T, int Mode, int W>
 FF_INLINE void couple_rows(const Plan<T>& P, int64_t b0, int64_t nb, const T* o, int64_t ldo,
                                bool inverse) {
-  const int64_t d = P.d, da = P.da, db = P.db;
+  const int64_t d = P.d, da = P.da, db = P.db, ro = P.raw_off, so = P.shift_off;
   const T c = P.c, inv_c = P.inv_c;
-  for (int64_t s = 0; s < nb; ++s)
-    copy_n(P.out + (b0 + s) * d + P.a_off, P.in + (b0 + s) * d + P.a_off, da);
+  if (!P.made)
+    for (int64_t s = 0; s < nb; ++s)
+      copy_n(P.out + (b0 + s) * d + P.a_off, P.in + (b0 + s) * d + P.a_off, da);
   if (db < W) {
     // few outputs per sample: vectorize over the samples, one output at a time
     T ld[kBlock], xs[kBlock], rs[kBlock], ts[kBlock], ys[kBlock], ss[kBlock];
@@ -346,8 +351,8 @@ FF_INLINE void couple_rows(const Plan<T>& P, int64_t b0, int64_t nb, const T* o,
     for (int64_t j = 0; j < db; ++j) {
       for (int64_t s = 0; s < nb; ++s) {
         xs[s] = P.in[(b0 + s) * d + P.b_off + j];
-        rs[s] = o[s * ldo + j];
-        ts[s] = o[s * ldo + db + j];
+        rs[s] = o[s * ldo + ro + j];
+        ts[s] = o[s * ldo + so + j];
       }
       if (inverse) {
 #pragma omp simd
@@ -369,8 +374,8 @@ FF_INLINE void couple_rows(const Plan<T>& P, int64_t b0, int64_t nb, const T* o,
   for (int64_t s = 0; s < nb; ++s) {
     const T* xb = P.in + (b0 + s) * d + P.b_off;
     T* yb = P.out + (b0 + s) * d + P.b_off;
-    const T* raw = o + s * ldo;
-    const T* shift = raw + db;
+    const T* raw = o + s * ldo + ro;
+    const T* shift = o + s * ldo + so;
     T acc = T(0);
     if (inverse) {
 #pragma omp simd reduction(+ : acc)
@@ -443,6 +448,56 @@ FF_INLINE void forward_block_impl(const Plan<T>& P, int64_t b0, int64_t nb, T* t
   }
 }
 
+// The MADE density layer's G_L (d loss / d MLP output (shift, raw)) and the direct part of
+// grad_x, for u = (x - shift) exp(-s), logdet = -sum s (u recomputed from x and the stored output).
+template <typename T, int Mode, int W>
+FF_INLINE void made_backward_rows(const Plan<T>& P, int64_t b0, int64_t nb, int64_t mr, T* g) {
+  const int64_t d = P.d, L = P.L, pl = P.P[L], aw = P.acts_w, ro = P.raw_off, so = P.shift_off;
+  const T c = P.c, inv_c = P.inv_c;
+  const T* o0 = P.acts + b0 * aw + P.aoff[L];
+  const auto elem = [&](T x, T raw, T t, T gu, T gl, T& gx, T& graw, T& gt) {
+    T u;
+    coupling_inverse_elem<Mode, T>(x, raw, t, true, c, inv_c, u);
+    coupling_inverse_backward_elem<Mode, T>(u, raw, gu, gl, true, c, inv_c, gx, graw, gt);
+  };
+  if (d < W) {
+    T xs[kBlock], rs[kBlock], ts[kBlock], gus[kBlock], gls[kBlock], gxs[kBlock], grs[kBlock],
+        gts[kBlock];
+    for (int64_t s = 0; s < nb; ++s) gls[s] = P.gl[b0 + s];
+    for (int64_t j = 0; j < d; ++j) {
+      for (int64_t s = 0; s < nb; ++s) {
+        xs[s] = P.in[(b0 + s) * d + j];
+        gus[s] = P.gy[(b0 + s) * d + j];
+        rs[s] = o0[s * aw + ro + j];
+        ts[s] = o0[s * aw + so + j];
+      }
+#pragma omp simd
+      for (int64_t s = 0; s < nb; ++s)
+        elem(xs[s], rs[s], ts[s], gus[s], gls[s], gxs[s], grs[s], gts[s]);
+      for (int64_t s = 0; s < nb; ++s) {
+        P.gx[(b0 + s) * d + j] = gxs[s];
+        g[s * pl + ro + j] = grs[s];
+        g[s * pl + so + j] = gts[s];
+      }
+    }
+  } else {
+    for (int64_t s = 0; s < nb; ++s) {
+      const T* x = P.in + (b0 + s) * d;
+      const T* gu = P.gy + (b0 + s) * d;
+      T* gx = P.gx + (b0 + s) * d;
+      const T* raw = o0 + s * aw + ro;
+      const T* t = o0 + s * aw + so;
+      const T gl = P.gl[b0 + s];
+      T* gr = g + s * pl + ro;
+      T* gt = g + s * pl + so;
+#pragma omp simd
+      for (int64_t j = 0; j < d; ++j) elem(x[j], raw[j], t[j], gu[j], gl, gx[j], gr[j], gt[j]);
+    }
+  }
+  for (int64_t s = 0; s < nb; ++s) zero_n(g + s * pl + 2 * d, pl - 2 * d);
+  for (int64_t s = nb; s < mr; ++s) zero_n(g + s * pl, pl);
+}
+
 // G_L = d loss / d MLP output (raw, shift) for the block (zero-padded, zero rows from nb to mr),
 // and grad_x_b.
 template <typename T, int Mode, int W>
@@ -502,16 +557,30 @@ FF_INLINE void backward_block_impl(const Plan<T>& P, int64_t b0, int64_t nb, T* 
   gather_input<T>(P, b0, nb, mr, tb + P.hoff[0]);
   const T* acts = P.acts + b0 * aw;  // the hidden activations, read in place
   T* gL = tb + P.goff[L];
-  switch (P.mode) {
-    case kSoftClamp:
-      couple_backward_rows<T, kSoftClamp, W>(P, b0, nb, mr, gL);
-      break;
-    case kGlowSigmoid:
-      couple_backward_rows<T, kGlowSigmoid, W>(P, b0, nb, mr, gL);
-      break;
-    default:
-      couple_backward_rows<T, kIdentity, W>(P, b0, nb, mr, gL);
-      break;
+  if (P.made) {
+    switch (P.mode) {
+      case kSoftClamp:
+        made_backward_rows<T, kSoftClamp, W>(P, b0, nb, mr, gL);
+        break;
+      case kGlowSigmoid:
+        made_backward_rows<T, kGlowSigmoid, W>(P, b0, nb, mr, gL);
+        break;
+      default:
+        made_backward_rows<T, kIdentity, W>(P, b0, nb, mr, gL);
+        break;
+    }
+  } else {
+    switch (P.mode) {
+      case kSoftClamp:
+        couple_backward_rows<T, kSoftClamp, W>(P, b0, nb, mr, gL);
+        break;
+      case kGlowSigmoid:
+        couple_backward_rows<T, kGlowSigmoid, W>(P, b0, nb, mr, gL);
+        break;
+      default:
+        couple_backward_rows<T, kIdentity, W>(P, b0, nb, mr, gL);
+        break;
+    }
   }
   for (int64_t l = L - 1; l >= 0; --l) {
     const int64_t pi = P.P[l], po = P.P[l + 1], si = P.s[l], so = P.s[l + 1];
@@ -546,6 +615,15 @@ FF_INLINE void backward_block_impl(const Plan<T>& P, int64_t b0, int64_t nb, T* 
   }
   const T* g0 = tb + P.goff[0];
   const int64_t p0 = P.P[0], d = P.d, da = P.da, nc = P.nc;
+  if (P.made) {  // grad_x = the direct part (made_backward_rows) + the MLP input gradient
+    for (int64_t s = 0; s < nb; ++s) {
+      const T* gr = g0 + s * p0;
+      T* gx = P.gx + (b0 + s) * d;
+#pragma omp simd
+      for (int64_t k = 0; k < d; ++k) gx[k] += gr[k];
+    }
+    return;
+  }
   for (int64_t s = 0; s < nb; ++s) {
     const T* gr = g0 + s * p0;
     const T* gya = P.gy + (b0 + s) * d + P.a_off;
@@ -724,7 +802,12 @@ int64_t workspace_bytes(const Geometry& g, int dtype) {
 // Sizes of one call: the split, the MLP's ends and the scale mode.
 struct Split {
   int64_t da, db, a_off, b_off;
+  bool made;
+  int64_t raw_off, shift_off;
 };
+
+// parity value of the MADE density layer (made_density_*_cpu only; cut is then unused)
+constexpr int kParityMade = 2;
 
 Split check_call(const char* name, int mode, double clamp, int64_t n, int64_t d, int64_t cut,
                  int parity, int64_t n_ctx, const std::vector<int64_t>& sizes) {
@@ -733,19 +816,39 @@ Split check_call(const char* name, int mode, double clamp, int64_t n, int64_t d,
                nm() + ": mode must be 0 (softclamp), 1 (glow) or 2 (identity)");
   FF_CHECK(mode != kSoftClamp || (clamp > 0 && std::isfinite(clamp)),
                nm() + ": clamp must be finite and > 0");
-  FF_CHECK(d >= 2 && d <= (int64_t(1) << 24), nm() + ": d must be in [2, 2^24]");
-  FF_CHECK(cut >= 1 && cut < d, nm() + ": need 0 < cut < d");
-  FF_CHECK(parity == 0 || parity == 1, nm() + ": parity must be 0 or 1");
+  FF_CHECK(d >= (parity == kParityMade ? 1 : 2) && d <= (int64_t(1) << 24),
+           nm() + ": d must be in [2, 2^24] (MADE: [1, 2^24])");
   FF_CHECK(n_ctx >= 0 && n_ctx <= (int64_t(1) << 24), nm() + ": n_ctx must be in [0, 2^24]");
   Split sp;
+  if (parity == kParityMade) {
+    sp.made = true;
+    sp.da = sp.db = d;
+    sp.a_off = sp.b_off = 0;
+    sp.shift_off = 0;
+    sp.raw_off = d;
+    FF_CHECK(sizes.size() >= 2 && sizes.front() == d + n_ctx && sizes.back() == 2 * d,
+             nm() + ": sizes must run from d + n_ctx = " + std::to_string(d + n_ctx) +
+                 " to 2 d = " + std::to_string(2 * d));
+    return sp;
+  }
+  FF_CHECK(cut >= 1 && cut < d, nm() + ": need 0 < cut < d");
+  FF_CHECK(parity == 0 || parity == 1, nm() + ": parity must be 0 or 1");
+  sp.made = false;
   sp.da = parity == 0 ? cut : d - cut;
   sp.db = d - sp.da;
   sp.a_off = parity == 0 ? 0 : cut;
   sp.b_off = parity == 0 ? cut : 0;
+  sp.raw_off = 0;
+  sp.shift_off = sp.db;
   FF_CHECK(sizes.size() >= 2 && sizes.front() == sp.da + n_ctx && sizes.back() == 2 * sp.db,
                nm() + ": sizes must run from |x_a| + n_ctx = " + std::to_string(sp.da + n_ctx) +
                    " to 2 |x_b| = " + std::to_string(2 * sp.db));
   return sp;
+}
+
+// The coupling entry points take parity 0 or 1 only (kParityMade is the MADE entry points').
+inline void check_coupling_parity(const char* name, int parity) {
+  FF_CHECK(parity == 0 || parity == 1, std::string(name) + ": parity must be 0 or 1");
 }
 
 template <typename T>
@@ -821,6 +924,9 @@ void make_plan(Call<T>& C, const std::vector<int64_t>& sizes, const Split& sp, i
   P.nc = n_ctx;
   P.a_off = sp.a_off;
   P.b_off = sp.b_off;
+  P.made = sp.made;
+  P.raw_off = sp.raw_off;
+  P.shift_off = sp.shift_off;
   P.L = L;
   P.s = sizes.data();
   P.P = g.P.data();
@@ -1024,6 +1130,7 @@ void mlp_coupling_forward_cpu(int dtype, int mode, double clamp, int64_t n, int6
                               int64_t acts_numel, std::uintptr_t workspace, int64_t workspace_bytes,
                               int nthreads) {
   const char* name = "mlp_coupling_forward_cpu";
+  check_coupling_parity(name, parity);
   if (dtype == kFloat64)
     forward_impl<double>(name, dtype, mode, clamp, n, d, cut, parity, n_ctx, sizes, x, ctx, params,
                          y, logdet, acts, acts_numel, workspace, workspace_bytes, nthreads, false);
@@ -1038,6 +1145,7 @@ void mlp_coupling_inverse_cpu(int dtype, int mode, double clamp, int64_t n, int6
                               std::uintptr_t x, std::uintptr_t logdet, std::uintptr_t workspace,
                               int64_t workspace_bytes, int nthreads) {
   const char* name = "mlp_coupling_inverse_cpu";
+  check_coupling_parity(name, parity);
   if (dtype == kFloat64)
     forward_impl<double>(name, dtype, mode, clamp, n, d, cut, parity, n_ctx, sizes, y, ctx, params,
                          x, logdet, 0, 0, workspace, workspace_bytes, nthreads, true);
@@ -1049,13 +1157,12 @@ void mlp_coupling_inverse_cpu(int dtype, int mode, double clamp, int64_t n, int6
 namespace {
 
 template <typename T>
-void backward_impl(int dtype, int mode, double clamp, int64_t n, int64_t d, int64_t cut, int parity,
+void backward_impl(const char* name, int dtype, int mode, double clamp, int64_t n, int64_t d, int64_t cut, int parity,
                    int64_t n_ctx, const std::vector<int64_t>& sizes, std::uintptr_t x,
                    std::uintptr_t ctx, std::uintptr_t params, std::uintptr_t acts,
                    int64_t acts_numel, std::uintptr_t grad_y, std::uintptr_t grad_logdet,
                    std::uintptr_t grad_x, std::uintptr_t grad_ctx, std::uintptr_t grad_params,
                    std::uintptr_t workspace, int64_t workspace_bytes_given, int nthreads) {
-  const char* name = "mlp_coupling_backward_cpu";
   const Split sp = check_call(name, mode, clamp, n, d, cut, parity, n_ctx, sizes);
   Call<T> C;
   geometry(name, dtype, n, sizes, nthreads, C.g);
@@ -1094,15 +1201,46 @@ void mlp_coupling_backward_cpu(int dtype, int mode, double clamp, int64_t n, int
                                std::uintptr_t grad_logdet, std::uintptr_t grad_x,
                                std::uintptr_t grad_ctx, std::uintptr_t grad_params,
                                std::uintptr_t workspace, int64_t workspace_bytes, int nthreads) {
+  check_coupling_parity("mlp_coupling_backward_cpu", parity);
   if (dtype == kFloat64)
-    backward_impl<double>(dtype, mode, clamp, n, d, cut, parity, n_ctx, sizes, x, ctx, params, acts,
+    backward_impl<double>("mlp_coupling_backward_cpu", dtype, mode, clamp, n, d, cut, parity, n_ctx, sizes, x, ctx, params, acts,
                           acts_numel, grad_y, grad_logdet, grad_x, grad_ctx, grad_params, workspace,
                           workspace_bytes, nthreads);
   else
-    backward_impl<float>(dtype, mode, clamp, n, d, cut, parity, n_ctx, sizes, x, ctx, params, acts,
+    backward_impl<float>("mlp_coupling_backward_cpu", dtype, mode, clamp, n, d, cut, parity, n_ctx, sizes, x, ctx, params, acts,
                          acts_numel, grad_y, grad_logdet, grad_x, grad_ctx, grad_params, workspace,
                          workspace_bytes, nthreads);
 }
 
-}  // namespace ff
+void made_density_forward_cpu(int dtype, int mode, double clamp, int64_t n, int64_t d,
+                              const std::vector<int64_t>& sizes, std::uintptr_t x,
+                              std::uintptr_t params, std::uintptr_t u, std::uintptr_t logdet,
+                              std::uintptr_t acts, int64_t acts_numel, std::uintptr_t workspace,
+                              int64_t workspace_bytes, int nthreads) {
+  const char* name = "made_density_forward_cpu";
+  if (dtype == kFloat64)
+    forward_impl<double>(name, dtype, mode, clamp, n, d, 0, kParityMade, 0, sizes, x, 0, params, u,
+                         logdet, acts, acts_numel, workspace, workspace_bytes, nthreads, true);
+  else
+    forward_impl<float>(name, dtype, mode, clamp, n, d, 0, kParityMade, 0, sizes, x, 0, params, u,
+                        logdet, acts, acts_numel, workspace, workspace_bytes, nthreads, true);
+}
 
+void made_density_backward_cpu(int dtype, int mode, double clamp, int64_t n, int64_t d,
+                               const std::vector<int64_t>& sizes, std::uintptr_t x,
+                               std::uintptr_t params, std::uintptr_t acts, int64_t acts_numel,
+                               std::uintptr_t grad_u, std::uintptr_t grad_logdet,
+                               std::uintptr_t grad_x, std::uintptr_t grad_params,
+                               std::uintptr_t workspace, int64_t workspace_bytes, int nthreads) {
+  const char* name = "made_density_backward_cpu";
+  if (dtype == kFloat64)
+    backward_impl<double>(name, dtype, mode, clamp, n, d, 0, kParityMade, 0, sizes, x, 0, params,
+                          acts, acts_numel, grad_u, grad_logdet, grad_x, 0, grad_params, workspace,
+                          workspace_bytes, nthreads);
+  else
+    backward_impl<float>(name, dtype, mode, clamp, n, d, 0, kParityMade, 0, sizes, x, 0, params,
+                         acts, acts_numel, grad_u, grad_logdet, grad_x, 0, grad_params, workspace,
+                         workspace_bytes, nthreads);
+}
+
+}  // namespace ff

@@ -76,3 +76,37 @@ def pytest_sessionstart(session):
         raise pytest.UsageError(
             f"FASTFLOW_REQUIRE_NATIVE=1 but fastflow._C failed to import: {_backend._IMPORT_ERROR}"
         )
+
+
+def _install_pointer_liveness_check() -> None:
+    """Every pointer handed to ``_C`` must point into a tensor somebody still holds: a pointer
+    taken from a temporary (``B.ptr(t.contiguous(), ...)`` as a call argument) is freed before
+    the kernel runs — garbage gradients for small tensors, a segfault for large ones (found in
+    the MLP-coupling and MADE backward with non-contiguous incoming gradients). During the tests
+    ``_backend.ptr`` raises when its tensor argument is only referenced by the call itself.
+    Calibrated here on this interpreter (reference counts differ between Python versions); off
+    where a temporary cannot be told apart."""
+    import sys
+
+    orig = _backend.ptr
+
+    def probe(t, *a, **k):
+        return sys.getrefcount(t)
+
+    named = torch.zeros(2)
+    temp_count, named_count = probe(named + 1), probe(named)
+    if not temp_count < named_count:
+        return
+
+    def checked_ptr(t, *args, **kwargs):
+        if isinstance(t, torch.Tensor) and sys.getrefcount(t) <= temp_count:
+            raise AssertionError(
+                "_backend.ptr got a tensor nobody else references: it is freed before the "
+                "kernel reads it (bind the tensor to a name that lives through the call)"
+            )
+        return orig(t, *args, **kwargs)
+
+    _backend.ptr = checked_ptr
+
+
+_install_pointer_liveness_check()

@@ -15,6 +15,7 @@ pass, the density direction is the walk.
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor, nn
 
 from fastflow.nn.made import MADE
@@ -80,7 +81,11 @@ class MaskedAffineAutoregressive(nn.Module):
         m = self.made
         p = m.params if m.params.dtype == x.dtype else m.params.to(x.dtype)
         # the layer's structure is valid by construction and x/context were just checked
-        return density(x, p, m.layout, m.masks(), m.activation, context, self.scale_fn, self.clamp)
+        # the flat mask of the native path (not traced: torch.compile runs the reference)
+        fm = None if torch.compiler.is_compiling() else m.flat_mask(x.dtype)
+        return density(
+            x, p, m.layout, m.masks(), m.activation, context, self.scale_fn, self.clamp, fm
+        )
 
     def _walk(self, u: Tensor, context: Tensor | None, name: str) -> tuple[Tensor, Tensor]:
         self.made.check_input(u, context, name)

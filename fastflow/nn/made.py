@@ -8,7 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from fastflow.ops.made import ACTIVATIONS, PackedMADE, degree_mask, made_mlp, pack_made
-from fastflow.ops.made_density import MADELayout, made_views
+from fastflow.ops.made_density import MADELayout, flat_mask, made_views
 
 __all__ = ["MADE"]
 
@@ -187,6 +187,16 @@ class MADE(nn.Module):
     def masked_weights(self) -> list[Tensor]:
         """The weights times their masks (``nn.Linear`` layout)."""
         return [w * m.to(w.dtype) for w, m in zip(self.weights, self.masks())]
+
+    def flat_mask(self, dtype: torch.dtype) -> Tensor:
+        """:func:`fastflow.ops.made_density.flat_mask` of this network's masks (cached per dtype
+        and device; the masks are fixed at construction)."""
+        masks = self.masks()
+        key = (dtype, tuple((m.data_ptr(), m._version) for m in masks))
+        cache = getattr(self, "_flat_mask_cache", None)
+        if cache is None or cache[0] != key:
+            cache = self._flat_mask_cache = (key, flat_mask(masks, self.layout, dtype))
+        return cache[1]
 
     def _params(self) -> list[Tensor]:
         return [self.params]

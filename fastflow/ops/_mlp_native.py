@@ -35,7 +35,15 @@ from torch import Tensor
 from fastflow import _backend as B
 from fastflow.ops.mlp_coupling import MLPLayout
 
-__all__ = ["acts_layout", "backward", "forward", "inverse", "workspace"]
+__all__ = [
+    "acts_layout",
+    "backward",
+    "forward",
+    "inverse",
+    "made_backward",
+    "made_forward",
+    "workspace",
+]
 
 #: acts layout of the kernel (csrc/mlp.h; _C.MLP_ACTS_ROW_ALIGN_BYTES / _ROW_QUANTUM, pinned by
 #: tests/test_bindings.py): each layer's columns padded to this many bytes, rows to a multiple of
@@ -91,7 +99,9 @@ def workspace(dtype: torch.dtype, n: int, sizes: tuple[int, ...], nthreads: int)
 
 def _common(x, ctx, params, layout, cut, parity, mode, clamp, nthreads):
     """The arguments every entry point shares, with the input pointers checked: ``(x made
-    contiguous, keyword arguments for _C)``."""
+    contiguous, keyword arguments for _C, keep)``. ``keep`` holds the contiguous copies the
+    pointers point into: the caller keeps it referenced until the kernel has returned (a pointer
+    into a freed temporary is a use-after-free: garbage or a crash)."""
     if not x.is_cpu:
         raise ValueError(f"the native MLP coupling kernel runs on the CPU, got {x.device}")
     x = x.contiguous()
@@ -100,14 +110,15 @@ def _common(x, ctx, params, layout, cut, parity, mode, clamp, nthreads):
     nc = 0 if ctx is None else ctx.shape[1]
     nt = B.num_threads() if nthreads is None else nthreads
     ws = workspace(dt, n, layout.sizes, nt)
+    ctx = None if ctx is None else ctx.contiguous()
+    params = params.contiguous()
     kw = dict(
         dtype=B.DTYPE_CODES[dt], mode=mode, clamp=float(clamp), n=n, d=d, cut=cut, parity=parity,
-        n_ctx=nc, sizes=layout.sizes,
-        ctx_ptr=B.ptr(None if ctx is None else ctx.contiguous(), dt, n * nc, dev, "context"),
-        params_ptr=B.ptr(params.contiguous(), dt, layout.numel, dev, "params"),
+        n_ctx=nc, sizes=layout.sizes, ctx_ptr=B.ptr(ctx, dt, n * nc, dev, "context"),
+        params_ptr=B.ptr(params, dt, layout.numel, dev, "params"),
         workspace_ptr=B.ptr(ws), workspace_bytes=ws.numel(), nthreads=nt,
     )  # fmt: skip
-    return x, kw
+    return x, kw, (ctx, params, ws)
 
 
 def forward(
@@ -123,7 +134,7 @@ def forward(
     nthreads: int | None = None,
 ) -> tuple[Tensor, Tensor, Tensor | None]:
     """``(y, logdet, acts)`` of the forward map; ``acts`` is None unless ``need_acts``."""
-    x, kw = _common(x, ctx, params, layout, cut, parity, mode, clamp, nthreads)
+    x, kw, keep = _common(x, ctx, params, layout, cut, parity, mode, clamp, nthreads)
     n, d = x.shape
     y = torch.empty_like(x)
     logdet = x.new_empty(n)
@@ -153,18 +164,19 @@ def backward(
 ) -> tuple[Tensor, Tensor | None, Tensor]:
     """``(grad_x, grad_context, grad_params)`` of the forward, from its ``acts``; grad_context
     is None without a context."""
-    x, kw = _common(x, ctx, params, layout, cut, parity, mode, clamp, nthreads)
+    x, kw, keep = _common(x, ctx, params, layout, cut, parity, mode, clamp, nthreads)
     n, d = x.shape
     dt, dev = x.dtype, x.device
     rows, cols = _acts_shape(kw["dtype"], n, layout.sizes)
     gx = torch.empty_like(x)
     gctx = None if ctx is None else torch.empty(n, kw["n_ctx"], dtype=dt)
     gp = x.new_empty(layout.numel)
+    grad_y, grad_logdet = grad_y.contiguous(), grad_logdet.contiguous()  # alive through the call
     B._C.mlp_coupling_backward_cpu(
         **kw, x_ptr=B.ptr(x, dt, n * d, dev, "x"),
         acts_ptr=B.ptr(acts, dt, rows * cols, dev, "acts"), acts_numel=rows * cols,
-        grad_y_ptr=B.ptr(grad_y.contiguous(), dt, n * d, dev, "grad_y"),
-        grad_logdet_ptr=B.ptr(grad_logdet.contiguous(), dt, n, dev, "grad_logdet"),
+        grad_y_ptr=B.ptr(grad_y, dt, n * d, dev, "grad_y"),
+        grad_logdet_ptr=B.ptr(grad_logdet, dt, n, dev, "grad_logdet"),
         grad_x_ptr=B.ptr(gx), grad_ctx_ptr=B.ptr(gctx), grad_params_ptr=B.ptr(gp),
     )  # fmt: skip
     return gx, gctx, gp
@@ -182,7 +194,7 @@ def inverse(
     nthreads: int | None = None,
 ) -> tuple[Tensor, Tensor]:
     """``(x, logdet)`` of the inverse map (``logdet = -sum s``)."""
-    y, kw = _common(y, ctx, params, layout, cut, parity, mode, clamp, nthreads)
+    y, kw, keep = _common(y, ctx, params, layout, cut, parity, mode, clamp, nthreads)
     n, d = y.shape
     x = torch.empty_like(y)
     logdet = y.new_empty(n)
@@ -191,3 +203,77 @@ def inverse(
         logdet_ptr=B.ptr(logdet),
     )  # fmt: skip
     return x, logdet
+
+
+def _made_common(x, params, sizes, mode, clamp, nthreads):
+    if not x.is_cpu:
+        raise ValueError(f"the native MADE density kernel runs on the CPU, got {x.device}")
+    x = x.contiguous()
+    n, d = x.shape
+    dt, dev = x.dtype, x.device
+    nt = B.num_threads() if nthreads is None else nthreads
+    ws = workspace(dt, n, sizes, nt)
+    numel = sum(o * (i + 1) for i, o in zip(sizes[:-1], sizes[1:]))
+    params = params.contiguous()
+    kw = dict(
+        dtype=B.DTYPE_CODES[dt], mode=mode, clamp=float(clamp), n=n, d=d, sizes=sizes,
+        params_ptr=B.ptr(params, dt, numel, dev, "params"),
+        workspace_ptr=B.ptr(ws), workspace_bytes=ws.numel(), nthreads=nt,
+    )  # fmt: skip
+    return x, kw, numel, (params, ws)
+
+
+def made_forward(
+    x: Tensor,
+    params: Tensor,
+    sizes: tuple[int, ...],
+    mode: int,
+    clamp: float,
+    need_acts: bool,
+    nthreads: int | None = None,
+) -> tuple[Tensor, Tensor, Tensor | None]:
+    """``(u, logdet, acts)`` of the MADE density layer (``csrc/mlp.h``:
+    ``made_density_forward_cpu``): ``params`` holds the **masked** weights and the biases in the
+    layout of :func:`fastflow.ops.mlp_coupling.mlp_layout` of ``sizes = (D, hidden..., 2 D)``;
+    the MLP output is ``(shift, raw)``."""
+    x, kw, _, keep = _made_common(x, params, sizes, mode, clamp, nthreads)
+    n, d = x.shape
+    u = torch.empty_like(x)
+    logdet = x.new_empty(n)
+    acts = torch.empty(*_acts_shape(kw["dtype"], n, sizes), dtype=x.dtype) if need_acts else None
+    B._C.made_density_forward_cpu(
+        **kw, x_ptr=B.ptr(x, x.dtype, n * d, x.device, "x"), u_ptr=B.ptr(u),
+        logdet_ptr=B.ptr(logdet), acts_ptr=B.ptr(acts),
+        acts_numel=0 if acts is None else acts.numel(),
+    )  # fmt: skip
+    return u, logdet, acts
+
+
+def made_backward(
+    x: Tensor,
+    params: Tensor,
+    sizes: tuple[int, ...],
+    mode: int,
+    clamp: float,
+    acts: Tensor,
+    grad_u: Tensor,
+    grad_logdet: Tensor,
+    nthreads: int | None = None,
+) -> tuple[Tensor, Tensor]:
+    """``(grad_x, grad_params)`` of :func:`made_forward` from its ``acts`` (the gradient with
+    respect to the masked parameters given)."""
+    x, kw, numel, keep = _made_common(x, params, sizes, mode, clamp, nthreads)
+    n, d = x.shape
+    dt, dev = x.dtype, x.device
+    rows, cols = _acts_shape(kw["dtype"], n, sizes)
+    gx = torch.empty_like(x)
+    gp = x.new_empty(numel)
+    grad_u, grad_logdet = grad_u.contiguous(), grad_logdet.contiguous()  # alive through the call
+    B._C.made_density_backward_cpu(
+        **kw, x_ptr=B.ptr(x, dt, n * d, dev, "x"),
+        acts_ptr=B.ptr(acts, dt, rows * cols, dev, "acts"), acts_numel=rows * cols,
+        grad_u_ptr=B.ptr(grad_u, dt, n * d, dev, "grad_u"),
+        grad_logdet_ptr=B.ptr(grad_logdet, dt, n, dev, "grad_logdet"),
+        grad_x_ptr=B.ptr(gx), grad_params_ptr=B.ptr(gp),
+    )  # fmt: skip
+    return gx, gp

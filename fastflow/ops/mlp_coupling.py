@@ -224,7 +224,7 @@ class _FusedMLPCoupling(torch.autograd.Function):
         xa, xb = _split(x, cut, parity)
         gya, gyb = _split(grad_y, cut, parity)
         n, db = xb.shape
-        gyb = gyb.contiguous()
+        gyb, grad_logdet = gyb.contiguous(), grad_logdet.contiguous()  # alive through the call
         raw = out[:, :db]
         # elementwise part in the native kernel: grad_x_b and grad_raw; grad_shift = grad_y_b
         g_out = torch.empty_like(out)
@@ -234,7 +234,7 @@ class _FusedMLPCoupling(torch.autograd.Function):
             "coupling_backward", xb, **_head(xb, mode, clamp), **_strided("x", "x", xb, xb),
             **_strided("raw", "raw", raw, xb), mask_ptr=0,
             grad_y_ptr=B.ptr(gyb, x.dtype, n * db, x.device, "grad_y"),
-            grad_logdet_ptr=B.ptr(grad_logdet.contiguous(), x.dtype, n, x.device, "grad_logdet"),
+            grad_logdet_ptr=B.ptr(grad_logdet, x.dtype, n, x.device, "grad_logdet"),
             grad_x_ptr=B.ptr(gxb), grad_raw_ptr=B.ptr(graw),
         )  # fmt: skip
         g_out[:, :db] = graw
