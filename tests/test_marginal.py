@@ -113,17 +113,25 @@ def test_data_defaults():
     from fastflow.training.config import TrainConfig, model_options, resolve_defaults
 
     cfg, picked = resolve_defaults(TrainConfig(data="mnist5k"))
-    assert picked == {"epochs": 10, "marginal": 256, "dequantization": "variational"}
+    assert picked == {
+        "epochs": 7,
+        "batch_size": 32,
+        "lr": 4e-3,
+        "marginal": 256,
+        "dequantization": "variational",
+    }
     assert model_options(cfg)["marginal"] == 256
     # given options win; models without the option do not get it; other data: general defaults
     cfg, picked = resolve_defaults(
         TrainConfig(data="mnist5k", marginal=0, dequantization="uniform")
     )
-    assert (cfg.marginal, cfg.dequantization, picked) == (0, "uniform", {"epochs": 10})
+    assert (cfg.marginal, cfg.dequantization, picked["epochs"]) == (0, "uniform", 7)
+    assert "marginal" not in picked and "dequantization" not in picked
     cfg, _ = resolve_defaults(TrainConfig(data="mnist5k", model="realnvp"))
     assert cfg.marginal is None and "marginal" not in model_options(cfg)
     cfg, picked = resolve_defaults(TrainConfig(data="digits"))
-    assert (cfg.epochs, cfg.dequantization, cfg.marginal, picked) == (50, "uniform", None, {})
+    assert (cfg.epochs, cfg.batch_size, cfg.lr) == (50, 64, 2e-3) and picked == {}
+    assert (cfg.dequantization, cfg.marginal) == ("uniform", None)
 
 
 def test_train_cli_with_marginal(tmp_path, capsys):
