@@ -78,7 +78,7 @@ def _configure_train(p: argparse.ArgumentParser) -> None:
         "--marginal",
         type=int,
         help="glow: bins of a per-pixel histogram marginal layer at the data end (the image "
-        "levels, e.g. 256; 0 = none; default none, mnist5k: 256)",
+        "levels, e.g. 256; 0 = none; default none; glow on mnist5k: 256)",
     )
     g = p.add_argument_group("data")
     g.add_argument(
@@ -93,10 +93,10 @@ def _configure_train(p: argparse.ArgumentParser) -> None:
     g.add_argument("--val", type=float, default=d.val, help="validation fraction (0.1)")
     g.add_argument("--test", type=float, default=d.test, help="test fraction (0.1)")
     g = p.add_argument_group("optimisation")
-    g.add_argument("--epochs", type=int, help="epochs (50; mnist5k: 7)")
+    g.add_argument("--epochs", type=int, help="epochs (50; glow on mnist5k: 7)")
     g.add_argument("--max-steps", type=int, help="stop after this many optimizer steps")
-    g.add_argument("--batch-size", type=int, help="per process (64; mnist5k: 32)")
-    g.add_argument("--lr", type=float, help="Adam learning rate (2e-3; mnist5k: 4e-3)")
+    g.add_argument("--batch-size", type=int, help="per process (64; glow on mnist5k: 32)")
+    g.add_argument("--lr", type=float, help="Adam learning rate (2e-3; glow on mnist5k: 4e-3)")
     g.add_argument("--warmup", type=int, default=d.warmup, help="linear warm-up steps (100)")
     g.add_argument("--schedule", default=d.schedule, choices=["constant", "cosine"])
     g.add_argument("--clip-grad", type=float, default=d.clip_grad, help="max grad norm, 0 = off")
@@ -112,7 +112,7 @@ def _configure_train(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--dequantization",
         choices=["uniform", "variational"],
-        help="images: uniform noise in each level (default; mnist5k: variational), or a "
+        help="images: uniform noise in each level (default; glow on mnist5k: variational), or a "
         "conditional flow q(u|x) trained jointly (Flow++); the test line adds the "
         "importance-weighted bound",
     )

@@ -127,8 +127,9 @@ def test_data_defaults():
     )
     assert (cfg.marginal, cfg.dequantization, picked["epochs"]) == (0, "uniform", 7)
     assert "marginal" not in picked and "dequantization" not in picked
-    cfg, _ = resolve_defaults(TrainConfig(data="mnist5k", model="realnvp"))
-    assert cfg.marginal is None and "marginal" not in model_options(cfg)
+    cfg, picked = resolve_defaults(TrainConfig(data="mnist5k", model="realnvp"))
+    assert cfg.marginal is None and "marginal" not in model_options(cfg) and picked == {}
+    assert (cfg.epochs, cfg.dequantization) == (50, "uniform")  # measured for glow only
     cfg, picked = resolve_defaults(TrainConfig(data="digits"))
     assert (cfg.epochs, cfg.batch_size, cfg.lr) == (50, 64, 2e-3) and picked == {}
     assert (cfg.dequantization, cfg.marginal) == ("uniform", None)
