@@ -93,7 +93,7 @@ def _configure_train(p: argparse.ArgumentParser) -> None:
     g.add_argument("--val", type=float, default=d.val, help="validation fraction (0.1)")
     g.add_argument("--test", type=float, default=d.test, help="test fraction (0.1)")
     g = p.add_argument_group("optimisation")
-    g.add_argument("--epochs", type=int, help="epochs (50; glow on mnist5k: 7)")
+    g.add_argument("--epochs", type=int, help="epochs (50; glow on mnist5k: 6)")
     g.add_argument("--max-steps", type=int, help="stop after this many optimizer steps")
     g.add_argument("--batch-size", type=int, help="per process (64; glow on mnist5k: 32)")
     g.add_argument("--lr", type=float, help="Adam learning rate (2e-3; glow on mnist5k: 4e-3)")

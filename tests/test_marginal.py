@@ -114,7 +114,7 @@ def test_data_defaults():
 
     cfg, picked = resolve_defaults(TrainConfig(data="mnist5k"))
     assert picked == {
-        "epochs": 7,
+        "epochs": 6,
         "batch_size": 32,
         "lr": 4e-3,
         "marginal": 256,
@@ -125,7 +125,7 @@ def test_data_defaults():
     cfg, picked = resolve_defaults(
         TrainConfig(data="mnist5k", marginal=0, dequantization="uniform")
     )
-    assert (cfg.marginal, cfg.dequantization, picked["epochs"]) == (0, "uniform", 7)
+    assert (cfg.marginal, cfg.dequantization, picked["epochs"]) == (0, "uniform", 6)
     assert "marginal" not in picked and "dequantization" not in picked
     cfg, picked = resolve_defaults(TrainConfig(data="mnist5k", model="realnvp"))
     assert cfg.marginal is None and "marginal" not in model_options(cfg) and picked == {}
