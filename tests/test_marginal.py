@@ -155,3 +155,20 @@ def test_train_cli_with_marginal(tmp_path, capsys):
         == 1
     )
     assert "--marginal is for the models glow" in capsys.readouterr().err
+
+
+def test_resume_checks_resolved_defaults():
+    from dataclasses import asdict
+
+    from fastflow.training.config import TrainConfig, TrainError, check_resume, resolve_defaults
+
+    new = {"config": asdict(resolve_defaults(TrainConfig(data="mnist5k"))[0])}
+    new.update(state_dict={}, optimizer={})
+    check_resume(TrainConfig(data="mnist5k"), new, "new.pt")  # the defaults resolve alike
+    # a glow run on mnist5k from before --marginal existed: 50 epochs, batch 64, no marginal
+    old = {k: v for k, v in new["config"].items() if k not in ("marginal", "dequantization")}
+    old.update(epochs=50, batch_size=64, lr=2e-3)
+    with pytest.raises(TrainError, match="--marginal 0 \\(checkpoint\\) vs 256"):
+        check_resume(TrainConfig(data="mnist5k"), {**new, "config": old}, "old.pt")
+    args = dict(epochs=50, batch_size=64, lr=2e-3, marginal=0, dequantization="uniform")
+    check_resume(TrainConfig(data="mnist5k", **args), {**new, "config": old}, "old.pt")

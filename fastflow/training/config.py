@@ -115,7 +115,7 @@ AUTOCAST = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 OBJECTIVES = ("mle", "fm", "fm-ot")
 
 # options that must match the checkpoint on --resume (the rest may change)
-_NEW_OPTION_DEFAULTS = {"objective": "mle", "dequantization": "uniform", "marginal": None}
+_NEW_OPTION_DEFAULTS = {"objective": "mle", "dequantization": "uniform", "marginal": 0}
 RESUME_KEYS = (
     "model",
     "hidden",
@@ -226,9 +226,15 @@ def check_resume(cfg: TrainConfig, ck: dict, path: str) -> None:
     old = ck.get("config")
     if not isinstance(old, dict) or "state_dict" not in ck or "optimizer" not in ck:
         raise CheckpointError(f"{path}: not a resumable 'fastflow train' checkpoint")
-    # options added after a checkpoint was written (--objective, --dequantization) had their
-    # defaults' meaning there
+    # options added after a checkpoint was written (--objective, --dequantization, --marginal)
+    # had their defaults' meaning there (no marginal layer); both sides with the options left
+    # None resolved (the data set's defaults)
     old = {**{k: v for k, v in _NEW_OPTION_DEFAULTS.items() if k not in old}, **old}
+    names = {f.name for f in fields(TrainConfig)}
+    old = {**old, **vars(resolve_defaults(TrainConfig(**{k: old[k] for k in names & set(old)}))[0])}
+    cfg = resolve_defaults(cfg)[0]
+    old["marginal"] = old.get("marginal") or 0  # None (the model's default) is none
+    cfg = replace(cfg, marginal=cfg.marginal or 0)
     diffs = [
         f"--{k.replace('_', '-')} {old.get(k)!r} (checkpoint) vs {getattr(cfg, k)!r} (now)"
         for k in RESUME_KEYS
