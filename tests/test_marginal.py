@@ -144,7 +144,7 @@ def test_train_cli_with_marginal(tmp_path, capsys):
     argv += ["--depth", "1", "--scales", "1", "--epochs", "1", "--batch-size", "32", "--out", out]
     assert main([*argv, "--no-progress", "--no-plots"]) == 0
     printed = capsys.readouterr().out
-    assert "test bits/dim of the per-pixel histogram" in printed
+    assert "per-pixel histogram baseline: " in printed
     flow, pre, ck = load_model(f"{out}/best.pt")
     assert ck["model_options"]["marginal"] == 17
     assert (

@@ -530,8 +530,8 @@ def _finish(run: Run) -> dict:
             )
         if "test_bpd_histogram" in iw:
             rank0_print(
-                "test bits/dim of the per-pixel histogram (independent pixels, add-one "
-                f"smoothed, fit on the training split): {iw['test_bpd_histogram']:.4f}"
+                f"per-pixel histogram baseline: {iw['test_bpd_histogram']:.4f} bits/dim on the "
+                "test split (independent pixels, add-one smoothed, fit on the training split)"
             )
     run.flow.load_state_dict(final_state)
     result["flow"] = run.flow
