@@ -61,6 +61,22 @@ void made_affine_inverse_cpu(int dtype, int act, int mode, double clamp, int64_t
                              std::uintptr_t logdet, std::uintptr_t workspace,
                              int64_t workspace_bytes, int nthreads);
 
+// The spline MADE's inverse (fastflow/ops/made_spline.py) by the same walk: weights/biases the L
+// hidden layers only (sorted coordinates); out_weight [d, P, hidden[L-1]] and out_bias [d, P]
+// (P = 3 bins - 1: widths, heights, interior derivatives of input k's spline, rows already masked
+// and sorted); x_k = rq_spline^-1(u_k) on [-bound, bound] with identity tails, logdet[n] = sum of
+// the inverse's log-derivatives (fp32 / fp64 as the dtype). Inference only (no backward). The
+// workspace: made_workspace_bytes(dtype, d, hidden + [P], nthreads).
+void made_spline_inverse_cpu(int dtype, int act, int64_t n, int64_t d,
+                             const std::vector<int64_t>& hidden, int bins, double bound,
+                             double min_bin_width, double min_bin_height, double min_derivative,
+                             std::uintptr_t u, std::uintptr_t init,
+                             const std::vector<std::uintptr_t>& weights,
+                             const std::vector<std::uintptr_t>& biases, std::uintptr_t out_weight,
+                             std::uintptr_t out_bias, const std::vector<int64_t>& bounds,
+                             std::uintptr_t x, std::uintptr_t logdet, std::uintptr_t workspace,
+                             int64_t workspace_bytes, int nthreads);
+
 // Hidden layers the CUDA walk supports.
 constexpr int kMadeCudaMaxLayers = 8;
 

@@ -20,6 +20,16 @@ void bind_made(pybind11::module_& m) {
   def_with_args(m, "made_affine_inverse_cpu", &made_affine_inverse_cpu, walk, py::arg("x_ptr"),
                 py::arg("logdet_ptr"), py::arg("workspace_ptr"), py::arg("workspace_bytes"),
                 py::arg("nthreads"));
+  def_with_args(m, "made_spline_inverse_cpu", &made_spline_inverse_cpu,
+                std::make_tuple(py::arg("dtype"), py::arg("act"), py::arg("n"), py::arg("d"),
+                                py::arg("hidden"), py::arg("bins"), py::arg("bound"),
+                                py::arg("min_bin_width"), py::arg("min_bin_height"),
+                                py::arg("min_derivative"), py::arg("u_ptr"), py::arg("init_ptr"),
+                                py::arg("weight_ptrs"), py::arg("bias_ptrs"),
+                                py::arg("out_weight_ptr"), py::arg("out_bias_ptr"),
+                                py::arg("bounds")),
+                py::arg("x_ptr"), py::arg("logdet_ptr"), py::arg("workspace_ptr"),
+                py::arg("workspace_bytes"), py::arg("nthreads"));
 #if defined(FF_WITH_CUDA)
   def_with_args(m, "made_affine_inverse_cuda", &made_affine_inverse_cuda, walk,
                 py::arg("bounds_dev_ptr"), py::arg("x_ptr"), py::arg("logdet_ptr"),

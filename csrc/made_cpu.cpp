@@ -15,6 +15,7 @@
 #include "cpu_isa.h"
 #include "cpu_parallel.h"
 #include "made.h"
+#include "spline.h"
 
 namespace ff {
 namespace made_cpu_detail {
@@ -284,6 +285,62 @@ FF_INLINE void walk_block(const Walk<T>& P, int64_t b0, int64_t nb, T* ws) {
   }
 }
 
+// The spline walk (made_spline_inverse_cpu): the output of input k is its P = 3K - 1 raw spline
+// parameters (widths K, heights K, interior derivatives K - 1), then x_k = spline^-1(u_k) per
+// sample. No lookahead (hidden units group by degree as above; the P output rows per input are a
+// product wide enough on their own).
+template <typename T>
+struct SplineWalk {
+  const T* wout;  // [d][P][hidden[L-1]]
+  const T* bout;  // [d][P]
+  int bins;
+  int64_t np;
+  SplineConsts cs;
+};
+
+template <typename T, int W, int NV, int R>
+FF_INLINE void spline_walk_block(const Walk<T>& P, const SplineWalk<T>& S, int64_t b0, int64_t nb,
+                                 T* ws, T* theta) {
+  using A = acc_t<T>;
+  constexpr int BS = NV * W;
+  const int64_t d = P.d, L = P.L, np = S.np;
+  const int K = S.bins;
+  T* xs = ws;  // [d][BS]
+  A ld[BS];
+  for (int s = 0; s < BS; ++s) ld[s] = A(0);
+  A pw[kSplineMaxBins], ph[kSplineMaxBins];
+  T rw[kSplineMaxBins], rh[kSplineMaxBins], rd[kSplineMaxBins];
+  hidden_groups<T, W, NV, R>(P, 0, -1, b0, nb, ws);
+  const int64_t hl = P.hidden[L - 1];
+  const T* last = ws + (d + P.offs[L - 1]) * BS;
+  const int64_t* bL = P.bounds + (L - 1) * (d + 1);
+  for (int64_t k = 0; k < d; ++k) {
+    rows_product<T, W, NV, R, false>(S.wout + k * np * hl, hl, 0, np, 0, bL[k], last, theta);
+    const T* bk = S.bout + k * np;
+    T* xk = xs + k * BS;
+    for (int64_t s = 0; s < BS; ++s) {
+      if (s >= nb) {
+        xk[s] = T(0);
+        continue;
+      }
+      for (int i = 0; i < K; ++i) {
+        rw[i] = theta[i * BS + s] + bk[i];
+        rh[i] = theta[(K + i) * BS + s] + bk[K + i];
+      }
+      for (int i = 0; i + 1 < K; ++i) rd[i] = theta[(2 * K + i) * BS + s] + bk[2 * K + i];
+      A lad;
+      const A v = A(P.u[(b0 + s) * d + k]);
+      xk[s] = T(spline_elem<true, T, A>(v, rw, rh, rd, K, S.cs, true, pw, ph, lad));
+      ld[s] += lad;
+    }
+    if (k + 1 < d) hidden_groups<T, W, NV, R>(P, k + 1, -1, b0, nb, ws);
+  }
+  for (int64_t s = 0; s < nb; ++s) {
+    for (int64_t k = 0; k < d; ++k) P.x[(b0 + s) * d + k] = xs[k * BS + s];
+    P.logdet[b0 + s] = T(ld[s]);
+  }
+}
+
 // One block of samples with a variant's vector width: R * NV accumulator vectors (16 of the 32
 // zmm registers on AVX-512, 8 of the 16 ymm on AVX2); BS = 128 bytes of samples in every variant.
 template <int Isa>
@@ -299,6 +356,17 @@ FF_INLINE void block_isa(const Walk<T>& P, int64_t b0, int64_t nb, T* ws) {
 }
 FF_CPU_VARIANTS(block, block_isa, (const Walk<T>& P, int64_t b0, int64_t nb, T* ws),
                 (P, b0, nb, ws))
+
+template <int Isa, typename T>
+FF_INLINE void spline_block_isa(const Walk<T>& P, const SplineWalk<T>& S, int64_t b0, int64_t nb,
+                                T* ws, T* theta) {
+  constexpr int W = kIsaVectorBytes<Isa> / int(sizeof(T));
+  spline_walk_block<T, W, MadeTuning<Isa>::NV, MadeTuning<Isa>::R>(P, S, b0, nb, ws, theta);
+}
+FF_CPU_VARIANTS(spline_block, spline_block_isa,
+                (const Walk<T>& P, const SplineWalk<T>& S, int64_t b0, int64_t nb, T* ws,
+                 T* theta),
+                (P, S, b0, nb, ws, theta))
 
 // ---------------------------------------------------------------------------------------------
 // The driver (OpenMP over blocks) and the entry points.
@@ -365,6 +433,48 @@ void run_walk(int act, int mode, double clamp, int64_t n, int64_t d,
   }
 }
 
+template <typename T>
+void run_spline_walk(int act, int64_t n, int64_t d, const std::vector<int64_t>& hidden, int bins,
+                     const SplineConsts& cs, std::uintptr_t u, std::uintptr_t init,
+                     const std::vector<std::uintptr_t>& weights,
+                     const std::vector<std::uintptr_t>& biases, std::uintptr_t out_weight,
+                     std::uintptr_t out_bias, const std::vector<int64_t>& bounds, std::uintptr_t x,
+                     std::uintptr_t logdet, std::uintptr_t workspace, int nthreads) {
+  constexpr int BS = made_block_samples<T>();
+  const int64_t L = int64_t(hidden.size());
+  std::vector<int64_t> offs(L);
+  int64_t o = 0;
+  for (int64_t l = 0; l < L; ++l) {
+    offs[l] = o;
+    o += hidden[l];
+  }
+  std::vector<const T*> w(L + 1, nullptr), b(L + 1, nullptr);
+  for (int64_t l = 0; l < L; ++l) {
+    w[l] = ptr<const T>(weights[l]);
+    b[l] = ptr<const T>(biases[l]);
+  }
+  Walk<T> P{act,       kIdentity,     T(1), T(1), n, d, L, hidden.data(), offs.data(),
+            ptr<const T>(u), ptr<const T>(init), w.data(), b.data(), bounds.data(), 1, ptr<T>(x),
+            ptr<T>(logdet)};
+  const int64_t np = 3 * int64_t(bins) - 1;
+  const SplineWalk<T> S{ptr<const T>(out_weight), ptr<const T>(out_bias), bins, np, cs};
+  const auto fn = spline_block_for<T>(cpu_isa_level());
+  const int64_t rows = state_rows(d, hidden) + np;  // the state, then theta [P][BS]
+  const int64_t nblocks = (n + BS - 1) / BS;
+  T* ws = ptr<T>(workspace);
+  const int nt = int(std::max<int64_t>(1, std::min<int64_t>(nthreads, nblocks)));
+#pragma omp parallel num_threads(nt) if (nt > 1)
+  {
+    T* mine = ws + int64_t(thread_id()) * rows * BS;
+    T* theta = mine + (rows - np) * BS;
+#pragma omp for schedule(static)
+    for (int64_t blk = 0; blk < nblocks; ++blk) {
+      const int64_t b0 = blk * BS;
+      fn(P, S, b0, std::min<int64_t>(BS, n - b0), mine, theta);
+    }
+  }
+}
+
 }  // namespace made_cpu_detail
 
 using namespace made_cpu_detail;
@@ -400,5 +510,57 @@ void made_affine_inverse_cpu(int dtype, int act, int mode, double clamp, int64_t
                      workspace, nthreads);
 }
 
-}  // namespace ff
+void made_spline_inverse_cpu(int dtype, int act, int64_t n, int64_t d,
+                             const std::vector<int64_t>& hidden, int bins, double bound,
+                             double min_bin_width, double min_bin_height, double min_derivative,
+                             std::uintptr_t u, std::uintptr_t init,
+                             const std::vector<std::uintptr_t>& weights,
+                             const std::vector<std::uintptr_t>& biases, std::uintptr_t out_weight,
+                             std::uintptr_t out_bias, const std::vector<int64_t>& bounds,
+                             std::uintptr_t x, std::uintptr_t logdet, std::uintptr_t workspace,
+                             int64_t workspace_bytes, int nthreads) {
+  const char* name = "made_spline_inverse_cpu";
+  const std::string nm(name);
+  check(dtype == kFloat32 || dtype == kFloat64,
+        nm + ": dtype must be float32 or float64 (cast 16-bit inputs first)");
+  check(n >= 0, nm + ": negative batch size");
+  check(d >= 1, nm + ": need at least one feature");
+  check(!hidden.empty(), nm + ": need at least one hidden layer");
+  for (int64_t h : hidden) check(h >= 1, nm + ": hidden sizes must be >= 1");
+  check(act == kRelu || act == kTanh || act == kElu, nm + ": unknown activation code");
+  check_spline_options_native(name, n, d, bins, bound, min_bin_width, min_bin_height,
+                              min_derivative);
+  check(bins >= 2, nm + ": bins must be >= 2");
+  const int64_t L = int64_t(hidden.size());
+  check(int64_t(weights.size()) == L && int64_t(biases.size()) == L,
+        nm + ": need one weight and one bias per hidden layer");
+  check(int64_t(bounds.size()) == L * (d + 1), nm + ": bounds must have L * (d + 1) entries");
+  made_check_bounds(name, d, hidden, bounds.data());
+  for (int64_t l = 0; l < L; ++l) {
+    check_ptr(weights[l], hidden[l] * (l == 0 ? d : hidden[l - 1]), "weights");
+    check_ptr(biases[l], hidden[l], "biases");
+  }
+  const int64_t np = 3 * int64_t(bins) - 1;
+  check_ptr(out_weight, d * np * hidden[L - 1], "out_weight");
+  check_ptr(out_bias, d * np, "out_bias");
+  check_threads(name, nthreads);
+  if (n == 0) return;
+  check_ptr(u, n * d, "u");
+  check_ptr(x, n * d, "x");
+  check_ptr(logdet, n, "logdet");
+  check_ptr(init, init ? n * hidden[0] : 0, "init");
+  check_ptr(workspace, 1, "workspace");
+  std::vector<int64_t> rows_h(hidden);
+  rows_h.push_back(np);
+  check(workspace_bytes >= made_workspace_bytes(dtype, d, rows_h, nthreads),
+        nm + ": workspace too small (made_workspace_bytes with hidden + [3 bins - 1])");
+  const SplineConsts cs = spline_consts(bins, bound, min_bin_width, min_bin_height, min_derivative);
+  if (dtype == kFloat32)
+    run_spline_walk<float>(act, n, d, hidden, bins, cs, u, init, weights, biases, out_weight,
+                           out_bias, bounds, x, logdet, workspace, nthreads);
+  else
+    run_spline_walk<double>(act, n, d, hidden, bins, cs, u, init, weights, biases, out_weight,
+                            out_bias, bounds, x, logdet, workspace, nthreads);
+}
 
+}  // namespace ff

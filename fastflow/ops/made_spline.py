@@ -14,10 +14,13 @@ With ``theta(.) = MADE(.)`` giving ``3K - 1`` unnormalised spline parameters per
   output is computed once: one network pass of work, not the ``D`` passes of the naive loop
   (:func:`reference_made_spline_inverse`, the specification).
 
-The walk here is written in PyTorch (slices and matmuls) and is differentiable by plain
-autograd (the spline inverse's own gradient is the implicit-function rule, see
-:mod:`fastflow.ops.spline`). A native walk with the spline inside (as ``csrc/made_*`` does for
-the affine transform) would replace :func:`_torch_spline_walk` and is not built yet.
+Without gradients on the CPU (sampling) the walk runs in the native kernel
+(``made_spline_inverse_cpu`` in ``csrc/made_cpu.cpp``: the affine walk's blocked degree groups,
+the ``3K - 1`` output rows of each input as one product, the spline inverse per sample inside the
+walk: one call for the whole inverse). Otherwise (gradients needed, CUDA, 16-bit, more than 64
+bins, ``FASTFLOW_BACKEND=reference``) it is written in PyTorch (slices and matmuls) and is
+differentiable by plain autograd (the spline inverse's own gradient is the implicit-function
+rule, see :mod:`fastflow.ops.spline`).
 """
 
 from __future__ import annotations
@@ -234,8 +237,60 @@ def _needs_grad(u, packed, context) -> bool:
     return any(isinstance(t, Tensor) and t.requires_grad for t in ts)
 
 
+def _native_spline_walk(u, packed, context, activation, opts):
+    """The walk in the native CPU kernel, or None where it does not apply."""
+    bins = opts[0]
+    if (
+        u.device.type != "cpu"
+        or u.dtype not in (torch.float32, torch.float64)
+        or not 2 <= bins <= 64
+        or not packed.weights
+        or not hasattr(B._C, "made_spline_inverse_cpu")
+        or not B.use_native(u)
+        or torch.compiler.is_compiling()
+    ):
+        return None
+    us, init, ws, bs, w_out, b_out = _prepare(u, packed, context)
+    # every buffer the kernel reads is bound to a name that lives through the call
+    us = us.contiguous()
+    init = None if init is None else init.contiguous()
+    ws = [w.contiguous() for w in ws]
+    bs = [b.contiguous() for b in bs]
+    w_out, b_out = w_out.contiguous(), b_out.contiguous()
+    n, d = us.shape
+    hidden = [int(w.shape[0]) for w in ws]
+    dt = us.dtype
+    code = B.DTYPE_CODES[dt]
+    nt = B.num_threads()
+    nbytes = int(
+        B._C.made_workspace_bytes(dtype=code, d=d, hidden=[*hidden, 3 * bins - 1], nthreads=nt)
+    )
+    wsp = torch.empty(max(nbytes, 1), dtype=torch.uint8)
+    xs = torch.empty_like(us)
+    ld = torch.empty(n, dtype=dt)
+    wshapes = zip(ws, hidden, [d, *hidden[:-1]])
+    B._C.made_spline_inverse_cpu(
+        dtype=code, act=ACTIVATIONS[activation], n=n, d=d, hidden=hidden, bins=bins,
+        bound=opts[1], min_bin_width=opts[2], min_bin_height=opts[3], min_derivative=opts[4],
+        u_ptr=B.ptr(us, dt, n * d, us.device, "u"),
+        init_ptr=B.ptr(init, dt, None if init is None else n * hidden[0], us.device, "init"),
+        weight_ptrs=[B.ptr(w, dt, h * c, us.device, "weights") for w, h, c in wshapes],
+        bias_ptrs=[B.ptr(b, dt, h, us.device, "biases") for b, h in zip(bs, hidden)],
+        out_weight_ptr=B.ptr(w_out, dt, d * (3 * bins - 1) * hidden[-1], us.device, "out_weight"),
+        out_bias_ptr=B.ptr(b_out, dt, d * (3 * bins - 1), us.device, "out_bias"),
+        bounds=packed.bounds_list, x_ptr=B.ptr(xs), logdet_ptr=B.ptr(ld),
+        workspace_ptr=B.ptr(wsp), workspace_bytes=wsp.numel(), nthreads=nt,
+    )  # fmt: skip
+    x = torch.empty_like(xs)
+    x[:, packed.order] = xs
+    return x.to(u.dtype), ld
+
+
 def _torch_spline_walk(u, packed, context, activation, opts):
     if not _needs_grad(u, packed, context):
+        out = _native_spline_walk(u, packed, context, activation, opts)
+        if out is not None:
+            return out
         return _torch_spline_walk_buffers(u, packed, context, activation, opts)
     bins, spline = opts[0], opts[1:]
     us, init, ws, bs, w_out, b_out = _prepare(u, packed, context)
