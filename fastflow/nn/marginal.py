@@ -123,6 +123,16 @@ class PiecewiseLinearMarginal(Transform):
         cum = torch.cat([p.new_zeros(p.shape[0], 1), p.cumsum(-1)], -1)
         return p, cum
 
+    def _lookup(self, p: Tensor, cum: Tensor, k: Tensor) -> tuple[Tensor, Tensor]:
+        """``p[i, k]`` and ``cum[i, k]`` for bin indices ``k`` ``[N, D]``: flat indexing, whose
+        backward accumulates into ``[D * bins]`` (a gather from the batch-expanded table
+        would build a dense ``[N, D, bins]`` gradient every step)."""
+        d = p.shape[0]
+        rows = torch.arange(d, device=k.device)
+        pk = p.reshape(-1)[rows * self.bins + k]
+        ck = cum.reshape(-1)[rows * (self.bins + 1) + k]
+        return pk, ck
+
     @torch.no_grad()
     def initialize(self, x: Tensor) -> None:
         """Set the logits from the bin counts of ``x`` (see the class docstring)."""
@@ -165,8 +175,7 @@ class PiecewiseLinearMarginal(Transform):
             )
         k, frac = self._bin_index(x64)
         p, cum = self._probs()
-        pk = torch.gather(p.expand(n, -1, -1), 2, k[..., None])[..., 0]
-        ck = torch.gather(cum.expand(n, -1, -1), 2, k[..., None])[..., 0]
+        pk, ck = self._lookup(p, cum, k)
         u = self.eps + (1 - 2 * self.eps) * (ck + pk * frac)
         z = torch.special.ndtri(u)
         ld = (
@@ -187,8 +196,7 @@ class PiecewiseLinearMarginal(Transform):
         p, cum = self._probs()
         # bin k: cum[k] <= u < cum[k + 1] (per element: a batched search over [D, bins + 1])
         k = torch.searchsorted(cum[:, 1:-1].contiguous(), u.t().contiguous(), right=True).t()
-        pk = torch.gather(p.expand(n, -1, -1), 2, k[..., None])[..., 0]
-        ck = torch.gather(cum.expand(n, -1, -1), 2, k[..., None])[..., 0]
+        pk, ck = self._lookup(p, cum, k)
         frac = ((u - ck) / pk).clamp(0, 1)
         x = self.low + (k + frac) * ((self.high - self.low) / self.bins)
         ld = -(
