@@ -284,12 +284,15 @@ class _KernelMLPCoupling(torch.autograd.Function):
         return gx, gctx, gp, None, None, None, None, None
 
 
-# Use the whole-layer kernel up to this many multiply-adds per call (batch x MLP weights). On
-# this 2-core AVX2 CPU (bench/mlp_kernel.py, fp32, 1 thread) the kernel beat the torch-matmul
-# path at every size measured: 5.3x at (1,64,64,2) x 256, 4.6x at (8,64,64,16) x 256, 1.8x at
-# (40,128,128,64) x 256, 1.1x at (32,256,256,64) x 1024, 1.0x at (128,256,256,256) x 4096
-# (2 threads: 1.2x); no crossover was found, so the bound only guards untried, larger layers.
-KERNEL_MAX_MACS = 4096 * 128 * 256 * 4
+# Use the whole-layer kernel up to this many multiply-adds per call (batch x MLP weights); above
+# it the one-node torch-matmul path (_FusedMLPCoupling) is faster. Re-measured interleaved, fp32,
+# 1 thread, one layer forward + backward (ms, kernel vs matmul path; /tmp script in the design
+# notes), (D, N, hidden): (64, 256, 64) [2.6M MACs] 1.26 vs 2.02; (2, 1024, 64) [4.4M] 1.35 vs
+# 1.36; (16, 1024, 64) [5.8M] 2.00 vs 2.44; (256, 256, 64) [7.3M] 3.15 vs 2.95; (64, 1024, 64)
+# [10.5M] 4.6 vs 3.5; (2, 4096, 64) [17.6M] 5.2 vs 4.3; (16, 256, 256) [18.4M] 6.5 vs 4.0;
+# (256, 1024, 64) [29M] 11.0 vs 7.5; (64, 4096, 64) [42M] 16.6 vs 12.2. (An earlier bound of
+# 134M came from measurements that found no crossover; these did, near 6M.)
+KERNEL_MAX_MACS = 6_000_000
 
 
 def _use_kernel(x: Tensor, layout: MLPLayout) -> bool:
