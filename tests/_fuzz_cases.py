@@ -1710,6 +1710,47 @@ def spline_cases() -> list[Case]:
     for op in ("fwd", "inv"):
         for desc, args, kw in bad:
             cases.append(Case(name(f"{op}-bad-{desc}"), ops[op], args, kw, reject=True))
+    cases += _spline_walk_cases(rng)
+    return cases
+
+
+def _spline_walk_build(n, d, hidden, k, c, dtype, values, act, bad=None):
+    """made_spline_inverse of a random spline MADE (the native walk without gradients; the
+    reference backend runs the PyTorch walk)."""
+    from fastflow.ops import made_spline as MS
+
+    def build(g):
+        p = 3 * k - 1
+        ws, bs, in_deg, hd, cw = _made_net(g, d, hidden, c, rows=p * d, dtype=dtype)
+        packed = MS.pack_spline_made(ws, bs, in_deg, hd, p, cw)
+        if bad == "bounds":
+            packed = packed._replace(bounds_list=[0] * len(packed.bounds_list))
+        elif bad == "out-weight":
+            packed = packed._replace(out_weight=packed.out_weight[:, :-1])
+        u = _values(g, (n, d), dtype, values, 2.0)
+        ctx = torch.randn(n, c, generator=g, dtype=F64).to(dtype) if c else None
+        return [u, packed, k, ctx, act], {}
+
+    return build
+
+
+def _spline_walk_cases(rng) -> list[Case]:
+    from fastflow.ops import made_spline as MS
+
+    name = _Namer("spline-walk")
+    cases = []
+    for _ in range(10):
+        n, d = rng.choice([(0, 3), (1, 1), (5, 4), (33, 6), (70, 2)])
+        hidden = rng.choice([[8], [6, 9], [16, 16, 16]])
+        k, c = rng.choice([2, 3, 8]), rng.choice([0, 0, 2])
+        dtype, act = rng.choice([F32, F64]), rng.choice(_ACTS)
+        vals = rng.choices(["randn", "big", "zero", "nan", "inf"], [6, 2, 1, 1, 1])[0]
+        desc = f"{DNAME[dtype]}-n{n}-d{d}-h{len(hidden)}-K{k}-c{c}-{act}-{vals}"
+        build = _spline_walk_build(n, d, hidden, k, c, dtype, vals, act)
+        cases.append(Case(name(desc), MS.made_spline_inverse, build=build))
+    for bad in ("bounds", "out-weight"):
+        build = _spline_walk_build(4, 3, [8], 3, 0, F32, "randn", "relu", bad)
+        cases.append(Case(name(f"bad-{bad}"), MS.made_spline_inverse, build=build, reject=True))
     return cases
 
 
