@@ -49,6 +49,22 @@
 
 namespace ff {
 
+// All lanes of the vector-extension type V = s. Use this, never `s + V{}` or `s * v`, for a
+// scalar in vector code inside the always-inline bodies: GCC (12) builds the implicit
+// scalar-to-vector conversion in the body's own context, which has no target attribute, as
+// lane-by-lane inserts of 128-bit halves (4 vinsertps + vinsertf128 per broadcast), and they
+// survive inlining into the AVX2/AVX-512 wrapper: this doubled the MLP and MADE micro-kernels'
+// time. A filled array copied into V is folded into one broadcast in every variant.
+template <typename V, typename T>
+FF_INLINE V vsplat(T s) {
+  constexpr int kLanes = int(sizeof(V) / sizeof(T));
+  T lanes[kLanes];
+  for (int i = 0; i < kLanes; ++i) lanes[i] = s;
+  V v;
+  std::memcpy(&v, lanes, sizeof(V));
+  return v;
+}
+
 // The variants, narrowest first: 0 = baseline (SSE2 on x86-64), 1 = AVX2 + FMA, 2 = AVX-512.
 enum CpuIsa : int { kIsaBase = 0, kIsaAvx2 = 1, kIsaAvx512 = 2 };
 constexpr int kCpuIsaCount = 3;

@@ -65,7 +65,7 @@ FF_INLINE void affine_block_vec(const T* x, const T* w, const T* b, T* y, int64_
     for (int r = 0; r < R; ++r) {
       const T bias = b ? b[co0 + r] : T(0);
 #pragma GCC unroll 16
-      for (int k = 0; k < K; ++k) acc[r][k] = V{} + bias;
+      for (int k = 0; k < K; ++k) acc[r][k] = vsplat<V>(bias);
     }
     for (int64_t ci = 0; ci < c; ++ci) {
       const T* xr = x + ci * p + p0;
@@ -74,7 +74,7 @@ FF_INLINE void affine_block_vec(const T* x, const T* w, const T* b, T* y, int64_
       for (int k = 0; k < K; ++k) memcpy(&xv[k], xr + k * L, VB);
 #pragma GCC unroll 16
       for (int r = 0; r < R; ++r) {
-        const T wr = w[(co0 + r) * c + ci];
+        const V wr = vsplat<V>(w[(co0 + r) * c + ci]);
 #pragma GCC unroll 16
         for (int k = 0; k < K; ++k) acc[r][k] += wr * xv[k];
       }

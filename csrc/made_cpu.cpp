@@ -42,12 +42,6 @@ struct Walk {
 // always-inline into block_base / block_avx2 / block_avx512, whose vector-extension code then uses
 // that ISA's registers.
 
-// All lanes = *s: one broadcast load.
-template <typename V, typename T, int W>
-FF_INLINE V splat(const T* s) {
-  return *s + (-V{});  // adding -0.0 is an identity the compiler drops (adding +0.0 is not)
-}
-
 // out[i * ostride + :] (+)= sum_{k < K} w[i][k] * prev[k][:] for R rows, BS = NV * W samples
 // (ACC: add to what out holds). KS accumulator sets over interleaved k keep enough FMA chains in
 // flight when R * NV is small.
@@ -61,7 +55,7 @@ FF_INLINE void micro(const T* const* w, int64_t K, const T* prev, T* out, int64_
 #pragma GCC unroll 16
     for (int i = 0; i < R; ++i)
 #pragma GCC unroll 8
-      for (int v = 0; v < NV; ++v) acc[q][i][v] = V{} + T(0);
+      for (int v = 0; v < NV; ++v) acc[q][i][v] = V{};
   int64_t k = 0;
   for (; k + KS <= K; k += KS) {
 #pragma GCC unroll 8
@@ -71,7 +65,7 @@ FF_INLINE void micro(const T* const* w, int64_t K, const T* prev, T* out, int64_
       for (int v = 0; v < NV; ++v) std::memcpy(&p[v], prev + (k + q) * BS + v * W, sizeof(V));
 #pragma GCC unroll 16
       for (int i = 0; i < R; ++i) {
-        const V wv = splat<V, T, W>(w[i] + k + q);
+        const V wv = vsplat<V>(w[i][k + q]);
 #pragma GCC unroll 8
         for (int v = 0; v < NV; ++v) acc[q][i][v] += wv * p[v];
       }
@@ -83,7 +77,7 @@ FF_INLINE void micro(const T* const* w, int64_t K, const T* prev, T* out, int64_
     for (int v = 0; v < NV; ++v) std::memcpy(&p[v], prev + k * BS + v * W, sizeof(V));
 #pragma GCC unroll 16
     for (int i = 0; i < R; ++i) {
-      const V wv = splat<V, T, W>(w[i] + k);
+      const V wv = vsplat<V>(w[i][k]);
 #pragma GCC unroll 8
       for (int v = 0; v < NV; ++v) acc[0][i][v] += wv * p[v];
     }

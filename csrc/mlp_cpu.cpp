@@ -86,11 +86,6 @@ struct Plan {
 
 
 template <typename V, typename T>
-FF_INLINE V splat(T s) {
-  return s + (-V{});  // adding -0.0 is an identity the compiler drops (adding +0.0 is not)
-}
-
-template <typename V, typename T>
 FF_INLINE V vload(const T* p) {
   V v;
   std::memcpy(&v, p, sizeof(V));
@@ -147,7 +142,7 @@ FF_INLINE void micro(int64_t K, const T* a, int64_t lda, const T* b, int64_t ldb
     for (int v = 0; v < NVV; ++v) bv[v] = vload<V>(b + p * ldb + v * W);
 #pragma GCC unroll 8
     for (int r = 0; r < RR; ++r) {
-      const V av = splat<V>(ar[r][p * ap]);
+      const V av = vsplat<V>(ar[r][p * ap]);
 #pragma GCC unroll 8
       for (int v = 0; v < NVV; ++v) acc[r][v] += av * bv[v];
     }
