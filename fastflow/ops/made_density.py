@@ -117,15 +117,14 @@ class _KernelMadeDensity(torch.autograd.Function):
         return gx, gp.mul_(fmask), None, None, None, None
 
 
-# Up to this many multiply-adds per call (batch x MLP weights) the whole-layer kernel runs; above
-# it the one-node torch-matmul path (_MadeDensity) is faster. Measured on this 2-core AVX2 CPU,
-# fp32, 1 thread, one layer forward + backward, kernel vs matmul path (ms; /tmp script in the
-# design notes): (D, N, hidden) = (2, 256, 64) 0.85 vs 1.26; (2, 1024, 64) 2.02 vs 2.57;
-# (16, 256, 64) 0.99 vs 1.22; (64, 256, 64) [4.2M MACs] 2.12 vs 2.02; (2, 4096, 64) [18M]
-# 7.1 vs 6.8; (16, 1024, 64) [7.3M] 3.4 vs 2.7; (16, 256, 256) [20M] 7.6 vs 3.7. The crossover
-# is near 4M multiply-adds: the kernel's micro-kernels reach about half of MKL's GEMM rate, so it
-# wins only where fixed per-call costs dominate.
-KERNEL_MAX_MACS = 4_000_000
+# Up to this many multiply-adds per call (batch x MLP weights) the whole-layer kernel runs, per CPU
+# variant of the kernels (fastflow._C.cpu_isa()); above it the one-node torch-matmul path
+# (_MadeDensity) is faster. Measured with bench/crossover.py (one MAF layer forward + backward,
+# fp32, 1 thread, interleaved; torch's MKL capped to the same ISA), matmul / kernel time: AVX-512
+# 1.7x at D=2 N=256 h=64 (1.2M), 1.23x at 221M (D=256 N=4096 h=64), 1.01x at 270M (D=256 N=1024
+# h=256); AVX2 1.95x, 1.10x, 0.95x; baseline SSE2 1.0-1.3x at 17-30M, 0.86x at 68M. (The earlier
+# bound of 4M was measured before the broadcast fix in csrc/cpu_isa.h `vsplat`.)
+KERNEL_MAX_MACS = {"base": 30_000_000, "avx2": 200_000_000, "avx512": 200_000_000}
 
 
 def _use_kernel(x: Tensor, layout: MADELayout, activation: str, context) -> bool:
@@ -134,7 +133,8 @@ def _use_kernel(x: Tensor, layout: MADELayout, activation: str, context) -> bool
         and activation == "relu"
         and x.device.type == "cpu"
         and hasattr(B._C, "made_density_forward_cpu")
-        and x.shape[0] * sum(r * c for _, r, c in layout.weights) <= KERNEL_MAX_MACS
+        and x.shape[0] * sum(r * c for _, r, c in layout.weights)
+        <= KERNEL_MAX_MACS.get(B._C.cpu_isa(), 0)
     )
 
 

@@ -284,22 +284,22 @@ class _KernelMLPCoupling(torch.autograd.Function):
         return gx, gctx, gp, None, None, None, None, None
 
 
-# Use the whole-layer kernel up to this many multiply-adds per call (batch x MLP weights); above
-# it the one-node torch-matmul path (_FusedMLPCoupling) is faster. Re-measured interleaved, fp32,
-# 1 thread, one layer forward + backward (ms, kernel vs matmul path; /tmp script in the design
-# notes), (D, N, hidden): (64, 256, 64) [2.6M MACs] 1.26 vs 2.02; (2, 1024, 64) [4.4M] 1.35 vs
-# 1.36; (16, 1024, 64) [5.8M] 2.00 vs 2.44; (256, 256, 64) [7.3M] 3.15 vs 2.95; (64, 1024, 64)
-# [10.5M] 4.6 vs 3.5; (2, 4096, 64) [17.6M] 5.2 vs 4.3; (16, 256, 256) [18.4M] 6.5 vs 4.0;
-# (256, 1024, 64) [29M] 11.0 vs 7.5; (64, 4096, 64) [42M] 16.6 vs 12.2. (An earlier bound of
-# 134M came from measurements that found no crossover; these did, near 6M.)
-KERNEL_MAX_MACS = 6_000_000
+# Use the whole-layer kernel up to this many multiply-adds per call (batch x MLP weights), per
+# CPU variant of the kernels (fastflow._C.cpu_isa()); above it the one-node torch-matmul path
+# (_FusedMLPCoupling) is faster. Measured with bench/crossover.py (one layer forward + backward,
+# fp32, 1 thread, interleaved; torch's MKL capped to the same ISA): matmul / kernel time 2.9x at
+# D=2 N=256 h=64 (1.1M), 1.4x at 119M (D=256 N=4096 h=64), 1.12x at 93M (D=64 N=1024 h=256),
+# 0.97x at 169M (D=256 N=1024 h=256) on AVX-512; 2.2x, 1.2x, 1.06x, 1.05x on AVX2; on the
+# baseline SSE2 variant 1.0-1.1x at 18-23M and 0.79x at 93M. (The earlier bound of 6M was measured
+# before the broadcast fix in csrc/cpu_isa.h `vsplat`, which made the kernel 2.5-7x faster.)
+KERNEL_MAX_MACS = {"base": 30_000_000, "avx2": 150_000_000, "avx512": 150_000_000}
 
 
 def _use_kernel(x: Tensor, layout: MLPLayout) -> bool:
     if x.device.type != "cpu" or not hasattr(B._C, "mlp_coupling_forward_cpu"):
         return False
     macs = x.shape[0] * sum(o * i for _, o, i in layout.weights)
-    return macs <= KERNEL_MAX_MACS
+    return macs <= KERNEL_MAX_MACS.get(B._C.cpu_isa(), 0)
 
 
 @torch.no_grad()
