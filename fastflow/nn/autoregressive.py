@@ -87,6 +87,27 @@ class MaskedAffineAutoregressive(nn.Module):
             x, p, m.layout, m.masks(), m.activation, context, self.scale_fn, self.clamp, fm
         )
 
+    def _chain_step(self, x: Tensor):
+        """The density direction as a step of a one-node run (:mod:`fastflow.ops.chain`) for
+        ``x``, or None where it would not take the whole-layer kernel."""
+        from fastflow.ops import chain
+        from fastflow.ops import made_density as MD
+
+        m = self.made
+        lay, p = m.layout, m.params
+        if (
+            m.context_features
+            or x.shape[1] != self.features
+            or p.dtype != x.dtype
+            or p.device != x.device
+            or len(lay.weights) < 2
+            or lay.weights[-1][1] != 2 * self.features
+            or not MD._use_kernel(x, lay, m.activation, None)
+        ):
+            return None
+        fm = m.flat_mask(x.dtype)
+        return chain.MadeStep(p, fm, MD._sizes(lay), MD.SCALE_FNS[self.scale_fn], self.clamp)
+
     def _walk(self, u: Tensor, context: Tensor | None, name: str) -> tuple[Tensor, Tensor]:
         self.made.check_input(u, context, name)
         return made_affine_inverse(
@@ -127,6 +148,8 @@ class InverseAutoregressive(MaskedAffineAutoregressive):
     Reference: Kingma, Salimans, Jozefowicz, Chen, Sutskever & Welling, "Improved Variational
     Inference with Inverse Autoregressive Flow", NeurIPS 2016.
     """
+
+    _chain_step = None  # its forward is the degree walk, not the density kernel
 
     def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """Density direction (the single-pass degree walk): ``x [N, D] -> (z, logdet [N])``."""

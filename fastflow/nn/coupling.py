@@ -24,6 +24,7 @@ from torch import Tensor, nn
 
 from fastflow.nn.base import Transform
 from fastflow.ops.coupling import (
+    SCALE_FNS,
     additive_coupling,
     additive_coupling_inverse,
     affine_coupling,
@@ -423,3 +424,21 @@ class MLPAffineCoupling(Transform):
 
     def inverse(self, z: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         return self._run(z, context, inverse=True)
+
+    def _chain_step(self, x: Tensor):
+        """This layer as a step of a one-node run (:mod:`fastflow.ops.chain`) for ``x``, or None
+        where its forward would not take the whole-layer kernel."""
+        from fastflow.ops import chain
+        from fastflow.ops.mlp_coupling import _use_kernel
+
+        p = self.params
+        if (
+            self.context_features is not None
+            or x.shape[1] != self.features
+            or p.dtype != x.dtype
+            or p.device != x.device
+            or not _use_kernel(x, self.layout)
+        ):
+            return None
+        mode = SCALE_FNS[self.scale_fn]
+        return chain.CouplingStep(p, self.layout, self.cut, self.parity, mode, self.clamp)

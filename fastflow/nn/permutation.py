@@ -41,6 +41,12 @@ class Reverse(Transform):
         _check_input(z, "z")
         return z.flip(1), zero_logdet(z)
 
+    def _chain_step(self, x: Tensor):
+        """A step of a one-node run (:mod:`fastflow.ops.chain`); runs only see ``[N, D]``."""
+        from fastflow.ops import chain
+
+        return chain.FlipStep()
+
 
 class RandomPermutation(Transform):
     """A fixed random permutation of dim 1, drawn from ``seed`` and kept as a buffer.
