@@ -16,14 +16,12 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
-import time
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import _common  # noqa: E402, F401  (its malloc settings)
+import _common  # noqa: E402  (timing, and its malloc settings)
 
 import fastflow  # noqa: E402
 from fastflow.nn import MaskedAffineAutoregressive, MLPAffineCoupling  # noqa: E402
@@ -79,16 +77,6 @@ def macs(layer, n: int) -> int:
     return n * sum(p.numel() for p in layer.parameters())  # weights dominate; biases included
 
 
-def timed(fn, reps: int) -> list[float]:
-    fn()
-    out = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        out.append(time.perf_counter() - t0)
-    return out
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=5)
@@ -121,7 +109,7 @@ def main() -> None:
                 for _ in range(args.rounds):
                     for path, bound in (("kernel", float("inf")), ("matmul", -1)):
                         mod.KERNEL_MAX_MACS[isa] = bound
-                        best[path] = min(best[path], statistics.median(timed(fn, reps)))
+                        best[path] = min(best[path], _common.timeit(fn, warmup=1, reps=reps))
                 ratio = best["matmul"] / best["kernel"]
                 kms, mms = best["kernel"] * 1e3, best["matmul"] * 1e3
                 print(f"{kind:9s} {d:4d} {n:5d} {h:4d} {m / 1e6:8.1f}M {kms:10.3f} {mms:10.3f} "
