@@ -216,6 +216,28 @@ FF_INLINE void gemm(int64_t M, int64_t NVEC, int64_t K, const T* a, int64_t lda,
                                           Ep == kEpiMask ? m + v * W : m, ldm);
 }
 
+// The sum of a vector's lanes as a tree of half-width vector adds (lane i + lane i + W/2, then
+// again on the lower half): the order the scalar loop it replaces used, in log2(W) vector adds
+// instead of a spill and W - 1 scalar adds.
+template <typename T, int W, typename V>
+FF_INLINE T hsum(const V& v) {
+  if constexpr (W == 1) {
+    T o;
+    std::memcpy(&o, &v, sizeof(T));
+    return o;
+  } else if constexpr (W == 2) {
+    T l[2];
+    std::memcpy(l, &v, sizeof(l));
+    return l[0] + l[1];
+  } else {
+    typedef T H __attribute__((vector_size(W / 2 * sizeof(T))));
+    H lo, hi;
+    std::memcpy(&lo, &v, sizeof(H));
+    std::memcpy(&hi, reinterpret_cast<const char*>(&v) + sizeof(H), sizeof(H));
+    return hsum<T, W / 2>(lo + hi);
+  }
+}
+
 // ---------------------------------------------------------------------------------------------
 // Dots: C[r * ldc + c] = epi(bias[c] + sum_{p < NVK * W} A[r * lda + p] * Bt[c * ldbt + p]) for
 // RD rows and CC columns, both operands zero-padded to whole vectors; the lanes are summed in a
@@ -244,13 +266,7 @@ FF_INLINE void dot_micro(int64_t NVK, const T* a, int64_t lda, const T* bt, int6
   for (int r = 0; r < RD; ++r)
 #pragma GCC unroll 8
     for (int j = 0; j < CC; ++j) {
-      T lanes[W];
-      std::memcpy(lanes, &acc[r][j], sizeof(lanes));
-#pragma GCC unroll 16
-      for (int h = W / 2; h >= 1; h /= 2)
-#pragma GCC unroll 16
-        for (int i = 0; i < h; ++i) lanes[i] += lanes[i + h];
-      T o = lanes[0];
+      T o = hsum<T, W>(acc[r][j]);
       if (In == kInitBias) o += bias[j];
       if (Ep == kEpiRelu) o = o < T(0) ? T(0) : o;
       c[r * ldc + j] = o;
