@@ -107,3 +107,16 @@ def test_a_hook_sees_every_layer(calls):
         h.remove()
     assert seen == [(5, 4)]
     assert calls[0] == 0  # layers 0 | 1 (hooked) | 2: no run of two
+
+
+def test_a_full_backward_hook_sees_its_layer(calls):
+    f = _flow("maf", 4, torch.float32)
+    seen = []
+    layer = f.transforms[2]  # the second MADE layer (0: MADE, 1: Reverse, 2: MADE, ...)
+    h = layer.register_full_backward_hook(lambda m, gin, gout: seen.append(len(gout)))
+    try:
+        f.log_prob(torch.randn(5, 4)).sum().backward()
+    finally:
+        h.remove()
+    assert seen == [2]  # (grad of u, grad of logdet)
+    assert calls[0] == 0  # MADE | Reverse | MADE (hooked) | Reverse | MADE: no run of two

@@ -11,9 +11,10 @@ kernels and the same arithmetic as layer by layer, so the same numbers (tests co
 
 Only where every layer of the run would take its kernel path anyway (CPU, fp32/fp64, native
 backend, no autocast, not under ``torch.compile``, no context, within the kernels' size bounds),
-gradients are being recorded, and no forward hook or pre-hook is registered on the layers or
-globally (a run skips the layers' ``__call__``; with a hook every layer runs on its own, so the
-hook sees every call). ``ENABLED = False`` turns it off.
+gradients are being recorded, and no module hook (forward, forward-pre, backward,
+backward-pre) is registered on the layers or globally (a run skips the layers' ``__call__``;
+with a hook every layer runs on its own, so the hook sees every call). ``ENABLED = False``
+turns it off.
 
 Example:
     >>> from fastflow.models import MAF
@@ -40,7 +41,9 @@ ENABLED = True
 
 
 def _no_hooks(m: torch.nn.Module) -> bool:
-    return not (m._forward_hooks or m._forward_pre_hooks)
+    return not (
+        m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks
+    )
 
 
 def _globally_eligible(x: Tensor, context) -> bool:
@@ -56,6 +59,8 @@ def _globally_eligible(x: Tensor, context) -> bool:
         and not torch.is_autocast_enabled("cpu")
         and not _module._global_forward_hooks
         and not _module._global_forward_pre_hooks
+        and not _module._global_backward_hooks
+        and not _module._global_backward_pre_hooks
         and B.use_native(x)
     )
 
