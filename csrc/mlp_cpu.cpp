@@ -221,11 +221,8 @@ FF_INLINE void gemm(int64_t M, int64_t NVEC, int64_t K, const T* a, int64_t lda,
 // instead of a spill and W - 1 scalar adds.
 template <typename T, int W, typename V>
 FF_INLINE T hsum(const V& v) {
-  if constexpr (W == 1) {
-    T o;
-    std::memcpy(&o, &v, sizeof(T));
-    return o;
-  } else if constexpr (W == 2) {
+  static_assert(W >= 2, "every variant's vector holds at least two lanes");
+  if constexpr (W == 2) {
     T l[2];
     std::memcpy(l, &v, sizeof(l));
     return l[0] + l[1];

@@ -90,7 +90,6 @@ class MaskedAffineAutoregressive(nn.Module):
     def _chain_step(self, x: Tensor):
         """The density direction as a step of a one-node run (:mod:`fastflow.ops.chain`) for
         ``x``, or None where it would not take the whole-layer kernel."""
-        from fastflow.ops import chain
         from fastflow.ops import made_density as MD
 
         m = self.made
@@ -100,13 +99,12 @@ class MaskedAffineAutoregressive(nn.Module):
             or x.shape[1] != self.features
             or p.dtype != x.dtype
             or p.device != x.device
-            or len(lay.weights) < 2
-            or lay.weights[-1][1] != 2 * self.features
+            or not MD.kernel_layout(lay, self.features)
             or not MD._use_kernel(x, lay, m.activation, None)
         ):
             return None
         fm = m.flat_mask(x.dtype)
-        return chain.MadeStep(p, fm, MD._sizes(lay), MD.SCALE_FNS[self.scale_fn], self.clamp)
+        return MD.MadeStep(p, fm, MD._sizes(lay), MD.SCALE_FNS[self.scale_fn], self.clamp)
 
     def _walk(self, u: Tensor, context: Tensor | None, name: str) -> tuple[Tensor, Tensor]:
         self.made.check_input(u, context, name)

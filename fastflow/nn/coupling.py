@@ -428,8 +428,7 @@ class MLPAffineCoupling(Transform):
     def _chain_step(self, x: Tensor):
         """This layer as a step of a one-node run (:mod:`fastflow.ops.chain`) for ``x``, or None
         where its forward would not take the whole-layer kernel."""
-        from fastflow.ops import chain
-        from fastflow.ops.mlp_coupling import _use_kernel
+        from fastflow.ops.mlp_coupling import CouplingStep, _use_kernel
 
         p = self.params
         if (
@@ -441,4 +440,4 @@ class MLPAffineCoupling(Transform):
         ):
             return None
         mode = SCALE_FNS[self.scale_fn]
-        return chain.CouplingStep(p, self.layout, self.cut, self.parity, mode, self.clamp)
+        return CouplingStep(p, self.layout, self.cut, self.parity, mode, self.clamp)

@@ -128,7 +128,8 @@ class _Chain(torch.autograd.Function):
 
 
 class FlipStep:
-    """``Reverse`` on ``[N, D]``: ``x.flip(1)``, log-det 0."""
+    """``Reverse`` on ``[N, D]``: ``x.flip(1)``, log-det 0. (The kernel layers' steps live
+    beside their ops: ``mlp_coupling.CouplingStep``, ``made_density.MadeStep``.)"""
 
     __slots__ = ()
     param = None
@@ -138,55 +139,3 @@ class FlipStep:
 
     def backward(self, keep, g, grad_logdet):
         return g.flip(1), None
-
-
-class CouplingStep:
-    """``MLPAffineCoupling`` on its whole-layer kernel (``fastflow.ops._mlp_native``)."""
-
-    __slots__ = ("param", "layout", "cut", "parity", "mode", "clamp")
-
-    def __init__(self, param, layout, cut, parity, mode, clamp):
-        self.param, self.layout, self.cut, self.parity = param, layout, cut, parity
-        self.mode, self.clamp = mode, clamp
-
-    def forward(self, x, p):
-        from fastflow.ops import _mlp_native as K
-
-        y, ld, acts = K.forward(
-            x, None, p, self.layout, self.cut, self.parity, self.mode, self.clamp, True
-        )
-        return y, ld, (x, p, acts)
-
-    def backward(self, keep, g, grad_logdet):
-        from fastflow.ops import _mlp_native as K
-
-        x, p, acts = keep
-        gx, _, gp = K.backward(
-            x, None, p, self.layout, self.cut, self.parity, self.mode, self.clamp, acts, g,
-            grad_logdet,
-        )  # fmt: skip
-        return gx, gp
-
-
-class MadeStep:
-    """``MaskedAffineAutoregressive``'s density direction on the whole-layer kernel
-    (``made_density_*_cpu``): masked parameters ``params * fmask``, the gradient masked."""
-
-    __slots__ = ("param", "fmask", "sizes", "mode", "clamp")
-
-    def __init__(self, param, fmask, sizes, mode, clamp):
-        self.param, self.fmask, self.sizes, self.mode, self.clamp = param, fmask, sizes, mode, clamp
-
-    def forward(self, x, p):
-        from fastflow.ops import _mlp_native as K
-
-        mp = p * self.fmask
-        u, ld, acts = K.made_forward(x, mp, self.sizes, self.mode, self.clamp, True)
-        return u, ld, (x, mp, acts)
-
-    def backward(self, keep, g, grad_logdet):
-        from fastflow.ops import _mlp_native as K
-
-        x, mp, acts = keep
-        gx, gp = K.made_backward(x, mp, self.sizes, self.mode, self.clamp, acts, g, grad_logdet)
-        return gx, gp.mul_(self.fmask)

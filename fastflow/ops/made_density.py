@@ -93,28 +93,47 @@ def _sizes(layout: MADELayout) -> tuple[int, ...]:
     return (layout.weights[0][2], *(r for _, r, _ in layout.weights))
 
 
+class MadeStep:
+    """The density direction on the whole-layer kernel (``made_density_*_cpu``): the masked
+    parameters ``params * fmask`` in, the gradient masked out. One layer's forward and backward,
+    used by :class:`_KernelMadeDensity` and, as a step of a one-node run, by
+    :mod:`fastflow.ops.chain` (``param``: the parameter its gradient is for)."""
+
+    __slots__ = ("param", "fmask", "sizes", "mode", "clamp")
+
+    def __init__(self, param, fmask, sizes, mode, clamp):
+        self.param, self.fmask, self.sizes, self.mode, self.clamp = param, fmask, sizes, mode, clamp
+
+    def forward(self, x, p):
+        from fastflow.ops import _mlp_native as K
+
+        mp = p * self.fmask
+        u, ld, acts = K.made_forward(x, mp, self.sizes, self.mode, self.clamp, True)
+        return u, ld, (x, mp, acts)
+
+    def backward(self, keep, g, grad_logdet):
+        from fastflow.ops import _mlp_native as K
+
+        x, mp, acts = keep
+        gx, gp = K.made_backward(x, mp, self.sizes, self.mode, self.clamp, acts, g, grad_logdet)
+        return gx, gp.mul_(self.fmask)
+
+
 class _KernelMadeDensity(torch.autograd.Function):
     """The whole layer in the native CPU kernel (``made_density_*_cpu``, on the MLP coupling
     kernel's machinery in ``csrc/mlp_cpu.cpp``): one call each way."""
 
     @staticmethod
     def forward(ctx, x, params, fmask, sizes, mode, clamp):
-        from fastflow.ops import _mlp_native as K
-
-        mp = params * fmask
-        u, logdet, acts = K.made_forward(x, mp, sizes, mode, clamp, True)
-        ctx.save_for_backward(x, mp, fmask, acts)
-        ctx.meta = (sizes, mode, clamp)
+        ctx.step = MadeStep(None, fmask, sizes, mode, clamp)
+        u, logdet, keep = ctx.step.forward(x, params)
+        ctx.save_for_backward(*keep)
         return u, logdet
 
     @staticmethod
     def backward(ctx, grad_u, grad_logdet):
-        from fastflow.ops import _mlp_native as K
-
-        x, mp, fmask, acts = ctx.saved_tensors
-        sizes, mode, clamp = ctx.meta
-        gx, gp = K.made_backward(x, mp, sizes, mode, clamp, acts, grad_u, grad_logdet)
-        return gx, gp.mul_(fmask), None, None, None, None
+        gx, gp = ctx.step.backward(ctx.saved_tensors, grad_u, grad_logdet)
+        return gx, gp, None, None, None, None
 
 
 # Up to this many multiply-adds per call (batch x MLP weights) the whole-layer kernel runs, per CPU
@@ -125,6 +144,12 @@ class _KernelMadeDensity(torch.autograd.Function):
 # h=256); AVX2 1.95x, 1.10x, 0.95x; baseline SSE2 1.0-1.3x at 17-30M, 0.86x at 68M. (The earlier
 # bound of 4M was measured before the broadcast fix in csrc/cpu_isa.h `vsplat`.)
 KERNEL_MAX_MACS = {"base": 30_000_000, "avx2": 200_000_000, "avx512": 200_000_000}
+
+
+def kernel_layout(layout: MADELayout, d: int) -> bool:
+    """Whether the whole-layer kernel can run this layout: at least one hidden layer and a last
+    layer of ``2 d`` outputs (shift, raw)."""
+    return len(layout.weights) >= 2 and layout.weights[-1][1] == 2 * d
 
 
 def _use_kernel(x: Tensor, layout: MADELayout, activation: str, context) -> bool:
@@ -266,8 +291,7 @@ def density(x, params, layout, masks, activation, context, scale_fn, clamp, fmas
         and not torch.compiler.is_compiling()
         and not torch.is_autocast_enabled(x.device.type)
         and B.use_native(x)
-        and len(layout.weights) >= 2
-        and layout.weights[-1][1] == 2 * d
+        and kernel_layout(layout, d)
     )
     if not fast:
         weights, biases, cw = made_views(params, layout)

@@ -260,27 +260,51 @@ class _FusedMLPCoupling(torch.autograd.Function):
         return _merge(gxa, gxb, parity), g_ctx, g_params, None, None, None, None, None
 
 
+class CouplingStep:
+    """One MLP coupling layer on the whole-layer kernel (``fastflow.ops._mlp_native``), forward
+    and backward, used by :class:`_KernelMLPCoupling` and, as a step of a one-node run, by
+    :mod:`fastflow.ops.chain` (``param``: the parameter its gradient is for)."""
+
+    __slots__ = ("param", "layout", "cut", "parity", "mode", "clamp")
+
+    def __init__(self, param, layout, cut, parity, mode, clamp):
+        self.param, self.layout, self.cut, self.parity = param, layout, cut, parity
+        self.mode, self.clamp = mode, clamp
+
+    def forward(self, x, p, context=None):
+        from fastflow.ops import _mlp_native as K
+
+        lay, cut, par, mode, clamp = self.layout, self.cut, self.parity, self.mode, self.clamp
+        y, ld, acts = K.forward(x, context, p, lay, cut, par, mode, clamp, True)
+        return y, ld, (x, p, acts, context)
+
+    def backward_with_context(self, keep, g, grad_logdet):
+        """``(grad_x, grad_params, grad_context)``."""
+        from fastflow.ops import _mlp_native as K
+
+        x, p, acts, context = keep
+        lay, cut, par, mode, clamp = self.layout, self.cut, self.parity, self.mode, self.clamp
+        gx, gctx, gp = K.backward(x, context, p, lay, cut, par, mode, clamp, acts, g, grad_logdet)
+        return gx, gp, gctx
+
+    def backward(self, keep, g, grad_logdet):
+        gx, gp, _ = self.backward_with_context(keep, g, grad_logdet)
+        return gx, gp
+
+
 class _KernelMLPCoupling(torch.autograd.Function):
     """The whole layer in the native CPU kernel (``csrc/mlp_cpu.cpp``), one call each way."""
 
     @staticmethod
     def forward(ctx, x, context, params, layout, cut, parity, mode, clamp):
-        from fastflow.ops import _mlp_native as K
-
-        y, logdet, acts = K.forward(x, context, params, layout, cut, parity, mode, clamp, True)
-        ctx.save_for_backward(x, context, params, acts)
-        ctx.meta = (layout, cut, parity, mode, clamp)
+        ctx.step = CouplingStep(None, layout, cut, parity, mode, clamp)
+        y, logdet, keep = ctx.step.forward(x, params, context)
+        ctx.save_for_backward(*keep)
         return y, logdet
 
     @staticmethod
     def backward(ctx, grad_y, grad_logdet):
-        from fastflow.ops import _mlp_native as K
-
-        x, context, params, acts = ctx.saved_tensors
-        layout, cut, parity, mode, clamp = ctx.meta
-        gx, gctx, gp = K.backward(
-            x, context, params, layout, cut, parity, mode, clamp, acts, grad_y, grad_logdet
-        )
+        gx, gp, gctx = ctx.step.backward_with_context(ctx.saved_tensors, grad_y, grad_logdet)
         return gx, gctx, gp, None, None, None, None, None
 
 
