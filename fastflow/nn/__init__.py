@@ -8,6 +8,7 @@ from fastflow.nn.continuous import ContinuousFlow, VectorField
 from fastflow.nn.coupling import (
     AdditiveCoupling,
     AffineCoupling,
+    ChannelsLastSequential,
     MLPAffineCoupling,
     checkerboard_mask,
     conv_subnet,
@@ -30,6 +31,7 @@ __all__ = [
     "BatchNormFlow",
     "AdditiveCoupling",
     "AffineCoupling",
+    "ChannelsLastSequential",
     "MLPAffineCoupling",
     "Compose",
     "ContinuousFlow",

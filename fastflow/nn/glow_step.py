@@ -8,6 +8,7 @@ from torch import Tensor, nn
 from fastflow import _backend as B
 from fastflow.nn.actnorm import ActNorm
 from fastflow.nn.base import Transform
+from fastflow.nn.coupling import ChannelsLastSequential
 from fastflow.nn.invconv import InvConv1x1
 from fastflow.ops._checks import check_finite_scalar, check_float_tensor
 from fastflow.ops.coupling import (
@@ -38,8 +39,9 @@ class GlowConditioner(nn.Module):
         out_channels: channels of the transformed half ``C_b``.
         hidden: width of the hidden layers (Glow uses 512).
         affine: return ``(raw_scale, shift)`` (each ``C_b`` channels); else only ``shift``.
-        channels_last: run the convolutions on a channels-last copy of the input (the output is
-            returned in the default layout). oneDNN's convolutions, forward and backward, are
+        channels_last: on the CPU, run the convolutions on a channels-last copy of the input
+            (:class:`~fastflow.nn.ChannelsLastSequential`; the output is returned in the default
+            layout). oneDNN's convolutions, forward and backward, are
             15-25% faster on channels-last activations on the CPU at Glow's sizes (see
             docs/DESIGN-NOTES.md); the copy of the ``C // 2``-channel input and of the output is
             small next to the hidden activations. Same result up to rounding.
@@ -65,7 +67,7 @@ class GlowConditioner(nn.Module):
         super().__init__()
         self.affine = bool(affine)
         self.channels_last = bool(channels_last)
-        self.net = nn.Sequential(
+        self.net = (ChannelsLastSequential if channels_last else nn.Sequential)(
             nn.Conv2d(in_channels, hidden, 3, padding=1),
             nn.ReLU(),
             nn.Conv2d(hidden, hidden, 1),
@@ -76,10 +78,7 @@ class GlowConditioner(nn.Module):
         nn.init.zeros_(self.net[-1].bias)
 
     def forward(self, x: Tensor) -> Tensor | tuple[Tensor, Tensor]:
-        if self.channels_last and x.dim() == 4:
-            out = self.net(x.contiguous(memory_format=torch.channels_last)).contiguous()
-        else:
-            out = self.net(x)
+        out = self.net(x)
         if not self.affine:
             return out
         c = out.shape[1] // 2
