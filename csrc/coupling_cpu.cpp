@@ -10,6 +10,9 @@
 namespace ff {
 namespace {
 
+// Elements per tile of the soft clamp's two loops (kSoftClampTanh): the tanh values stay in L1.
+constexpr int64_t kTile = 256;
+
 // ---------------------------------------------------------------------------------------------
 // Kernels. Each pass holds its arguments and runs samples [b0, b1) in `rows`. `s_*` are batch
 // strides in elements: sample b of an input starts at in + b * s_in (inputs may be views such as
@@ -31,6 +34,20 @@ struct AffinePass {
   A* logdet;
   A c;
 
+  // Element i given r: raw_b[i], or for the soft clamp its tanh (kSoftClampTanh, scale.h).
+  template <int Mode>
+  FF_INLINE A elem(const T* in_b, const T* shift_b, T* out_b, int64_t i, A r, A c,
+                   A inv_c) const {
+    A v;
+    const bool mk = C::masked ? mask[i] != 0 : true;
+    const A s = Inverse ? coupling_inverse_elem<Mode, A>(load(in_b[i]), r, load(shift_b[i]), mk,
+                                                         c, inv_c, v)
+                        : coupling_forward_elem<Mode, A>(load(in_b[i]), r, load(shift_b[i]), mk,
+                                                         c, inv_c, v);
+    out_b[i] = store<T>(v);
+    return s;
+  }
+
   FF_INLINE void rows(int64_t b0, int64_t b1) const {
     constexpr int Mode = C::mode;
     const int64_t m = this->m;
@@ -41,18 +58,22 @@ struct AffinePass {
       const T* shift_b = shift + b * s_shift;
       T* out_b = out + b * m;
       A acc = 0;
+      if constexpr (Mode == kSoftClamp) {
+        // tanh of a tile in one loop, the rest in a second (see kSoftClampTanh)
+        A th[kTile];
+        for (int64_t i0 = 0; i0 < m; i0 += kTile) {
+          const int64_t len = m - i0 < kTile ? m - i0 : kTile;
+#pragma omp simd
+          for (int64_t i = 0; i < len; ++i) th[i] = soft_clamp_tanh(load(raw_b[i0 + i]), inv_c);
 #pragma omp simd reduction(+ : acc)
-      for (int64_t i = 0; i < m; ++i) {
-        A v;
-        const A r = Mode == kAdditive ? A(0) : load(raw_b[i]);
-        const bool mk = C::masked ? mask[i] != 0 : true;
-        if (Inverse)
-          acc += coupling_inverse_elem<Mode, A>(load(in_b[i]), r, load(shift_b[i]), mk, c, inv_c,
-                                                v);
-        else
-          acc += coupling_forward_elem<Mode, A>(load(in_b[i]), r, load(shift_b[i]), mk, c, inv_c,
-                                                v);
-        out_b[i] = store<T>(v);
+          for (int64_t i = 0; i < len; ++i)
+            acc += elem<kSoftClampTanh>(in_b, shift_b, out_b, i0 + i, th[i], c, inv_c);
+        }
+      } else {
+#pragma omp simd reduction(+ : acc)
+        for (int64_t i = 0; i < m; ++i)
+          acc += elem<Mode>(in_b, shift_b, out_b, i, Mode == kAdditive ? A(0) : load(raw_b[i]), c,
+                            inv_c);
       }
       logdet[b] = Inverse ? -acc : acc;
     }
@@ -78,6 +99,23 @@ struct BackwardPass {
   T* gshift;  // inverse only
   A c;
 
+  // Element i (offset o of the sample) given r: raw_b[i], or its tanh (kSoftClampTanh).
+  template <int Mode>
+  FF_INLINE void elem(const T* x_b, int64_t o, int64_t i, A r, A glb, A c, A inv_c) const {
+    const bool mk = C::masked ? mask[i] != 0 : true;
+    A a_g, a_graw, a_gt;
+    if (Inverse) {
+      coupling_inverse_backward_elem<Mode, A>(load(x_b[i]), r, load(g[o + i]), glb, mk, c, inv_c,
+                                              a_g, a_graw, a_gt);
+      gshift[o + i] = store<T>(a_gt);
+    } else {
+      coupling_backward_elem<Mode, A>(load(x_b[i]), r, load(g[o + i]), glb, mk, c, inv_c, a_g,
+                                      a_graw);
+    }
+    g_in[o + i] = store<T>(a_g);
+    graw[o + i] = store<T>(a_graw);
+  }
+
   FF_INLINE void rows(int64_t b0, int64_t b1) const {
     const int64_t m = this->m;
     const A c = this->c, inv_c = A(1) / c;
@@ -86,20 +124,19 @@ struct BackwardPass {
       const T* x_b = x + b * s_x;
       const T* raw_b = raw + b * s_raw;
       const A glb = gl[b];
+      if constexpr (C::mode == kSoftClamp) {
+        A th[kTile];
+        for (int64_t i0 = 0; i0 < m; i0 += kTile) {
+          const int64_t len = m - i0 < kTile ? m - i0 : kTile;
 #pragma omp simd
-      for (int64_t i = 0; i < m; ++i) {
-        const bool mk = C::masked ? mask[i] != 0 : true;
-        A a_g, a_graw, a_gt;
-        if (Inverse) {
-          coupling_inverse_backward_elem<C::mode, A>(load(x_b[i]), load(raw_b[i]), load(g[o + i]),
-                                                     glb, mk, c, inv_c, a_g, a_graw, a_gt);
-          gshift[o + i] = store<T>(a_gt);
-        } else {
-          coupling_backward_elem<C::mode, A>(load(x_b[i]), load(raw_b[i]), load(g[o + i]), glb, mk,
-                                             c, inv_c, a_g, a_graw);
+          for (int64_t i = 0; i < len; ++i) th[i] = soft_clamp_tanh(load(raw_b[i0 + i]), inv_c);
+#pragma omp simd
+          for (int64_t i = 0; i < len; ++i)
+            elem<kSoftClampTanh>(x_b, o, i0 + i, th[i], glb, c, inv_c);
         }
-        g_in[o + i] = store<T>(a_g);
-        graw[o + i] = store<T>(a_graw);
+      } else {
+#pragma omp simd
+        for (int64_t i = 0; i < m; ++i) elem<C::mode>(x_b, o, i, load(raw_b[i]), glb, c, inv_c);
       }
     }
   }
