@@ -22,10 +22,10 @@ FF_HOST_DEVICE float ff_tanh(float x) { return tanhf(x); }
 FF_HOST_DEVICE float ff_log1p(float x) { return log1pf(x); }
 FF_HOST_DEVICE float ff_log(float x) { return logf(x); }
 #else
-FF_HOST_DEVICE float ff_exp(float x) {
+// exp(xc) for xc in [-87.3365478515625, 88.3762626647949] (not NaN): ff_exp without its range
+// handling, for callers whose argument is in range by construction (ff_tanh's exp(2 |x|)).
+FF_HOST_DEVICE float ff_exp_in_range(float xc) {
   // exp(x) = 2^n * exp(r), r = x - n ln2 in [-ln2/2, ln2/2]
-  float xc = x > 88.3762626647949f ? 88.3762626647949f : x;
-  xc = xc < -87.3365478515625f ? -87.3365478515625f : xc;
   // round to nearest with the 1.5 * 2^23 trick: branch-free where floorf is a libm call
   float n = (xc * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
   float r = xc - n * 0.693359375f;
@@ -38,7 +38,13 @@ FF_HOST_DEVICE float ff_exp(float x) {
   p = p * r + 5.0000001201E-1f;
   float y = p * r * r + r + 1.0f;
   int32_t e = int32_t(n) + 127;
-  y = y * bits_to_float(uint32_t(e) << 23);
+  return y * bits_to_float(uint32_t(e) << 23);
+}
+
+FF_HOST_DEVICE float ff_exp(float x) {
+  float xc = x > 88.3762626647949f ? 88.3762626647949f : x;
+  xc = xc < -87.3365478515625f ? -87.3365478515625f : xc;
+  float y = ff_exp_in_range(xc);
   y = x > 88.72283935546875f ? INFINITY : y;
   y = x < -103.972084045410f ? 0.0f : y;
   return x != x ? x : y;
@@ -87,7 +93,8 @@ FF_HOST_DEVICE float ff_tanh(float x) {
   p = p * z + 1.33314422036E-1f;
   p = p * z - 3.33332819422E-1f;
   float small = p * z * x + x;
-  float e = ff_exp(2.0f * (ax > 40.0f ? 40.0f : ax));
+  // 2 |x| in [0, 80] (NaN: the result is replaced below)
+  float e = ff_exp_in_range(2.0f * (ax > 40.0f ? 40.0f : ax));
   float big = 1.0f - 2.0f / (e + 1.0f);
   big = x < 0.0f ? -big : big;
   float r = ax < 0.625f ? small : big;
