@@ -3,6 +3,8 @@
 //             ISA variant (cpu_isa.h); OpenMP splits the batch outside the variants;
 //   dispatch  dtype x scale mode x mask (dispatch_coupling, coupling.h) -> a kernel;
 //   entry     the functions of coupling.h: argument checks (shared with CUDA), then dispatch.
+#include <type_traits>
+
 #include "coupling.h"
 #include "cpu_isa.h"
 #include "cpu_parallel.h"
@@ -60,15 +62,22 @@ struct AffinePass {
       A acc = 0;
       if constexpr (Mode == kSoftClamp) {
         // tanh of a tile in one loop, the rest in a second (see kSoftClampTanh)
-        A th[kTile];
-        for (int64_t i0 = 0; i0 < m; i0 += kTile) {
-          const int64_t len = m - i0 < kTile ? m - i0 : kTile;
+        const auto tiles = [&](auto em) {
+          A th[kTile];
+          for (int64_t i0 = 0; i0 < m; i0 += kTile) {
+            const int64_t len = m - i0 < kTile ? m - i0 : kTile;
 #pragma omp simd
-          for (int64_t i = 0; i < len; ++i) th[i] = soft_clamp_tanh(load(raw_b[i0 + i]), inv_c);
+            for (int64_t i = 0; i < len; ++i)
+              th[i] = soft_clamp_tanh(load(raw_b[i0 + i]), inv_c);
 #pragma omp simd reduction(+ : acc)
-          for (int64_t i = 0; i < len; ++i)
-            acc += elem<kSoftClampTanh>(in_b, shift_b, out_b, i0 + i, th[i], c, inv_c);
-        }
+            for (int64_t i = 0; i < len; ++i)
+              acc += elem<decltype(em)::value>(in_b, shift_b, out_b, i0 + i, th[i], c, inv_c);
+          }
+        };
+        if (c <= A(kInRangeClamp))
+          tiles(std::integral_constant<int, kSoftClampTanhInRange>{});
+        else
+          tiles(std::integral_constant<int, kSoftClampTanh>{});
       } else {
 #pragma omp simd reduction(+ : acc)
         for (int64_t i = 0; i < m; ++i)
@@ -125,15 +134,22 @@ struct BackwardPass {
       const T* raw_b = raw + b * s_raw;
       const A glb = gl[b];
       if constexpr (C::mode == kSoftClamp) {
-        A th[kTile];
-        for (int64_t i0 = 0; i0 < m; i0 += kTile) {
-          const int64_t len = m - i0 < kTile ? m - i0 : kTile;
+        const auto tiles = [&](auto em) {
+          A th[kTile];
+          for (int64_t i0 = 0; i0 < m; i0 += kTile) {
+            const int64_t len = m - i0 < kTile ? m - i0 : kTile;
 #pragma omp simd
-          for (int64_t i = 0; i < len; ++i) th[i] = soft_clamp_tanh(load(raw_b[i0 + i]), inv_c);
+            for (int64_t i = 0; i < len; ++i)
+              th[i] = soft_clamp_tanh(load(raw_b[i0 + i]), inv_c);
 #pragma omp simd
-          for (int64_t i = 0; i < len; ++i)
-            elem<kSoftClampTanh>(x_b, o, i0 + i, th[i], glb, c, inv_c);
-        }
+            for (int64_t i = 0; i < len; ++i)
+              elem<decltype(em)::value>(x_b, o, i0 + i, th[i], glb, c, inv_c);
+          }
+        };
+        if (c <= A(kInRangeClamp))
+          tiles(std::integral_constant<int, kSoftClampTanhInRange>{});
+        else
+          tiles(std::integral_constant<int, kSoftClampTanh>{});
       } else {
 #pragma omp simd
         for (int64_t i = 0; i < m; ++i) elem<C::mode>(x_b, o, i, load(raw_b[i]), glb, c, inv_c);

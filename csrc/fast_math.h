@@ -12,12 +12,14 @@
 namespace ff {
 
 FF_HOST_DEVICE double ff_exp(double x) { return exp(x); }
+FF_HOST_DEVICE double ff_exp_in_range(double x) { return exp(x); }
 FF_HOST_DEVICE double ff_tanh(double x) { return tanh(x); }
 FF_HOST_DEVICE double ff_log1p(double x) { return log1p(x); }
 FF_HOST_DEVICE double ff_log(double x) { return log(x); }
 
 #if defined(__CUDA_ARCH__)
 FF_HOST_DEVICE float ff_exp(float x) { return expf(x); }
+FF_HOST_DEVICE float ff_exp_in_range(float x) { return expf(x); }
 FF_HOST_DEVICE float ff_tanh(float x) { return tanhf(x); }
 FF_HOST_DEVICE float ff_log1p(float x) { return log1pf(x); }
 FF_HOST_DEVICE float ff_log(float x) { return logf(x); }

@@ -16,6 +16,10 @@ enum ScaleMode : int { kSoftClamp = 0, kGlowSigmoid = 1, kIdentity = 2, kAdditiv
 // compiler may contract them differently (a last-bit difference), and a sample's log-det is summed
 // tile by tile.
 constexpr int kSoftClampTanh = 16;
+// The same for a bound c <= kInRangeClamp: |s| <= c keeps exp(s) in ff_exp_in_range's range, so
+// its overflow/underflow handling is skipped (the same bits; a shorter chain again).
+constexpr int kSoftClampTanhInRange = 17;
+constexpr double kInRangeClamp = 87.0;
 
 template <typename A>
 FF_HOST_DEVICE A soft_clamp_tanh(A raw, A inv_c) {
@@ -27,10 +31,10 @@ template <int Mode, typename A>
 FF_HOST_DEVICE A scale_fn(A raw, A c, A inv_c, A& exp_s, A& ds) {
   if (Mode == kSoftClamp) {
     return scale_fn<kSoftClampTanh, A>(soft_clamp_tanh(raw, inv_c), c, inv_c, exp_s, ds);
-  } else if (Mode == kSoftClampTanh) {
+  } else if (Mode == kSoftClampTanh || Mode == kSoftClampTanhInRange) {
     const A t = raw;
     A s = c * t;
-    exp_s = ff_exp(s);
+    exp_s = Mode == kSoftClampTanhInRange ? ff_exp_in_range(s) : ff_exp(s);
     ds = A(1) - t * t;
     return s;
   } else if (Mode == kGlowSigmoid) {

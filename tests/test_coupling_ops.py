@@ -62,6 +62,43 @@ def test_native_matches_reference(shape, dtype, scale_fn, masked):
         _close(ld, ld_ref, torch.float32 if dtype != torch.float64 else dtype)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("clamp", [0.7, 3.0, 87.0, 150.0])
+@pytest.mark.parametrize("masked", [False, True])
+def test_soft_clamp_tiles_match_reference(dtype, clamp, masked):
+    # the CPU soft clamp runs tiles of 256 elements in two loops, with exp's range handling
+    # skipped for clamp <= 87: several tiles and a partial one, both sides of that bound, wide raw
+    x, raw, t = _inputs((3, 2 * 256 + 37), dtype, seed=7, scale=1.0)
+    raw = raw * min(clamp, 20.0)  # |s| stays below fp32's exp overflow for clamp = 150
+    mask = (
+        (torch.rand(x.shape[1:], generator=torch.Generator().manual_seed(1)) > 0.3)
+        if masked
+        else None
+    )
+    kw = dict(scale_fn="softclamp", clamp=clamp, mask=mask)
+    for fwd, ref in [
+        (C.affine_coupling, C.reference_affine_coupling),
+        (C.affine_coupling_inverse, C.reference_affine_coupling_inverse),
+    ]:
+        leaves = [v.clone().requires_grad_() for v in (x, raw, t)]
+        y, ld = fwd(*leaves, **kw)
+        gy = torch.randn_like(y)
+        g = torch.autograd.grad((y * gy).sum() + ld.sum(), leaves)
+        leaves_ref = [v.double().clone().requires_grad_() for v in (x, raw, t)]
+        y_ref, ld_ref = ref(*leaves_ref, **kw)
+        g_ref = torch.autograd.grad((y_ref * gy.double()).sum() + ld_ref.sum(), leaves_ref)
+        rel = 1e-12 if dtype == torch.float64 else 3e-6
+        scale = y_ref.abs().max().item()
+        torch.testing.assert_close(y.double(), y_ref, rtol=rel, atol=rel * scale)
+        torch.testing.assert_close(
+            ld.double(), ld_ref, rtol=rel * 10, atol=rel * clamp * x.shape[1]
+        )
+        for a, b in zip(g, g_ref):
+            torch.testing.assert_close(
+                a.double(), b, rtol=rel * 10, atol=rel * 10 * b.abs().max().item()
+            )
+
+
 @pytest.mark.parametrize("masked", [False, True])
 def test_additive_matches_reference(masked):
     x, _, t = _inputs((4, 3, 5, 2), torch.float32)
