@@ -13,7 +13,8 @@
 // columns [off_i, off_i + sizes[i]), off_i = sum_{1 <= j < i} pad(sizes[j]), pad = rounded up to
 // 64 bytes (the gaps hold zeros), and rows = n rounded up to a multiple of 12 (the last rows are
 // scratch). The forward computes the layers in place there (acts may be 0: inference) and the
-// backward reads them there.
+// backward reads them there; with the soft clamp the forward leaves t = tanh(raw / c) in the raw
+// columns of the output (all the backward needs: it computes no tanh).
 // logdet / grad_logdet are in the dtype (fp32 or fp64: no 16-bit here). Every buffer is
 // contiguous. The workspace holds mlp_coupling_workspace_bytes(...) bytes (any alignment).
 // Results do not depend on nthreads: weight gradients are summed per fixed group of samples

@@ -346,12 +346,16 @@ FF_INLINE void gather_input(const Plan<T>& P, int64_t b0, int64_t nb, int64_t mr
   }
 }
 
-// y = coupling(x, raw, shift) for the block's samples; o: the MLP output rows (raw, shift).
+// y = coupling(x, raw, shift) for the block's samples; o: the MLP output rows (raw, shift). The
+// soft clamp replaces each raw scale in o by t = tanh(raw / c), in a loop of its own (a short
+// dependency chain; kSoftClampTanh, scale.h), and runs the rest from t; the backward reads t
+// there and computes no tanh.
 template <typename T, int Mode, int W>
-FF_INLINE void couple_rows(const Plan<T>& P, int64_t b0, int64_t nb, const T* o, int64_t ldo,
+FF_INLINE void couple_rows(const Plan<T>& P, int64_t b0, int64_t nb, T* o, int64_t ldo,
                                bool inverse) {
   const int64_t d = P.d, da = P.da, db = P.db, ro = P.raw_off, so = P.shift_off;
   const T c = P.c, inv_c = P.inv_c;
+  constexpr int EM = Mode == kSoftClamp ? kSoftClampTanh : Mode;
   if (!P.made)
     for (int64_t s = 0; s < nb; ++s)
       copy_n(P.out + (b0 + s) * d + P.a_off, P.in + (b0 + s) * d + P.a_off, da);
@@ -365,14 +369,19 @@ FF_INLINE void couple_rows(const Plan<T>& P, int64_t b0, int64_t nb, const T* o,
         rs[s] = o[s * ldo + ro + j];
         ts[s] = o[s * ldo + so + j];
       }
+      if constexpr (Mode == kSoftClamp) {
+#pragma omp simd
+        for (int64_t s = 0; s < nb; ++s) rs[s] = soft_clamp_tanh(rs[s], inv_c);
+        for (int64_t s = 0; s < nb; ++s) o[s * ldo + ro + j] = rs[s];
+      }
       if (inverse) {
 #pragma omp simd
         for (int64_t s = 0; s < nb; ++s)
-          ss[s] = coupling_inverse_elem<Mode, T>(xs[s], rs[s], ts[s], true, c, inv_c, ys[s]);
+          ss[s] = coupling_inverse_elem<EM, T>(xs[s], rs[s], ts[s], true, c, inv_c, ys[s]);
       } else {
 #pragma omp simd
         for (int64_t s = 0; s < nb; ++s)
-          ss[s] = coupling_forward_elem<Mode, T>(xs[s], rs[s], ts[s], true, c, inv_c, ys[s]);
+          ss[s] = coupling_forward_elem<EM, T>(xs[s], rs[s], ts[s], true, c, inv_c, ys[s]);
       }
       for (int64_t s = 0; s < nb; ++s) {
         P.out[(b0 + s) * d + P.b_off + j] = ys[s];
@@ -385,21 +394,25 @@ FF_INLINE void couple_rows(const Plan<T>& P, int64_t b0, int64_t nb, const T* o,
   for (int64_t s = 0; s < nb; ++s) {
     const T* xb = P.in + (b0 + s) * d + P.b_off;
     T* yb = P.out + (b0 + s) * d + P.b_off;
-    const T* raw = o + s * ldo + ro;
+    T* raw = o + s * ldo + ro;
     const T* shift = o + s * ldo + so;
     T acc = T(0);
+    if constexpr (Mode == kSoftClamp) {
+#pragma omp simd
+      for (int64_t j = 0; j < db; ++j) raw[j] = soft_clamp_tanh(raw[j], inv_c);
+    }
     if (inverse) {
 #pragma omp simd reduction(+ : acc)
       for (int64_t j = 0; j < db; ++j) {
         T v;
-        acc += coupling_inverse_elem<Mode, T>(xb[j], raw[j], shift[j], true, c, inv_c, v);
+        acc += coupling_inverse_elem<EM, T>(xb[j], raw[j], shift[j], true, c, inv_c, v);
         yb[j] = v;
       }
     } else {
 #pragma omp simd reduction(+ : acc)
       for (int64_t j = 0; j < db; ++j) {
         T v;
-        acc += coupling_forward_elem<Mode, T>(xb[j], raw[j], shift[j], true, c, inv_c, v);
+        acc += coupling_forward_elem<EM, T>(xb[j], raw[j], shift[j], true, c, inv_c, v);
         yb[j] = v;
       }
     }
@@ -444,7 +457,7 @@ FF_INLINE void forward_block_impl(const Plan<T>& P, int64_t b0, int64_t nb, T* t
         gemm<T, W, R, NV, kInitBias, kEpiNone, false>(mr, nvec, si, h, ldh, w, po, o, ldo, bias);
     }
   }
-  const T* out = acts ? acts + P.aoff[L] : tb + P.hoff[L];
+  T* out = acts ? acts + P.aoff[L] : tb + P.hoff[L];
   const int64_t ldo = acts ? P.acts_w : P.P[L];
   switch (P.mode) {
     case kSoftClamp:
@@ -569,8 +582,8 @@ FF_INLINE void backward_block_impl(const Plan<T>& P, int64_t b0, int64_t nb, T* 
   T* gL = tb + P.goff[L];
   if (P.made) {
     switch (P.mode) {
-      case kSoftClamp:
-        made_backward_rows<T, kSoftClamp, W>(P, b0, nb, mr, gL);
+      case kSoftClamp:  // the forward left t = tanh(raw / c) in acts (couple_rows)
+        made_backward_rows<T, kSoftClampTanh, W>(P, b0, nb, mr, gL);
         break;
       case kGlowSigmoid:
         made_backward_rows<T, kGlowSigmoid, W>(P, b0, nb, mr, gL);
@@ -581,8 +594,8 @@ FF_INLINE void backward_block_impl(const Plan<T>& P, int64_t b0, int64_t nb, T* 
     }
   } else {
     switch (P.mode) {
-      case kSoftClamp:
-        couple_backward_rows<T, kSoftClamp, W>(P, b0, nb, mr, gL);
+      case kSoftClamp:  // the forward left t = tanh(raw / c) in acts (couple_rows)
+        couple_backward_rows<T, kSoftClampTanh, W>(P, b0, nb, mr, gL);
         break;
       case kGlowSigmoid:
         couple_backward_rows<T, kGlowSigmoid, W>(P, b0, nb, mr, gL);

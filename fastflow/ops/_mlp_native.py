@@ -9,7 +9,8 @@ layout are the caller's to validate (``mlp_affine_coupling`` does). CPU, fp32 an
 
 ``mode`` is the scale function's code (:data:`fastflow.ops.coupling.SCALE_FNS`). ``acts``
 (:func:`acts_layout`) holds per sample the hidden activations then the MLP output, which the
-forward computes in place and the backward reads.
+forward computes in place and the backward reads; with the soft clamp the forward replaces the
+raw-scale columns of the output by ``tanh(raw / clamp)``, all the backward needs of them.
 Results do not depend on the thread count (``nthreads``, default torch's).
 
 Example:
