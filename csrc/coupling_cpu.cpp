@@ -15,6 +15,26 @@ namespace {
 // Elements per tile of the soft clamp's two loops (kSoftClampTanh): the tanh values stay in L1.
 constexpr int64_t kTile = 256;
 
+// The soft clamp's two loops (kSoftClampTanh, scale.h): per tile of up to kTile of a sample's m
+// elements, th[i] = tanh(raw[i0 + i] / c) in one loop, then tile(em, i0, len, th) runs the rest
+// in its own; em: the element mode, kSoftClampTanhInRange when c <= kInRangeClamp.
+template <typename A, typename T, typename F>
+FF_INLINE void soft_clamp_tiles(int64_t m, const T* raw, A c, A inv_c, F&& tile) {
+  const auto run = [&](auto em) {
+    A th[kTile];
+    for (int64_t i0 = 0; i0 < m; i0 += kTile) {
+      const int64_t len = m - i0 < kTile ? m - i0 : kTile;
+#pragma omp simd
+      for (int64_t i = 0; i < len; ++i) th[i] = soft_clamp_tanh(load(raw[i0 + i]), inv_c);
+      tile(em, i0, len, static_cast<const A*>(th));
+    }
+  };
+  if (c <= A(kInRangeClamp))
+    run(std::integral_constant<int, kSoftClampTanhInRange>{});
+  else
+    run(std::integral_constant<int, kSoftClampTanh>{});
+}
+
 // ---------------------------------------------------------------------------------------------
 // Kernels. Each pass holds its arguments and runs samples [b0, b1) in `rows`. `s_*` are batch
 // strides in elements: sample b of an input starts at in + b * s_in (inputs may be views such as
@@ -61,23 +81,11 @@ struct AffinePass {
       T* out_b = out + b * m;
       A acc = 0;
       if constexpr (Mode == kSoftClamp) {
-        // tanh of a tile in one loop, the rest in a second (see kSoftClampTanh)
-        const auto tiles = [&](auto em) {
-          A th[kTile];
-          for (int64_t i0 = 0; i0 < m; i0 += kTile) {
-            const int64_t len = m - i0 < kTile ? m - i0 : kTile;
-#pragma omp simd
-            for (int64_t i = 0; i < len; ++i)
-              th[i] = soft_clamp_tanh(load(raw_b[i0 + i]), inv_c);
+        soft_clamp_tiles(m, raw_b, c, inv_c, [&](auto em, int64_t i0, int64_t len, const A* th) {
 #pragma omp simd reduction(+ : acc)
-            for (int64_t i = 0; i < len; ++i)
-              acc += elem<decltype(em)::value>(in_b, shift_b, out_b, i0 + i, th[i], c, inv_c);
-          }
-        };
-        if (c <= A(kInRangeClamp))
-          tiles(std::integral_constant<int, kSoftClampTanhInRange>{});
-        else
-          tiles(std::integral_constant<int, kSoftClampTanh>{});
+          for (int64_t i = 0; i < len; ++i)
+            acc += elem<decltype(em)::value>(in_b, shift_b, out_b, i0 + i, th[i], c, inv_c);
+        });
       } else {
 #pragma omp simd reduction(+ : acc)
         for (int64_t i = 0; i < m; ++i)
@@ -134,22 +142,11 @@ struct BackwardPass {
       const T* raw_b = raw + b * s_raw;
       const A glb = gl[b];
       if constexpr (C::mode == kSoftClamp) {
-        const auto tiles = [&](auto em) {
-          A th[kTile];
-          for (int64_t i0 = 0; i0 < m; i0 += kTile) {
-            const int64_t len = m - i0 < kTile ? m - i0 : kTile;
+        soft_clamp_tiles(m, raw_b, c, inv_c, [&](auto em, int64_t i0, int64_t len, const A* th) {
 #pragma omp simd
-            for (int64_t i = 0; i < len; ++i)
-              th[i] = soft_clamp_tanh(load(raw_b[i0 + i]), inv_c);
-#pragma omp simd
-            for (int64_t i = 0; i < len; ++i)
-              elem<decltype(em)::value>(x_b, o, i0 + i, th[i], glb, c, inv_c);
-          }
-        };
-        if (c <= A(kInRangeClamp))
-          tiles(std::integral_constant<int, kSoftClampTanhInRange>{});
-        else
-          tiles(std::integral_constant<int, kSoftClampTanh>{});
+          for (int64_t i = 0; i < len; ++i)
+            elem<decltype(em)::value>(x_b, o, i0 + i, th[i], glb, c, inv_c);
+        });
       } else {
 #pragma omp simd
         for (int64_t i = 0; i < m; ++i) elem<C::mode>(x_b, o, i, load(raw_b[i]), glb, c, inv_c);
