@@ -14,7 +14,8 @@ enum ScaleMode : int { kSoftClamp = 0, kGlowSigmoid = 1, kIdentity = 2, kAdditiv
 // rest from it: two short dependency chains (tanh, then exp) instead of one long one let the core
 // overlap more elements (~1.3x on the coupling op's fp32 forward). The same operations; the
 // compiler may contract them differently (a last-bit difference), and a sample's log-det is summed
-// tile by tile.
+// tile by tile. The MLP coupling / MADE kernels (mlp_cpu.cpp) keep t in their stored activations,
+// so their backward runs this mode and computes no tanh.
 constexpr int kSoftClampTanh = 16;
 // The same for a bound c <= kInRangeClamp: |s| <= c keeps exp(s) in ff_exp_in_range's range, so
 // its overflow/underflow handling is skipped (the same bits; a shorter chain again).

@@ -327,8 +327,11 @@ def test_glow_conditioner_starts_at_zero_and_splits_in_halves():
     torch.testing.assert_close(raw.double(), h[:, :3], rtol=1e-5, atol=1e-4)
     torch.testing.assert_close(shift.double(), h[:, 3:], rtol=1e-5, atol=1e-4)
     assert raw[0].is_contiguous() and shift[0].is_contiguous()
-    net.channels_last = False
-    raw2, shift2 = net(x)
+    # the same weights in the default layout: the same values
+    plain = GlowConditioner(2, 3, hidden=5, channels_last=False)
+    assert type(plain.net) is torch.nn.Sequential
+    plain.load_state_dict(net.state_dict())
+    raw2, shift2 = plain(x)
     torch.testing.assert_close(raw2.double(), h[:, :3], rtol=1e-5, atol=1e-4)
     assert GlowConditioner(2, 3, hidden=5, affine=False)(x).shape == (3, 3, 4, 4)
 

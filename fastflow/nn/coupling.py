@@ -80,8 +80,8 @@ class ChannelsLastSequential(nn.Sequential):
     the input is made channels-last, the layers run, the output is made contiguous again (the
     caller sees ordinary NCHW tensors; parameters and ``state_dict`` keys are those of the plain
     ``Sequential``). On this machine's oneDNN a Glow conditioner's forward + backward is 1.1-1.4x
-    faster channels-last (measured per level shape; docs/DESIGN-NOTES.md, "Glow conditioner
-    layout"). Other devices and non-4-D inputs run unchanged.
+    faster channels-last (measured per level shape; docs/DESIGN-NOTES.md, "Glow's conditioner on
+    channels-last activations"). Other devices and non-4-D inputs run unchanged.
 
     Example:
         >>> net = ChannelsLastSequential(nn.Conv2d(2, 3, 3, padding=1), nn.ReLU())

@@ -66,7 +66,6 @@ class GlowConditioner(nn.Module):
     ) -> None:
         super().__init__()
         self.affine = bool(affine)
-        self.channels_last = bool(channels_last)
         self.net = (ChannelsLastSequential if channels_last else nn.Sequential)(
             nn.Conv2d(in_channels, hidden, 3, padding=1),
             nn.ReLU(),
