@@ -10,9 +10,11 @@
 //   inverse:  x_a = y_a, x_b = (y_b - shift) * exp(-s), logdet[n] = -sum s
 // acts [rows, cols] = mlp_coupling_acts_shape(...): row b holds sample b's hidden activations,
 // layer by layer, then the MLP output (raw, shift); layer i (1 <= i <= L = len(sizes) - 1) at
-// columns [off_i, off_i + sizes[i]), off_i = sum_{1 <= j < i} pad(sizes[j]), pad = rounded up to
-// 64 bytes (the gaps hold zeros), and rows = n rounded up to a multiple of 12 (the last rows are
-// scratch). The forward computes the layers in place there (acts may be 0: inference) and the
+// columns [off_i, off_i + sizes[i]), off_i = sum of pad(sizes[j]) over the kept layers 1 <= j < i,
+// pad = rounded up to 64 bytes (the gaps hold zeros), and rows = n rounded up to a multiple of 12
+// (the last rows are scratch). Every layer is kept except the first hidden one when its input is
+// narrow (4 sizes[0] <= sizes[1], at least one hidden layer): the backward recomputes it from the
+// input instead (mlp_coupling_acts_columns gives -1 for it). The forward computes the layers in place there (acts may be 0: inference) and the
 // backward reads them there; with the soft clamp the forward leaves t = tanh(raw / c) in the raw
 // columns of the output (all the backward needs: it computes no tanh).
 // logdet / grad_logdet are in the dtype (fp32 or fp64: no 16-bit here). Every buffer is
@@ -38,6 +40,9 @@ int64_t mlp_coupling_workspace_bytes(int dtype, int64_t n, const std::vector<int
 // (rows, cols) of acts.
 std::pair<int64_t, int64_t> mlp_coupling_acts_shape(int dtype, int64_t n,
                                                     const std::vector<int64_t>& sizes);
+// The column offset in acts of each layer's outputs (layers 1..L), -1 for a layer not kept (the
+// first hidden layer when the backward recomputes it).
+std::vector<int64_t> mlp_coupling_acts_columns(int dtype, const std::vector<int64_t>& sizes);
 
 void mlp_coupling_forward_cpu(int dtype, int mode, double clamp, int64_t n, int64_t d, int64_t cut,
                               int parity, int64_t n_ctx, const std::vector<int64_t>& sizes,

@@ -12,6 +12,8 @@ void bind_mlp(pybind11::module_& m) {
         py::arg("n"), py::arg("sizes"), py::arg("nthreads"));
   m.def("mlp_coupling_acts_shape", &mlp_coupling_acts_shape, py::arg("dtype"), py::arg("n"),
         py::arg("sizes"));
+  m.def("mlp_coupling_acts_columns", &mlp_coupling_acts_columns, py::arg("dtype"),
+        py::arg("sizes"));
   const auto head = std::make_tuple(py::arg("dtype"), py::arg("mode"), py::arg("clamp"),
                                     py::arg("n"), py::arg("d"), py::arg("cut"), py::arg("parity"),
                                     py::arg("n_ctx"), py::arg("sizes"));

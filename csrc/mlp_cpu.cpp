@@ -68,6 +68,10 @@ struct Plan {
   const int64_t* gboff;  // [L] group db_l [P_{l+1}]
   int64_t acts_w;        // elements per acts row
   const int64_t* aoff;   // [L + 1] offset of layer i's outputs in an acts row (i >= 1)
+  // r1: the first hidden layer is not kept in acts: the backward recomputes it from the input
+  // (Geometry::r1) with the forward's product (dotf0: by dots), weights at wf0, bias at bf0
+  bool r1, dotf0;
+  int64_t wf0, bf0;
   const T* in;           // x (forward, backward) or y (inverse)
   const T* ctx;
   T* out;  // y (forward) or x (inverse)
@@ -420,42 +424,51 @@ FF_INLINE void couple_rows(const Plan<T>& P, int64_t b0, int64_t nb, T* o, int64
   }
 }
 
+// Layer l's forward product for mr rows: o = relu(h @ W_l^T + b_l) (no relu for the output
+// layer), whole padded rows defined (the next layer and the backward read whole vectors: the
+// vectors past the columns the product writes are zeroed first, the product overwrites the rest).
+// w: W_l^T [s_l][P_{l+1}] (lanes) or W_l [s_{l+1}][P_l] (dot).
+template <typename T, int W, int NV, int R, int CC>
+FF_INLINE void forward_layer(const Plan<T>& P, int64_t l, int64_t mr, const T* h, int64_t ldh,
+                             const T* w, const T* bias, bool dot, T* o, int64_t ldo) {
+  constexpr int RD = R / 2;
+  const int64_t pi = P.P[l], po = P.P[l + 1], si = P.s[l], so = P.s[l + 1];
+  const bool hidden = l + 1 < P.L;
+  const int64_t done = dot ? so : (so + W - 1) / W * W;  // columns the product writes
+  if (done < po)
+    for (int64_t s = 0; s < mr; ++s) zero_vectors<T, W>(o + s * ldo, done, po);
+  if (dot) {
+    if (hidden)
+      dot_gemm<T, W, RD, CC, kInitBias, kEpiRelu>(mr, so, si, h, ldh, w, pi, o, ldo, bias);
+    else
+      dot_gemm<T, W, RD, CC, kInitBias, kEpiNone>(mr, so, si, h, ldh, w, pi, o, ldo, bias);
+  } else {
+    const int64_t nvec = (so + W - 1) / W;
+    if (hidden)
+      gemm<T, W, R, NV, kInitBias, kEpiRelu, false>(mr, nvec, si, h, ldh, w, po, o, ldo, bias);
+    else
+      gemm<T, W, R, NV, kInitBias, kEpiNone, false>(mr, nvec, si, h, ldh, w, po, o, ldo, bias);
+  }
+}
+
 template <typename T, int W, int NV, int R, int CC>
 FF_INLINE void forward_block_impl(const Plan<T>& P, int64_t b0, int64_t nb, T* tb, bool inverse) {
-  constexpr int RD = R / 2;
   static_assert(kRowQuantum % R == 0, "acts rows are rounded to a multiple of every R");
   const int64_t L = P.L;
   const int64_t mr = (nb + R - 1) / R * R;
   gather_input<T, W>(P, b0, nb, mr, tb + P.hoff[0]);
-  // layer outputs straight into acts when it is kept (its rows are padded like the buffers)
+  // layer outputs straight into acts when it is kept (its rows are padded like the buffers); the
+  // first hidden layer stays in the block's buffer when the backward recomputes it (r1)
   T* const acts = P.acts == nullptr ? nullptr : P.acts + b0 * P.acts_w;
+  const auto kept = [&](int64_t i) { return acts != nullptr && !(i == 1 && P.r1); };
   for (int64_t l = 0; l < L; ++l) {
-    const int64_t pi = P.P[l], po = P.P[l + 1], si = P.s[l], so = P.s[l + 1];
-    const T* h = l == 0 ? tb + P.hoff[0] : acts ? acts + P.aoff[l] : tb + P.hoff[l];
-    const int64_t ldh = l == 0 || !acts ? pi : P.acts_w;
-    T* o = acts ? acts + P.aoff[l + 1] : tb + P.hoff[l + 1];
-    const int64_t ldo = acts ? P.acts_w : po;
-    const T* w = P.w + P.woff[l];
-    const T* bias = P.w + P.boff[l];
-    const bool hidden = l + 1 < L;
-    // whole padded rows are defined (the next layer and the backward read whole vectors): the
-    // vectors past the columns the product writes are zeroed first, the product overwrites the
-    // rest
-    const int64_t done = P.dot[l] ? so : (so + W - 1) / W * W;  // columns the product writes
-    if (done < po)
-      for (int64_t s = 0; s < mr; ++s) zero_vectors<T, W>(o + s * ldo, done, po);
-    if (P.dot[l]) {
-      if (hidden)
-        dot_gemm<T, W, RD, CC, kInitBias, kEpiRelu>(mr, so, si, h, ldh, w, pi, o, ldo, bias);
-      else
-        dot_gemm<T, W, RD, CC, kInitBias, kEpiNone>(mr, so, si, h, ldh, w, pi, o, ldo, bias);
-    } else {
-      const int64_t nvec = (so + W - 1) / W;
-      if (hidden)
-        gemm<T, W, R, NV, kInitBias, kEpiRelu, false>(mr, nvec, si, h, ldh, w, po, o, ldo, bias);
-      else
-        gemm<T, W, R, NV, kInitBias, kEpiNone, false>(mr, nvec, si, h, ldh, w, po, o, ldo, bias);
-    }
+    const int64_t pi = P.P[l], po = P.P[l + 1];
+    const T* h = l == 0 ? tb + P.hoff[0] : kept(l) ? acts + P.aoff[l] : tb + P.hoff[l];
+    const int64_t ldh = l > 0 && kept(l) ? P.acts_w : pi;
+    T* o = kept(l + 1) ? acts + P.aoff[l + 1] : tb + P.hoff[l + 1];
+    const int64_t ldo = kept(l + 1) ? P.acts_w : po;
+    forward_layer<T, W, NV, R, CC>(P, l, mr, h, ldh, P.w + P.woff[l], P.w + P.boff[l], P.dot[l],
+                                   o, ldo);
   }
   T* out = acts ? acts + P.aoff[L] : tb + P.hoff[L];
   const int64_t ldo = acts ? P.acts_w : P.P[L];
@@ -579,6 +592,9 @@ FF_INLINE void backward_block_impl(const Plan<T>& P, int64_t b0, int64_t nb, T* 
   const int64_t mr = (nb + R - 1) / R * R;
   gather_input<T, W>(P, b0, nb, mr, tb + P.hoff[0]);
   const T* acts = P.acts + b0 * aw;  // the hidden activations, read in place
+  if (P.r1)  // the first hidden layer, recomputed as the forward computed it (same bits)
+    forward_layer<T, W, NV, R, CC>(P, 0, mr, tb + P.hoff[0], P.P[0], P.w + P.wf0, P.w + P.bf0,
+                                   P.dotf0, tb + P.hoff[1], P.P[1]);
   T* gL = tb + P.goff[L];
   if (P.made) {
     switch (P.mode) {
@@ -609,8 +625,9 @@ FF_INLINE void backward_block_impl(const Plan<T>& P, int64_t b0, int64_t nb, T* 
     const int64_t pi = P.P[l], po = P.P[l + 1], si = P.s[l], so = P.s[l + 1];
     const int64_t nvec_in = (si + W - 1) / W, nvec_out = (so + W - 1) / W;
     const T* go = tb + P.goff[l + 1];  // d loss / d pre-activation of layer l's outputs
-    const T* h = l == 0 ? tb + P.hoff[0] : acts + P.aoff[l];
-    const int64_t ldh = l == 0 ? pi : aw;
+    const bool local = l == 0 || (l == 1 && P.r1);  // in the block's buffer, not in acts
+    const T* h = local ? tb + P.hoff[l] : acts + P.aoff[l];
+    const int64_t ldh = local ? pi : aw;
     T* gw = grp + P.gwoff[l];
     {
       // gtr: dW^T[k][:] += sum_s h[s][k] go[s][:]; else dW[j][:] += sum_s go[s][j] h[s][:]
@@ -757,7 +774,23 @@ struct Geometry {
   std::vector<int64_t> P, woff, boff, hoff, goff, gwoff, gboff, aoff;
   int64_t acts_w = 0, acts_rows = 0, numel = 0, wregion = 0, thread_elems = 0, group_elems = 0;
   int64_t total = 0;
+  // r1: acts holds no columns for the first hidden layer; the backward recomputes it from the
+  // input (recompute_first_layer); wf0 / bf0: the backward's copy of the forward's layer-0 weights
+  bool r1 = false;
+  int64_t wf0 = 0, bf0 = 0;
 };
+
+// Whether the backward recomputes the first hidden layer instead of reading it from acts: when
+// its input is narrow (kRecomputeRatio * sizes[0] <= sizes[1]) the product costs a few FMAs per
+// output (one for a 2-D coupling), while a row of sizes[1] values stored by the forward and
+// reloaded by the backward goes through memory once acts outgrows L2 (a few thousand samples; ~22
+// GB/s here against ~70 in L2). Whole training step, 1 thread, B=4096, in-process A/B: RealNVP
+// h64 D=2 1.21x, D=16 1.25x; MAF D=2 1.49x, D=16 1.09x (ratio 4; 8 leaves D=16 MAF out); B=256
+// unchanged within noise. Ratio 2 (D=64 RealNVP) gave +3.6% at B=4096 and -1% at B=256: not taken.
+constexpr int64_t kRecomputeRatio = 4;
+inline bool recompute_first_layer(const std::vector<int64_t>& sizes) {
+  return sizes.size() >= 3 && sizes[0] * kRecomputeRatio <= sizes[1];
+}
 
 void geometry(const char* name, int dtype, int64_t n, const std::vector<int64_t>& sizes,
               int nthreads, Geometry& g) {
@@ -792,6 +825,13 @@ void geometry(const char* name, int dtype, int64_t n, const std::vector<int64_t>
     gr = add(gr, g.P[l + 1]);
     numel = add(numel, mul(sizes[l + 1], sizes[l] + 1));
   }
+  g.r1 = recompute_first_layer(sizes);
+  if (g.r1) {
+    g.wf0 = fw;
+    fw = add(fw, std::max(mul(sizes[0], g.P[1]), mul(sizes[1], g.P[0])));
+    g.bf0 = fw;
+    fw = add(fw, g.P[1]);
+  }
   g.numel = numel;
   g.wregion = fw;
   g.group_elems = gr;
@@ -804,9 +844,11 @@ void geometry(const char* name, int dtype, int64_t n, const std::vector<int64_t>
     te = add(te, mul(kBlock, g.P[i]));
     g.goff[i] = te;
     te = add(te, mul(kBlock, g.P[i]));
-    if (i >= 1) {
+    if (i >= 1 && !(i == 1 && g.r1)) {
       g.aoff[i] = aw;
       aw += g.P[i];
+    } else if (i == 1) {
+      g.aoff[i] = -1;  // not kept
     }
   }
   g.thread_elems = te;
@@ -963,6 +1005,10 @@ void make_plan(Call<T>& C, const std::vector<int64_t>& sizes, const Split& sp, i
   P.gboff = g.gboff.data();
   P.acts_w = g.acts_w;
   P.aoff = g.aoff.data();
+  P.r1 = g.r1;
+  P.dotf0 = dots_are_cheaper(sizes[0], sizes[1], lanes);  // the forward's choice for layer 0
+  P.wf0 = g.wf0;
+  P.bf0 = g.bf0;
 }
 
 // Forward weights: W_l^T (lanes) or W_l (dots), and the biases.
@@ -991,6 +1037,13 @@ void pack_backward(const Call<T>& C, const T* params, T* w) {
     const int64_t in = s[l], out = s[l + 1];
     pack_layer<T>(params + off, in, out, g.P[l], g.P[l + 1], l == 0 && C.dot[0], w + g.woff[l]);
     off += out * (in + 1);
+  }
+  if (g.r1) {  // layer 0 as the forward packs it, for its recomputation
+    const int64_t in = s[0], out = s[1];
+    pack_layer<T>(params, in, out, g.P[0], g.P[1], !C.P.dotf0, w + g.wf0);
+    T* b = w + g.bf0;
+    std::memcpy(b, params + out * in, sizeof(T) * out);
+    for (int64_t j = out; j < g.P[1]; ++j) b[j] = T(0);
   }
 }
 
@@ -1100,6 +1153,12 @@ std::pair<int64_t, int64_t> mlp_coupling_acts_shape(int dtype, int64_t n,
   Geometry g;
   geometry("mlp_coupling_acts_shape", dtype, n, sizes, 1, g);
   return {g.acts_rows, g.acts_w};
+}
+
+std::vector<int64_t> mlp_coupling_acts_columns(int dtype, const std::vector<int64_t>& sizes) {
+  Geometry g;
+  geometry("mlp_coupling_acts_columns", dtype, 0, sizes, 1, g);
+  return std::vector<int64_t>(g.aoff.begin() + 1, g.aoff.end());
 }
 
 namespace {

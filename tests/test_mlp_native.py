@@ -98,16 +98,29 @@ def test_matches_reference(dtype, parity, nc, isa, monkeypatch):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_acts_hold_the_hidden_activations_and_the_mlp_output(dtype):
-    lay, cut, p, x, ctx = _setup(17, 5, 2, 0, (7, 20), dtype)
+@pytest.mark.parametrize("hidden", [(7, 20), (40, 9)])
+def test_acts_hold_the_hidden_activations_and_the_mlp_output(dtype, hidden):
+    lay, cut, p, x, ctx = _setup(17, 5, 2, 0, hidden, dtype)
     _, _, acts = M.forward(x, ctx, p, lay, cut, 0, 0, 2.0, need_acts=True)
     shape, cols = M.acts_layout(dtype, 17, lay.sizes)
-    assert acts.shape == shape == (24, 16 + 32 + 16 if dtype == torch.float32 else 8 + 24 + 8)
+    pad = 16 if dtype == torch.float32 else 8
+    # (4, 7, 20, 6): every layer kept; (4, 40, 9, 6): the first hidden layer (4 * 4 <= 40) is
+    # recomputed by the backward, not kept
+    kept = [-(-o // pad) * pad for o in lay.sizes[1:]]
+    if hidden == (40, 9):
+        assert cols[0] is None
+        kept = kept[1:]
+    else:
+        assert all(c is not None for c in cols)
+    assert acts.shape == shape == (24, sum(kept))
     h = torch.cat((x[:, :cut], ctx), 1)
+    stored = [c for c in cols if c is not None]
     for l, ((wo, o, i), (bo, _)) in enumerate(zip(lay.weights, lay.biases)):
         h = h @ p[wo : wo + o * i].view(o, i).t() + p[bo : bo + o]
         if l < len(lay.weights) - 1:
             h = h.relu()
+        if cols[l] is None:
+            continue
         off, width = cols[l]
         assert width == o
         want = h.double()
@@ -117,8 +130,9 @@ def test_acts_hold_the_hidden_activations_and_the_mlp_output(dtype):
             db = o // 2
             want = torch.cat((torch.tanh(want[:, :db] / 2.0), want[:, db:]), 1)
         _close(acts[:17, off : off + o], want, dtype)
-        # the padding between layers is zero
-        end = cols[l + 1][0] if l + 1 < len(cols) else shape[1]
+        # the padding up to the next kept layer is zero
+        k = stored.index(cols[l])
+        end = stored[k + 1][0] if k + 1 < len(stored) else shape[1]
         assert torch.equal(acts[:17, off + o : end], torch.zeros(17, end - off - o, dtype=dtype))
 
 
@@ -215,7 +229,7 @@ def _raw_forward_args(**over):
         (dict(n_ctx=1), "sizes"),
         (dict(n=-1), "negative"),
         (dict(nthreads=0), "nthreads"),
-        (dict(acts_numel=12 * 32 - 1), "acts"),
+        (dict(acts_numel="one short"), "acts"),
         (dict(workspace_bytes=64), "workspace"),
         (dict(workspace_ptr=0), "workspace"),
         (dict(x_ptr=0), "x"),
@@ -226,6 +240,8 @@ def _raw_forward_args(**over):
 )
 def test_cpp_rechecks_sizes(over, match):
     args, keep = _raw_forward_args(**over)
+    if args["acts_numel"] == "one short":
+        args["acts_numel"] = keep[4].numel() - 1
     with pytest.raises(ValueError, match=match):
         B._C.mlp_coupling_forward_cpu(**args)
 
@@ -246,7 +262,7 @@ def test_cpp_rechecks_backward_and_inverse():
     B._C.mlp_coupling_backward_cpu(**bwd)
     for key, val, match in [
         ("acts_ptr", 0, "acts"),
-        ("acts_numel", 12 * 32 - 1, "acts"),
+        ("acts_numel", args["acts_numel"] - 1, "acts"),
         ("grad_params_ptr", 0, "grad_params"),
         ("grad_y_ptr", 0, "grad_y"),
         ("grad_logdet_ptr", 0, "grad_logdet"),

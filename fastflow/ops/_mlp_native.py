@@ -66,23 +66,24 @@ def _acts_shape(code: int, n: int, sizes: tuple[int, ...]) -> tuple[int, int]:
 
 def acts_layout(
     dtype: torch.dtype, n: int, sizes: tuple[int, ...]
-) -> tuple[tuple[int, int], list[tuple[int, int]]]:
+) -> tuple[tuple[int, int], list[tuple[int, int] | None]]:
     """Shape ``(rows, cols)`` of ``acts`` and the ``(column offset, width)`` of each layer's
-    outputs in it (hidden layers, then the MLP output): row ``b < n`` is sample ``b``; rows are
-    rounded up to a multiple of 12 and each layer's columns to 64 bytes (the kernel computes
-    whole register blocks in place).
+    outputs in it (hidden layers, then the MLP output; None for a layer not kept): row ``b < n``
+    is sample ``b``; rows are rounded up to a multiple of 12 and each layer's columns to 64 bytes
+    (the kernel computes whole register blocks in place). The first hidden layer is not kept when
+    its input is narrow (``4 * sizes[0] <= sizes[1]``): the backward recomputes it from the input
+    (a few FMAs per sample) rather than store and reload a row of it through memory.
 
     Example:
-        >>> acts_layout(torch.float32, 5, (1, 20, 2))
+        >>> acts_layout(torch.float32, 5, (8, 20, 2))
         ((12, 48), [(0, 20), (32, 2)])
+        >>> acts_layout(torch.float32, 5, (1, 64, 64, 2))
+        ((12, 80), [None, (0, 64), (64, 2)])
     """
-    shape = _acts_shape(B.DTYPE_CODES[dtype], n, tuple(sizes))
-    pad = ACTS_ROW_ALIGN_BYTES // dtype.itemsize
-    cols, off = [], 0
-    for s in sizes[1:]:
-        cols.append((off, s))
-        off += -(-s // pad) * pad
-    return shape, cols
+    code = B.DTYPE_CODES[dtype]
+    shape = _acts_shape(code, n, tuple(sizes))
+    offs = B._C.mlp_coupling_acts_columns(dtype=code, sizes=tuple(sizes))
+    return shape, [None if o < 0 else (int(o), s) for o, s in zip(offs, sizes[1:])]
 
 
 _local = threading.local()
