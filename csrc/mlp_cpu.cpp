@@ -108,6 +108,22 @@ FF_INLINE void copy_n(T* dst, const T* src, int64_t n) {
   for (int64_t k = 0; k < n; ++k) dst[k] = src[k];
 }
 
+// A column of a row-major block to a contiguous run and back: dst[s] = src[s * stride] and
+// dst[s * stride] = src[s], s < n. Restrict-qualified and vectorized (gathers / scatters where the
+// ISA has them): written inline in the block functions, the loops kept their pointers and the
+// loop counter on the stack (~10% of a D=16 coupling's forward).
+template <typename T>
+FF_INLINE void gather_col(int64_t n, const T* __restrict src, int64_t stride, T* __restrict dst) {
+#pragma omp simd
+  for (int64_t s = 0; s < n; ++s) dst[s] = src[s * stride];
+}
+
+template <typename T>
+FF_INLINE void scatter_col(int64_t n, const T* __restrict src, T* __restrict dst, int64_t stride) {
+#pragma omp simd
+  for (int64_t s = 0; s < n; ++s) dst[s * stride] = src[s];
+}
+
 // Zero row[from rounded down to a whole vector, p) with whole-vector stores (p, every padded row
 // length, is a multiple of W: rows are padded to 64 bytes, no variant's vector is wider): the
 // caller writes [0, from) afterwards. One or two vector stores where a zeroing loop became a
@@ -368,15 +384,13 @@ FF_INLINE void couple_rows(const Plan<T>& P, int64_t b0, int64_t nb, T* o, int64
     T ld[kBlock], xs[kBlock], rs[kBlock], ts[kBlock], ys[kBlock], ss[kBlock];
     for (int64_t s = 0; s < nb; ++s) ld[s] = T(0);
     for (int64_t j = 0; j < db; ++j) {
-      for (int64_t s = 0; s < nb; ++s) {
-        xs[s] = P.in[(b0 + s) * d + P.b_off + j];
-        rs[s] = o[s * ldo + ro + j];
-        ts[s] = o[s * ldo + so + j];
-      }
+      gather_col(nb, P.in + b0 * d + P.b_off + j, d, xs);
+      gather_col(nb, o + ro + j, ldo, rs);
+      gather_col(nb, o + so + j, ldo, ts);
       if constexpr (Mode == kSoftClamp) {
 #pragma omp simd
         for (int64_t s = 0; s < nb; ++s) rs[s] = soft_clamp_tanh(rs[s], inv_c);
-        for (int64_t s = 0; s < nb; ++s) o[s * ldo + ro + j] = rs[s];
+        scatter_col(nb, rs, o + ro + j, ldo);
       }
       if (inverse) {
 #pragma omp simd
@@ -387,10 +401,9 @@ FF_INLINE void couple_rows(const Plan<T>& P, int64_t b0, int64_t nb, T* o, int64
         for (int64_t s = 0; s < nb; ++s)
           ss[s] = coupling_forward_elem<EM, T>(xs[s], rs[s], ts[s], true, c, inv_c, ys[s]);
       }
-      for (int64_t s = 0; s < nb; ++s) {
-        P.out[(b0 + s) * d + P.b_off + j] = ys[s];
-        ld[s] += ss[s];
-      }
+      scatter_col(nb, ys, P.out + b0 * d + P.b_off + j, d);
+#pragma omp simd
+      for (int64_t s = 0; s < nb; ++s) ld[s] += ss[s];
     }
     for (int64_t s = 0; s < nb; ++s) P.logdet[b0 + s] = inverse ? -ld[s] : ld[s];
     return;
@@ -504,20 +517,16 @@ FF_INLINE void made_backward_rows(const Plan<T>& P, int64_t b0, int64_t nb, int6
         gts[kBlock];
     for (int64_t s = 0; s < nb; ++s) gls[s] = P.gl[b0 + s];
     for (int64_t j = 0; j < d; ++j) {
-      for (int64_t s = 0; s < nb; ++s) {
-        xs[s] = P.in[(b0 + s) * d + j];
-        gus[s] = P.gy[(b0 + s) * d + j];
-        rs[s] = o0[s * aw + ro + j];
-        ts[s] = o0[s * aw + so + j];
-      }
+      gather_col(nb, P.in + b0 * d + j, d, xs);
+      gather_col(nb, P.gy + b0 * d + j, d, gus);
+      gather_col(nb, o0 + ro + j, aw, rs);
+      gather_col(nb, o0 + so + j, aw, ts);
 #pragma omp simd
       for (int64_t s = 0; s < nb; ++s)
         elem(xs[s], rs[s], ts[s], gus[s], gls[s], gxs[s], grs[s], gts[s]);
-      for (int64_t s = 0; s < nb; ++s) {
-        P.gx[(b0 + s) * d + j] = gxs[s];
-        g[s * pl + ro + j] = grs[s];
-        g[s * pl + so + j] = gts[s];
-      }
+      scatter_col(nb, gxs, P.gx + b0 * d + j, d);
+      scatter_col(nb, grs, g + ro + j, pl);
+      scatter_col(nb, gts, g + so + j, pl);
     }
   } else {
     for (int64_t s = 0; s < nb; ++s) {
@@ -549,20 +558,16 @@ FF_INLINE void couple_backward_rows(const Plan<T>& P, int64_t b0, int64_t nb, in
     T xs[kBlock], rs[kBlock], gys[kBlock], gls[kBlock], gxs[kBlock], grs[kBlock];
     for (int64_t s = 0; s < nb; ++s) gls[s] = P.gl[b0 + s];
     for (int64_t j = 0; j < db; ++j) {
-      for (int64_t s = 0; s < nb; ++s) {
-        xs[s] = P.in[(b0 + s) * d + P.b_off + j];
-        gys[s] = P.gy[(b0 + s) * d + P.b_off + j];
-        rs[s] = raw0[s * aw + j];
-      }
+      gather_col(nb, P.in + b0 * d + P.b_off + j, d, xs);
+      gather_col(nb, P.gy + b0 * d + P.b_off + j, d, gys);
+      gather_col(nb, raw0 + j, aw, rs);
 #pragma omp simd
       for (int64_t s = 0; s < nb; ++s)
         coupling_backward_elem<Mode, T>(xs[s], rs[s], gys[s], gls[s], true, c, inv_c, gxs[s],
                                         grs[s]);
-      for (int64_t s = 0; s < nb; ++s) {
-        P.gx[(b0 + s) * d + P.b_off + j] = gxs[s];
-        g[s * pl + j] = grs[s];
-        g[s * pl + db + j] = gys[s];
-      }
+      scatter_col(nb, gxs, P.gx + b0 * d + P.b_off + j, d);
+      scatter_col(nb, grs, g + j, pl);
+      scatter_col(nb, gys, g + db + j, pl);
     }
   } else {
     for (int64_t s = 0; s < nb; ++s) {
