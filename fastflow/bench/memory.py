@@ -28,7 +28,6 @@ from fastflow.bench._common import (
     require_native,
     table,
     time_rows,
-    timeit,
     timing_mode,
     value_row,
     write_results,
@@ -108,6 +107,7 @@ def main(argv=None, results_dir: str = os.path.join("bench", "results")) -> None
     ap.add_argument("--size", type=int, default=32)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--name", default="memory")
+    ap.add_argument("--rounds", type=int, default=3, help="interleaved timing rounds")
     args = ap.parse_args(argv)
     require_native()
     timing_mode()
@@ -128,11 +128,22 @@ def main(argv=None, results_dir: str = os.path.join("bench", "results")) -> None
         loss.backward()
         opt.step()
 
+    def variant(recompute: bool):
+        def run_step() -> None:
+            model.invertible_recompute = recompute
+            step()
+
+        return run_step
+
+    # the two variants take turns (interleaved rounds, min over rounds): timed one after the
+    # other, machine drift alone moved their ratio by 0.2
+    fns = {"stored": variant(False), "recompute": variant(True)}
+    times = measure(fns, rounds=args.rounds, reps=1, warmup=1, device=dev)
     rows = []
     for recompute in (False, True):
-        model.invertible_recompute = recompute
-        seconds = timeit(step, warmup=1, reps=2, device=dev)
-        mb = peak_memory_mb(step, device=dev)
+        name = "recompute" if recompute else "stored"
+        mb = peak_memory_mb(fns[name], device=dev)
+        seconds = min(times[name]) / 1e3
         rows.append(
             {
                 "variant": "recompute" if recompute else "stored activations",
@@ -140,7 +151,8 @@ def main(argv=None, results_dir: str = os.path.join("bench", "results")) -> None
                 "step_s": seconds,
             }
         )
-        print(f"  {rows[-1]['variant']}: {mb:.0f} MiB, {seconds:.1f} s/step", flush=True)
+        print(f"  {rows[-1]['variant']}: {mb:.0f} MiB, {seconds:.2f} s/step", flush=True)
+    model.invertible_recompute = False
     ratio = rows[1]["peak_mb"] / rows[0]["peak_mb"]
     for r in rows:
         r["ratio"] = r["peak_mb"] / rows[0]["peak_mb"]
