@@ -239,3 +239,21 @@ def test_bad_flag_types_are_argparse_errors(capsys):
     with pytest.raises(SystemExit) as e:
         main(["bench", "--threads", "two"])
     assert e.value.code == 2 and "--threads: invalid int value" in capsys.readouterr().err
+
+
+def test_memory_script_times_both_variants_interleaved(tmp_path, capsys):
+    # bench/memory.py's own entry point on a tiny Glow: both variants timed (in turns) and
+    # measured, results written where asked
+    import fastflow
+    from fastflow.bench import memory
+
+    if fastflow.info()["backend"] != "native":
+        pytest.skip("needs the native backend")
+    argv = ["--levels", "2", "--steps", "2", "--hidden", "8", "--batch", "8", "--size", "8"]
+    memory.main([*argv, "--rounds", "2"], results_dir=str(tmp_path))
+    out = json.loads((tmp_path / "memory.json").read_text())
+    rows = {r["variant"]: r for r in out["rows"]}
+    assert set(rows) == {"stored activations", "recompute"}
+    assert all(r["step_s"] > 0 for r in rows.values())
+    assert out["config"]["rounds"] == 2
+    assert "recompute / stored" in capsys.readouterr().out
