@@ -257,3 +257,28 @@ def test_memory_script_times_both_variants_interleaved(tmp_path, capsys):
     assert all(r["step_s"] > 0 for r in rows.values())
     assert out["config"]["rounds"] == 2
     assert "recompute / stored" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_train_step_script_eager_and_compiled(tmp_path, monkeypatch, compiled):
+    # bench/train_step.py's entry point, fastflow alone (the peers are optional): a row per timed
+    # call, marked compiled under --compile (training step only), JSON and markdown written
+    import fastflow
+    from fastflow.bench import train_step as T
+
+    if fastflow.info()["backend"] != "native":
+        pytest.skip("needs the native backend")
+    monkeypatch.setitem(T.VECTOR_MODELS, "realnvp", T.VECTOR_MODELS["realnvp"][:1])
+    argv = ["--models", "realnvp", "--dims", "2", "--batches", "16", "--threads", "1"]
+    argv += ["--rounds", "1", "--out", "ts"] + (["--compile"] if compiled else [])
+    before = torch.get_num_threads()
+    try:
+        data = T.main(argv, results_dir=str(tmp_path))
+    finally:
+        torch.set_num_threads(before)
+    whats = [r["what"] for r in data["rows"]]
+    assert whats == (["train_step"] if compiled else ["train_step", "log_prob", "sample"])
+    assert all(r["compiled"] is compiled and r["fastflow_ms"] > 0 for r in data["rows"])
+    md = (tmp_path / "ts.md").read_text()
+    assert ("(compiled)" in md) is compiled
+    assert json.loads((tmp_path / "ts.json").read_text())["rows"] == data["rows"]

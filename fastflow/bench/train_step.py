@@ -20,9 +20,14 @@ of them), after warm-up; the reported time is the minimum over rounds of the per
 median over rounds is stored too. Ratios are ``peer / fastflow`` (above 1: fastflow is faster);
 ``best_peer`` is the fastest peer of the same run. Threads are set with ``torch.set_num_threads``.
 
-Run: ``python bench/train_step.py [--quick] [--models realnvp maf glow] [--threads 1 2]``; writes
-``bench/results/train_step.json`` and ``.md``. In the suite (``fastflow bench --only train_step``):
-:func:`run`.
+``--compile``: every side's ``log_prob`` wrapped in ``torch.compile`` (default mode, graph breaks
+allowed; fastflow's custom ops have fake implementations), training step only; an implementation
+whose compilation fails is left out of that case with the error printed. Compilation happens in
+the warm-up, outside the timed rounds.
+
+Run: ``python bench/train_step.py [--quick] [--models realnvp maf glow] [--threads 1 2]
+[--compile]``; writes ``bench/results/train_step.json`` and ``.md``. In the suite
+(``fastflow bench --only train_step``): :func:`run`.
 """
 
 from __future__ import annotations
@@ -207,7 +212,7 @@ GLOW_CASES = {
 }
 
 
-def glow_case(key: str, rounds: int, reps: int, quick: bool) -> list[dict]:
+def glow_case(key: str, rounds: int, reps: int, quick: bool, compiled: bool = False) -> list[dict]:
     shape, levels, steps, hidden, batch = GLOW_CASES[key]
     if quick:
         steps, hidden = max(2, steps // 4), max(16, hidden // 4)
@@ -224,7 +229,7 @@ def glow_case(key: str, rounds: int, reps: int, quick: bool) -> list[dict]:
     with torch.no_grad():  # data-dependent ActNorm initialisation on the first batch
         for _mod, lp, _ in impls.values():
             lp(x)
-    return _time_cases(impls, x, "glow", key, batch, rounds, reps, sample_reps=reps)
+    return _time_cases(impls, x, "glow", key, batch, rounds, reps, reps, compiled)
 
 
 # model -> [(implementation, builder(d, hidden), the peer library it needs or None)]
@@ -293,20 +298,44 @@ def interleaved(fns: dict, rounds: int, reps: int, warmup: int = 2) -> dict:
     return {k: (1e3 * min(v), 1e3 * statistics.median(v)) for k, v in per.items()}
 
 
-def vector_case(model: str, d: int, batch: int, rounds: int, reps: int) -> list[dict]:
+def vector_case(
+    model: str, d: int, batch: int, rounds: int, reps: int, compiled: bool = False
+) -> list[dict]:
     impls = build_vector(model, d)
     torch.manual_seed(1)
     x = torch.randn(batch, d)
     sample_reps = reps if model != "maf" else max(1, reps // 4)
-    return _time_cases(impls, x, model, d, batch, rounds, reps, sample_reps)
+    return _time_cases(impls, x, model, d, batch, rounds, reps, sample_reps, compiled)
 
 
-def _time_cases(impls, x, model, size, batch, rounds, reps, sample_reps) -> list[dict]:
+def _compiled(impls: dict, x) -> dict:
+    """``impls`` with each ``log_prob`` wrapped in ``torch.compile``, compiled here (forward and
+    backward, one training step); implementations that fail to compile are left out, with the
+    error printed."""
+    out = {}
+    for k, (mod, lp, smp) in impls.items():
+        clp = torch.compile(lp)
+        try:
+            _stepper(mod, clp, x)()
+        except Exception as e:  # a peer's model torch.compile cannot handle: report, go on
+            print(f"  {k}: torch.compile failed ({type(e).__name__}: {str(e)[:200]}); left out")
+            continue
+        out[k] = (mod, clp, smp)
+    return out
+
+
+def _time_cases(
+    impls, x, model, size, batch, rounds, reps, sample_reps, compiled: bool = False
+) -> list[dict]:
     rows = []
+    if compiled:
+        impls = _compiled(impls, x)
+        if "fastflow" not in impls:
+            return rows
     params = {k: n_params(v[0]) for k, v in impls.items()}
     # the peers' MAF sampling is D network passes: cap its batch so the run stays short
     n_sample = min(batch, 1024) if model == "maf" else batch
-    for what in ("train_step", "log_prob", "sample"):
+    for what in ("train_step",) if compiled else ("train_step", "log_prob", "sample"):
         fns = {}
         for k, (mod, lp, sample) in impls.items():
             if what == "train_step":
@@ -325,6 +354,7 @@ def _time_cases(impls, x, model, size, batch, rounds, reps, sample_reps) -> list
             "batch": n_sample if what == "sample" else batch,
             "threads": torch.get_num_threads(),
             "what": what,
+            "compiled": compiled,
             "fastflow_ms": round(ff, 3),
             "params": params,
             "ms": {k: round(v[0], 3) for k, v in res.items()},
@@ -335,6 +365,7 @@ def _time_cases(impls, x, model, size, batch, rounds, reps, sample_reps) -> list
         rows.append(row)
         print(
             f"{model:8s} {size!s:8s} B={batch:<5d} t={row['threads']} {what:10s} "
+            + ("compiled " if compiled else "")
             + "  ".join(f"{k}={v[0]:.2f}" for k, v in res.items())
             + (f"  -> {row['speedup_vs_best_peer']:.2f}x vs {best}" if best else "")
             + "  params "
@@ -424,6 +455,9 @@ def main(argv=None, results_dir: str = os.path.join("bench", "results")) -> dict
     ap.add_argument("--threads", nargs="+", type=int, default=[1, 2])
     ap.add_argument("--rounds", type=int, default=None)
     ap.add_argument("--out", default="train_step")
+    ap.add_argument(
+        "--compile", action="store_true", help="torch.compile every side (training step only)"
+    )
     args = ap.parse_args(argv)
     require_native()
     timing_mode()
@@ -436,12 +470,13 @@ def main(argv=None, results_dir: str = os.path.join("bench", "results")) -> dict
         for model in args.models:
             if model == "glow":
                 for key in args.glow or (["1x8x8"] if args.quick else list(GLOW_CASES)):
-                    rows += glow_case(key, rounds, 3 if key != "1x8x8" else 5, args.quick)
+                    reps = 3 if key != "1x8x8" else 5
+                    rows += glow_case(key, rounds, reps, args.quick, args.compile)
                 continue
             for d in dims:
                 for b in batches:
                     reps = 10 if b <= 256 else 3
-                    rows += vector_case(model, d, b, rounds, reps)
+                    rows += vector_case(model, d, b, rounds, reps, args.compile)
     cols = ["model", "size", "batch", "threads", "what", "fastflow_ms", "best_peer"]
     print(table([{**r, "x": r["speedup_vs_best_peer"]} for r in rows], [*cols, "x"]))
     data = {
@@ -472,7 +507,8 @@ def markdown(rows: list[dict], env: dict) -> str:
         "|" + "---|" * len(head),
     ]
     for r in rows:
-        cells = [r["model"], str(r["size"]), str(r["batch"]), str(r["threads"]), r["what"]]
+        what = r["what"] + (" (compiled)" if r.get("compiled") else "")
+        cells = [r["model"], str(r["size"]), str(r["batch"]), str(r["threads"]), what]
         cells.append(f"{r['fastflow_ms']:.2f}")
         cells += [f"{r['ms'][k]:.2f}" if k in r["ms"] else "-" for k in peers]
         x = r["speedup_vs_best_peer"]
