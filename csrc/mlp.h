@@ -14,9 +14,10 @@
 // pad = rounded up to 64 bytes (the gaps hold zeros), and rows = n rounded up to a multiple of 12
 // (the last rows are scratch). Every layer is kept except the first hidden one when its input is
 // narrow (4 sizes[0] <= sizes[1], at least one hidden layer): the backward recomputes it from the
-// input instead (mlp_coupling_acts_columns gives -1 for it). The forward computes the layers in place there (acts may be 0: inference) and the
-// backward reads them there; with the soft clamp the forward leaves t = tanh(raw / c) in the raw
-// columns of the output (all the backward needs: it computes no tanh).
+// input instead (mlp_coupling_acts_columns gives -1 for it). The forward computes the kept layers
+// in place there (acts may be 0: inference) and the backward reads them there; with the soft clamp
+// the forward leaves t = tanh(raw / c) in the raw columns of the output (all the backward needs:
+// it computes no tanh).
 // logdet / grad_logdet are in the dtype (fp32 or fp64: no 16-bit here). Every buffer is
 // contiguous. The workspace holds mlp_coupling_workspace_bytes(...) bytes (any alignment).
 // Results do not depend on nthreads: weight gradients are summed per fixed group of samples

@@ -849,11 +849,11 @@ void geometry(const char* name, int dtype, int64_t n, const std::vector<int64_t>
     te = add(te, mul(kBlock, g.P[i]));
     g.goff[i] = te;
     te = add(te, mul(kBlock, g.P[i]));
-    if (i >= 1 && !(i == 1 && g.r1)) {
+    if (i == 1 && g.r1) {
+      g.aoff[i] = -1;  // not kept
+    } else if (i >= 1) {
       g.aoff[i] = aw;
       aw += g.P[i];
-    } else if (i == 1) {
-      g.aoff[i] = -1;  // not kept
     }
   }
   g.thread_elems = te;
@@ -1016,6 +1016,16 @@ void make_plan(Call<T>& C, const std::vector<int64_t>& sizes, const Split& sp, i
   P.bf0 = g.bf0;
 }
 
+// A layer's forward weights from its block of the flat parameters (wl: W_l then b_l): W_l^T
+// (lanes) or W_l (dots) at w, the bias zero-padded to pout at b.
+template <typename T>
+void pack_forward_layer(const T* wl, int64_t in, int64_t out, int64_t pin, int64_t pout, bool dot,
+                        T* w, T* b) {
+  pack_layer<T>(wl, in, out, pin, pout, !dot, w);
+  std::memcpy(b, wl + out * in, sizeof(T) * out);
+  for (int64_t j = out; j < pout; ++j) b[j] = T(0);
+}
+
 // Forward weights: W_l^T (lanes) or W_l (dots), and the biases.
 template <typename T>
 void pack_forward(const Call<T>& C, const T* params, T* w) {
@@ -1024,10 +1034,8 @@ void pack_forward(const Call<T>& C, const T* params, T* w) {
   int64_t off = 0;
   for (int64_t l = 0; l < g.L; ++l) {
     const int64_t in = s[l], out = s[l + 1];
-    pack_layer<T>(params + off, in, out, g.P[l], g.P[l + 1], !C.dot[l], w + g.woff[l]);
-    T* b = w + g.boff[l];
-    std::memcpy(b, params + off + out * in, sizeof(T) * out);
-    for (int64_t j = out; j < g.P[l + 1]; ++j) b[j] = T(0);
+    pack_forward_layer<T>(params + off, in, out, g.P[l], g.P[l + 1], C.dot[l], w + g.woff[l],
+                          w + g.boff[l]);
     off += out * (in + 1);
   }
 }
@@ -1043,13 +1051,8 @@ void pack_backward(const Call<T>& C, const T* params, T* w) {
     pack_layer<T>(params + off, in, out, g.P[l], g.P[l + 1], l == 0 && C.dot[0], w + g.woff[l]);
     off += out * (in + 1);
   }
-  if (g.r1) {  // layer 0 as the forward packs it, for its recomputation
-    const int64_t in = s[0], out = s[1];
-    pack_layer<T>(params, in, out, g.P[0], g.P[1], !C.P.dotf0, w + g.wf0);
-    T* b = w + g.bf0;
-    std::memcpy(b, params + out * in, sizeof(T) * out);
-    for (int64_t j = out; j < g.P[1]; ++j) b[j] = T(0);
-  }
+  if (g.r1)  // layer 0 as the forward packs it, for its recomputation
+    pack_forward_layer<T>(params, s[0], s[1], g.P[0], g.P[1], C.P.dotf0, w + g.wf0, w + g.bf0);
 }
 
 template <typename T>
