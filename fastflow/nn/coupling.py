@@ -23,6 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from fastflow.nn.base import Transform
+from fastflow.ops.conv import TAP_SPLIT_MAX_OUT, TAP_SPLIT_MIN_PIXELS, conv3x3
 from fastflow.ops.coupling import (
     SCALE_FNS,
     additive_coupling,
@@ -93,7 +94,47 @@ class ChannelsLastSequential(nn.Sequential):
     def forward(self, x: Tensor) -> Tensor:
         if x.dim() != 4 or x.device.type != "cpu":
             return super().forward(x)
-        return super().forward(x.contiguous(memory_format=torch.channels_last)).contiguous()
+        x = x.contiguous(memory_format=torch.channels_last)
+        if torch.compiler.is_compiling() or x.dtype != torch.float32:
+            return super().forward(x).contiguous()
+        for layer in self:
+            # A plain 3x3 "same" convolution with few input or output channels runs as
+            # fastflow.ops.conv.conv3x3 (the same parameters; faster on oneDNN, see there).
+            x = conv3x3(x, layer.weight, layer.bias) if _narrow_same3x3(layer, x) else layer(x)
+        return x.contiguous()
+
+
+def _narrow_same3x3(layer: nn.Module, x: Tensor) -> bool:
+    """An ``nn.Conv2d`` (exactly: a subclass may override ``forward``) with a 3x3 kernel, stride
+    1, padding 1, no dilation or groups, zero padding, at most ``TAP_SPLIT_MAX_OUT`` input or
+    output channels, no hooks (conv3x3 bypasses the module call), float32 weights, applied to
+    at least ``TAP_SPLIT_MIN_PIXELS`` pixels (below, conv3x3 would run the plain convolution
+    anyway, through an extra Python autograd node)."""
+    return (
+        type(layer) is nn.Conv2d
+        and x.shape[0] * x.shape[2] * x.shape[3] >= TAP_SPLIT_MIN_PIXELS
+        and layer.kernel_size == (3, 3)
+        and layer.stride == (1, 1)
+        and layer.padding == (1, 1)
+        and layer.dilation == (1, 1)
+        and layer.groups == 1
+        and layer.padding_mode == "zeros"
+        and min(layer.in_channels, layer.out_channels) <= TAP_SPLIT_MAX_OUT
+        and layer.weight.dtype == torch.float32
+        and not (layer._forward_hooks or layer._forward_pre_hooks or layer._backward_hooks)
+        and not (layer._backward_pre_hooks or _global_module_hooks())
+    )
+
+
+def _global_module_hooks() -> bool:
+    from torch.nn.modules import module as _m
+
+    return bool(
+        _m._global_forward_hooks
+        or _m._global_forward_pre_hooks
+        or _m._global_backward_hooks
+        or _m._global_backward_pre_hooks
+    )
 
 
 def conv_subnet(hidden: int = 512) -> Subnet:

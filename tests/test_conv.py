@@ -1,0 +1,137 @@
+"""fastflow.ops.conv.conv3x3 (the tap form of narrow 3x3 convolutions) against F.conv2d, and its
+use inside ChannelsLastSequential."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import fastflow.nn.coupling as coupling_mod
+import fastflow.ops.conv as conv_mod
+from fastflow.nn import ChannelsLastSequential, GlowConditioner
+from fastflow.ops.conv import conv3x3
+
+
+def _grads(fn, x, w, b, g):
+    y = fn(x, w, b)
+    params = [x, w] + ([b] if b is not None else [])
+    return (y, *torch.autograd.grad(y, params, g))
+
+
+@pytest.mark.parametrize("c_out", [1, 4, 8, 12])
+@pytest.mark.parametrize("c_in", [2, 7])
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("channels_last", [True, False])
+def test_matches_conv2d_fp64(c_out, c_in, bias, channels_last):
+    """Values and all three gradients equal F.conv2d's (fp64, rounding only) on an input above
+    the tap-form threshold, in both layouts, narrow and wide output, narrow and wider input."""
+    torch.manual_seed(c_out * 10 + c_in)
+    n, h, w_ = 16, 16, 17  # 4352 pixels >= TAP_SPLIT_MIN_PIXELS
+    assert n * h * w_ >= conv_mod.TAP_SPLIT_MIN_PIXELS
+    x = torch.randn(n, c_in, h, w_, dtype=torch.float64)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    x.requires_grad_()
+    w = torch.randn(c_out, c_in, 3, 3, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(c_out, dtype=torch.float64, requires_grad=True) if bias else None
+    g = torch.randn(n, c_out, h, w_, dtype=torch.float64)
+    ref = _grads(lambda x, w, b: F.conv2d(x, w, b, padding=1), x, w, b, g)
+    got = _grads(conv3x3, x, w, b, g)
+    for a, r in zip(got, ref):
+        torch.testing.assert_close(a, r, rtol=1e-10, atol=1e-10)
+
+
+def test_tap_form_runs_for_narrow_layers(monkeypatch):
+    """The narrow forward, input gradient and weight gradient take the tap form (one 1x1
+    convolution to 9 * C channels), the wide ones the plain convolution."""
+    seen = []
+    real = F.conv2d
+
+    def spy(x, w, *args, **kw):
+        seen.append(tuple(w.shape))
+        return real(x, w, *args, **kw)
+
+    monkeypatch.setattr(conv_mod.F, "conv2d", spy)
+    x = torch.randn(16, 32, 16, 16, requires_grad=True)
+    w = torch.randn(4, 32, 3, 3, requires_grad=True)
+    conv3x3(x, w).sum().backward()
+    assert seen[0] == (36, 32, 1, 1)  # forward: 4 outputs -> one 1x1 conv to 36 channels
+    assert seen[1] == (32, 4, 3, 3)  # input gradient: 32 outputs -> plain (flipped) conv
+    seen.clear()
+    x2 = torch.randn(16, 4, 16, 16, requires_grad=True)
+    w2 = torch.randn(32, 4, 3, 3, requires_grad=True)
+    conv3x3(x2, w2).sum().backward()
+    assert seen == [(32, 4, 3, 3), (36, 32, 1, 1)]  # wide forward, narrow input gradient
+
+
+def test_gradcheck_and_double_backward(monkeypatch):
+    """First and second derivatives by finite differences (the tap form forced on a tiny input)."""
+    monkeypatch.setattr(conv_mod, "TAP_SPLIT_MIN_PIXELS", 1)
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 4, 5, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(2, 3, 3, 3, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(2, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(conv3x3, (x, w, b))
+    assert torch.autograd.gradgradcheck(conv3x3, (x, w, b))
+
+
+def test_bad_shapes_name_the_argument():
+    x = torch.randn(1, 3, 4, 4)
+    with pytest.raises(ValueError, match="x must be"):
+        conv3x3(torch.randn(3, 4, 4), torch.randn(2, 3, 3, 3))
+    with pytest.raises(ValueError, match="weight must be"):
+        conv3x3(x, torch.randn(2, 3, 5, 5))
+    with pytest.raises(ValueError, match="weight must be"):
+        conv3x3(x, torch.randn(2, 4, 3, 3))
+    with pytest.raises(ValueError, match="bias must be"):
+        conv3x3(x, torch.randn(2, 3, 3, 3), torch.randn(3))
+
+
+def _conditioner_pair():
+    torch.manual_seed(1)
+    net = GlowConditioner(2, 2, hidden=16)
+    nn.init.normal_(net.net[4].weight, std=0.1)
+    plain = nn.Sequential(*list(net.net))  # the same parameter objects, never routed
+    return net, plain
+
+
+def test_channels_last_sequential_routes_narrow_convs_fp32(monkeypatch):
+    """GlowConditioner (fp32, CPU, >= 4096 pixels) sends its narrow 3x3 convolutions (2 -> 16
+    input gradient, 16 -> 4 forward) through conv3x3, with the plain Sequential's values and
+    gradients up to fp32 rounding."""
+    calls = []
+    real = coupling_mod.conv3x3
+
+    def counting(x, w, b):
+        calls.append(tuple(w.shape))
+        return real(x, w, b)
+
+    monkeypatch.setattr(coupling_mod, "conv3x3", counting)
+    net, plain = _conditioner_pair()
+    x = torch.randn(16, 2, 16, 16, requires_grad=True)
+    g = torch.randn(16, 4, 16, 16)
+    y1 = net.net(x)
+    g1 = torch.autograd.grad(y1, [x, *net.parameters()], g)
+    assert calls == [(16, 2, 3, 3), (4, 16, 3, 3)]
+    y0 = plain(x)
+    g0 = torch.autograd.grad(y0, [x, *plain.parameters()], g)
+    torch.testing.assert_close(y1, y0, rtol=1e-5, atol=1e-5)
+    for a, r in zip(g1, g0):
+        torch.testing.assert_close(a, r, rtol=1e-4, atol=1e-4)
+
+
+def test_channels_last_sequential_keeps_module_calls_where_observed(monkeypatch):
+    """A hook on the convolution, a small input or fp64 keep the ordinary module call."""
+    calls = []
+    monkeypatch.setattr(coupling_mod, "conv3x3", lambda *a: calls.append(1))
+    net, _ = _conditioner_pair()
+    fired = []
+    handles = [net.net[i].register_forward_hook(lambda *a: fired.append(1)) for i in (0, 4)]
+    net.net(torch.randn(16, 2, 16, 16))
+    assert len(fired) == 2 and not calls
+    for h in handles:
+        h.remove()
+    net.net(torch.randn(2, 2, 8, 8))  # 128 pixels: below the threshold
+    net.double().net(torch.randn(16, 2, 16, 16, dtype=torch.float64))
+    assert not calls
+    assert isinstance(net.net, ChannelsLastSequential)
