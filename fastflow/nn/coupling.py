@@ -153,9 +153,9 @@ def conv_subnet(hidden: int = 512) -> Subnet:
         return _zero_last(
             ChannelsLastSequential(
                 nn.Conv2d(in_channels, hidden, 3, padding=1),
-                nn.ReLU(),
+                nn.ReLU(inplace=True),
                 nn.Conv2d(hidden, hidden, 1),
-                nn.ReLU(),
+                nn.ReLU(inplace=True),
                 nn.Conv2d(hidden, out_channels, 3, padding=1),
             )
         )

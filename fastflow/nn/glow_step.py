@@ -68,9 +68,9 @@ class GlowConditioner(nn.Module):
         self.affine = bool(affine)
         self.net = (ChannelsLastSequential if channels_last else nn.Sequential)(
             nn.Conv2d(in_channels, hidden, 3, padding=1),
-            nn.ReLU(),
+            nn.ReLU(inplace=True),
             nn.Conv2d(hidden, hidden, 1),
-            nn.ReLU(),
+            nn.ReLU(inplace=True),
             nn.Conv2d(hidden, (2 if affine else 1) * out_channels, 3, padding=1),
         )
         nn.init.zeros_(self.net[-1].weight)
