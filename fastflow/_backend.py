@@ -109,6 +109,30 @@ def use_native(t: torch.Tensor) -> bool:
     return False
 
 
+_CPU_VENDOR: str | None = None
+
+
+def cpu_vendor() -> str:
+    """``"intel"``, ``"amd"`` or ``"other"``: the CPU's vendor (Linux ``/proc/cpuinfo``; other
+    systems report ``"other"``). The kernel/matmul crossovers depend on it: torch's MKL runs its
+    own tuned kernels on Intel CPUs and generic ones on AMD's, where the whole-layer kernels win
+    at every size measured (fastflow/ops/mlp_coupling.py, made_density.py)."""
+    global _CPU_VENDOR
+    if _CPU_VENDOR is None:
+        vendor = "other"
+        try:
+            with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
+                for line in f:
+                    if line.startswith("vendor_id"):
+                        tag = line.split(":", 1)[-1].strip()
+                        vendor = {"GenuineIntel": "intel", "AuthenticAMD": "amd"}.get(tag, "other")
+                        break
+        except OSError:
+            pass
+        _CPU_VENDOR = vendor
+    return _CPU_VENDOR
+
+
 def num_threads() -> int:
     """Threads the CPU kernels use: torch's intra-op thread count."""
     return max(1, torch.get_num_threads())

@@ -15,6 +15,7 @@ def info() -> dict:
     Returns:
         A dict with ``version``, ``torch``, ``cpu_kernels`` (bool), ``cuda_kernels`` (bool),
         ``cuda_architectures``, ``openmp``, ``cpu_isa`` (SIMD variant of the CPU kernels),
+        ``cpu_vendor`` (``intel``, ``amd`` or ``other``: the kernel/matmul crossovers use it),
         ``cuda_device`` (name or None), ``threads`` and ``backend`` (what ops run on CPU
         tensors: ``native`` or ``reference``), ``imported_from`` (the package directory) and
         ``native_import_error`` (why ``_C`` is missing, or None).
@@ -38,6 +39,7 @@ def info() -> dict:
         "cuda_architectures": built.get("cuda_architectures", ""),
         "openmp": bool(built.get("openmp", False)),
         "cpu_isa": B._C.cpu_isa() if B._C is not None else "",
+        "cpu_vendor": B.cpu_vendor(),
         "compiler": built.get("compiler", ""),
         "cuda_device": cuda_dev,
         "threads": B.num_threads(),

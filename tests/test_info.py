@@ -20,6 +20,39 @@ def test_info_reports_build_and_backend():
     assert fastflow.info()["backend"] == "reference"
 
 
+def test_cpu_vendor_and_the_crossover_tables(monkeypatch, tmp_path):
+    """cpu_vendor reads /proc/cpuinfo's vendor_id; the kernel/matmul bounds follow it."""
+    import builtins
+
+    from fastflow import _backend as B
+    from fastflow.ops import made_density, mlp_coupling
+
+    assert fastflow.info()["cpu_vendor"] == B.cpu_vendor() in ("intel", "amd", "other")
+    for mod in (made_density, mlp_coupling):
+        want = mod._MAX_MACS_AMD if B.cpu_vendor() == "amd" else mod._MAX_MACS_INTEL
+        assert mod.KERNEL_MAX_MACS == want
+    real_open = builtins.open
+    for text, vendor in (
+        ("processor\t: 0\nvendor_id\t: AuthenticAMD\n", "amd"),
+        ("vendor_id\t: GenuineIntel\n", "intel"),
+        ("vendor_id\t: HygonGenuine\n", "other"),
+        ("processor : 0\n", "other"),
+    ):
+        fake = tmp_path / "cpuinfo"
+        fake.write_text(text)
+        monkeypatch.setattr(
+            builtins,
+            "open",
+            lambda path, *a, _f=fake, **k: real_open(
+                _f if path == "/proc/cpuinfo" else path, *a, **k
+            ),
+        )
+        monkeypatch.setattr(B, "_CPU_VENDOR", None)
+        assert B.cpu_vendor() == vendor
+    monkeypatch.setattr(builtins, "open", real_open)
+    monkeypatch.setattr(B, "_CPU_VENDOR", None)
+
+
 def test_info_command_prints_every_field(capsys):
     assert main(["info"]) == 0
     out = capsys.readouterr().out

@@ -316,7 +316,13 @@ class _KernelMLPCoupling(torch.autograd.Function):
 # 0.97x at 169M (D=256 N=1024 h=256) on AVX-512; 2.2x, 1.2x, 1.06x, 1.05x on AVX2; on the
 # baseline SSE2 variant 1.0-1.1x at 18-23M and 0.79x at 93M. (The earlier bound of 6M was measured
 # before the broadcast fix in csrc/cpu_isa.h `vsplat`, which made the kernel 2.5-7x faster.)
-KERNEL_MAX_MACS = {"base": 30_000_000, "avx2": 150_000_000, "avx512": 150_000_000}
+# These are Intel numbers (a Xeon). On AMD (a Zen 5 EPYC) MKL runs its generic kernels and the
+# whole-layer kernel was faster at every size measured, 1 and 2 threads: 1.8-3.7x (AVX-512) up to
+# 674M MACs (D=256 N=4096 h=256: 2.17x), 1.2-1.8x with the AVX2 variant; so no bound there below
+# 2G (the SSE2 baseline keeps the Intel bound: unmeasured on AMD).
+_MAX_MACS_INTEL = {"base": 30_000_000, "avx2": 150_000_000, "avx512": 150_000_000}
+_MAX_MACS_AMD = {"base": 30_000_000, "avx2": 2_000_000_000, "avx512": 2_000_000_000}
+KERNEL_MAX_MACS = dict(_MAX_MACS_AMD if B.cpu_vendor() == "amd" else _MAX_MACS_INTEL)
 
 
 def _use_kernel(x: Tensor, layout: MLPLayout) -> bool:
