@@ -40,6 +40,7 @@ PYBIND11_MODULE(_C, m) {
   py::tuple isas(ff::kCpuIsaCount);
   for (int i = 0; i < ff::kCpuIsaCount; ++i) isas[i] = std::string(ff::cpu_isa_name(i));
   m.attr("CPU_ISA_NAMES") = isas;
+  ff::bind_conv_taps(m);
   ff::bind_coupling(m);
   ff::bind_invconv(m);
   ff::bind_made(m);

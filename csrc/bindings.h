@@ -10,6 +10,7 @@
 #include <utility>
 
 namespace ff {
+void bind_conv_taps(pybind11::module_& m);
 void bind_coupling(pybind11::module_& m);
 void bind_invconv(pybind11::module_& m);
 void bind_made(pybind11::module_& m);

@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import fastflow
 import fastflow.nn.coupling as coupling_mod
 import fastflow.ops.conv as conv_mod
 from fastflow.nn import ChannelsLastSequential, GlowConditioner
@@ -135,3 +136,58 @@ def test_channels_last_sequential_keeps_module_calls_where_observed(monkeypatch)
     net.double().net(torch.randn(16, 2, 16, 16, dtype=torch.float64))
     assert not calls
     assert isinstance(net.net, ChannelsLastSequential)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_native_tap_kernels_match_the_slice_code(monkeypatch, dtype):
+    """Channels-last CPU tensors take the tap kernels (csrc/conv_taps_cpu.cpp) forward and
+    backward; the reference backend runs the slice code: same values and gradients."""
+    from fastflow import _backend as B
+
+    if not hasattr(B._C, "conv_tap_sum_cpu"):
+        pytest.skip("no native kernels")
+    calls = []
+    for name in ("conv_tap_sum_cpu", "conv_tap_shift_cpu"):
+        real = getattr(B._C, name)
+        monkeypatch.setattr(
+            B._C, name, lambda *a, _r=real, _n=name, **k: (calls.append(_n), _r(*a, **k))[1]
+        )
+    torch.manual_seed(3)
+    x = torch.randn(8, 5, 23, 24, dtype=dtype).contiguous(memory_format=torch.channels_last)
+    w = torch.randn(3, 5, 3, 3, dtype=dtype) * 0.2
+    b = torch.randn(3, dtype=dtype)
+    g = torch.randn(8, 3, 23, 24, dtype=dtype)
+    out = {}
+    for backend in ("auto", "reference"):
+        fastflow.set_backend(backend)
+        xx, ww, bb = (t.clone().requires_grad_() for t in (x, w, b))
+        y = conv3x3(xx, ww, bb)
+        out[backend] = (y, *torch.autograd.grad(y, [xx, ww, bb], g))
+    fastflow.set_backend("auto")
+    assert calls.count("conv_tap_sum_cpu") == 2  # forward (3 outputs), input gradient (5)
+    assert calls.count("conv_tap_shift_cpu") == 1  # weight gradient (3 outputs)
+    tol = 1e-5 if dtype == torch.float32 else 1e-12
+    for a, r in zip(out["auto"], out["reference"]):
+        torch.testing.assert_close(a, r, rtol=tol, atol=tol)
+
+
+def test_tap_kernels_reject_bad_arguments():
+    from fastflow import _backend as B
+
+    if not hasattr(B._C, "conv_tap_sum_cpu"):
+        pytest.skip("no native kernels")
+    buf = torch.zeros(9 * 4 * 4 * 2)
+    args = dict(dtype=0, n=1, h=4, w=4, c=2, bias_ptr=0, nthreads=1)
+    with pytest.raises(ValueError, match="h, w, c >= 1"):
+        B._C.conv_tap_sum_cpu(**{**args, "c": 0}, taps_ptr=buf.data_ptr(), out_ptr=buf.data_ptr())
+    with pytest.raises(ValueError, match="taps: null pointer"):
+        B._C.conv_tap_sum_cpu(**args, taps_ptr=0, out_ptr=buf.data_ptr())
+    with pytest.raises(ValueError, match="fp32 and fp64 only"):
+        B._C.conv_tap_sum_cpu(
+            **{**args, "dtype": 2}, taps_ptr=buf.data_ptr(), out_ptr=buf.data_ptr()
+        )
+    with pytest.raises(ValueError, match="nthreads"):
+        B._C.conv_tap_shift_cpu(
+            dtype=0, n=1, h=4, w=4, c=2, grad_ptr=buf.data_ptr(), shifted_ptr=buf.data_ptr(),
+            nthreads=0,
+        )  # fmt: skip

@@ -19,6 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from fastflow import _backend as B
+
 __all__ = ["conv3x3", "TAP_SPLIT_MAX_OUT", "TAP_SPLIT_MAX_WGRAD"]
 
 # A 3x3 convolution (or the input gradient, which is a convolution to C_in channels) to at most
@@ -56,6 +58,20 @@ def _conv_forward(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
     # [co, ci, 3, 3] -> [9 * co, ci, 1, 1]: output channel t * co + o is tap t of channel o.
     wall = weight.permute(2, 3, 0, 1).reshape(9 * co, weight.shape[1], 1, 1)
     taps = F.conv2d(x, wall)
+    if _native(taps):
+        out = torch.empty((n, co, h, w), dtype=x.dtype).contiguous(
+            memory_format=torch.channels_last
+        )
+        b = None if bias is None else bias.detach().contiguous()
+        taps_v, out_v = _nhwc(taps), _nhwc(out)  # named: B.ptr must see live tensors
+        B._C.conv_tap_sum_cpu(
+            dtype=B.DTYPE_CODES[x.dtype], n=n, h=h, w=w, c=co,
+            taps_ptr=B.ptr(taps_v, x.dtype, n * h * w * 9 * co, _CPU, "taps"),
+            bias_ptr=B.ptr(b, x.dtype, co, _CPU, "bias"),
+            out_ptr=B.ptr(out_v, x.dtype, n * h * w * co, _CPU, "out"),
+            nthreads=B.num_threads(),
+        )  # fmt: skip
+        return out
     centre = taps[:, 4 * co : 5 * co]
     out = centre.clone() if bias is None else centre + bias.view(1, -1, 1, 1)
     for t, (dy, dx) in enumerate(_TAPS):
@@ -77,10 +93,21 @@ def _conv_weight_grad(grad: Tensor, x: Tensor, weight: Tensor) -> Tensor:
     # gw[o, i, tap] = sum_{y,x} grad[o, y, x] * x[i, y + dy, x + dx]
     #             = sum_{y',x'} shifted_t(grad)[o, y', x'] * x[i, y', x'],
     # with shifted_t(grad)[y + dy, x + dx] = grad[y, x]: one 1x1 weight gradient over 9*co.
-    shifted = grad.new_zeros((n, 9 * co, h, w)).contiguous(memory_format=_format_of(grad))
-    for t, (dy, dx) in enumerate(_TAPS):
-        oy, ox, iy, ix = _windows(h, w, dy, dx)
-        shifted[:, t * co : (t + 1) * co, iy, ix] = grad[:, :, oy, ox]
+    if _native(grad):
+        shifted = torch.empty((n, 9 * co, h, w), dtype=grad.dtype)
+        shifted = shifted.contiguous(memory_format=torch.channels_last)
+        grad_v, shifted_v = _nhwc(grad), _nhwc(shifted)
+        B._C.conv_tap_shift_cpu(
+            dtype=B.DTYPE_CODES[grad.dtype], n=n, h=h, w=w, c=co,
+            grad_ptr=B.ptr(grad_v, grad.dtype, n * h * w * co, _CPU, "grad"),
+            shifted_ptr=B.ptr(shifted_v, grad.dtype, n * h * w * 9 * co, _CPU, "shifted"),
+            nthreads=B.num_threads(),
+        )  # fmt: skip
+    else:
+        shifted = grad.new_zeros((n, 9 * co, h, w)).contiguous(memory_format=_format_of(grad))
+        for t, (dy, dx) in enumerate(_TAPS):
+            oy, ox, iy, ix = _windows(h, w, dy, dx)
+            shifted[:, t * co : (t + 1) * co, iy, ix] = grad[:, :, oy, ox]
     gw = torch.ops.aten.convolution_backward(
         shifted,
         x,
@@ -95,6 +122,28 @@ def _conv_weight_grad(grad: Tensor, x: Tensor, weight: Tensor) -> Tensor:
         [False, True, False],
     )[1]
     return gw.view(3, 3, co, ci).permute(2, 3, 0, 1).contiguous()
+
+
+_CPU = torch.device("cpu")
+
+
+def _native(t: Tensor) -> bool:
+    """The tap kernels (csrc/conv_taps_cpu.cpp) take this tensor: a channels-last CPU fp32/fp64
+    tensor outside autograd recording (the slice code below is the differentiable fallback used
+    by double backward) and outside torch.compile, with the native backend available."""
+    return (
+        t.dtype in (torch.float32, torch.float64)
+        and t.is_contiguous(memory_format=torch.channels_last)
+        and not torch.is_grad_enabled()
+        and not torch.compiler.is_compiling()
+        and B.use_native(t)
+        and hasattr(B._C, "conv_tap_sum_cpu")
+    )
+
+
+def _nhwc(t: Tensor) -> Tensor:
+    """A channels-last [N, C, H, W] tensor as the contiguous [N, H, W, C] buffer it is."""
+    return t.permute(0, 2, 3, 1)
 
 
 def _format_of(t: Tensor) -> torch.memory_format:

@@ -1,0 +1,122 @@
+// CPU tap kernels of the narrow 3x3 convolution; contracts in conv_taps.h. Memory-bound passes
+// over small buffers (C <= 8 channels per pixel): plain loops the compiler vectorizes over the
+// channels, one image row per work item.
+#include <cstdint>
+#include <string>
+
+#include "checks.h"
+#include "conv_taps.h"
+#include "cpu_parallel.h"
+#include "storage.h"
+
+namespace ff {
+namespace {
+
+void check_tap_args(const char* name, int64_t n, int64_t h, int64_t w, int64_t c) {
+  FF_CHECK(n >= 0 && h >= 1 && w >= 1 && c >= 1,
+           std::string(name) + ": need n >= 0 and h, w, c >= 1");
+  FF_CHECK(n <= INT64_MAX / (9 * h * w * c), std::string(name) + ": size overflows");
+}
+
+template <typename T>
+void tap_sum_kernel(int64_t n, int64_t h, int64_t w, int64_t c, const T* __restrict taps,
+                    const T* __restrict bias, T* __restrict out, int nthreads) {
+  const int64_t rows = n * h;
+  const int64_t c9 = 9 * c;
+  const int nt = rows * w * c9 >= kParallelGrain ? nthreads : 1;
+  parallel_ranges(rows, nt, [&](int64_t lo, int64_t hi) {
+    for (int64_t r = lo; r < hi; ++r) {
+      const int64_t img = r / h, y = r % h;
+      T* orow = out + r * w * c;
+      for (int64_t x = 0; x < w; ++x)
+        for (int64_t o = 0; o < c; ++o) orow[x * c + o] = bias ? bias[o] : T(0);
+      for (int dy = -1; dy <= 1; ++dy) {
+        const int64_t yy = y + dy;
+        if (yy < 0 || yy >= h) continue;
+        const T* trow = taps + (img * h + yy) * w * c9;
+        for (int dx = -1; dx <= 1; ++dx) {
+          const int64_t t = 3 * (dy + 1) + (dx + 1);
+          const int64_t x0 = dx < 0 ? 1 : 0, x1 = dx > 0 ? w - 1 : w;
+          for (int64_t x = x0; x < x1; ++x) {
+            const T* src = trow + (x + dx) * c9 + t * c;
+            T* dst = orow + x * c;
+            for (int64_t o = 0; o < c; ++o) dst[o] += src[o];
+          }
+        }
+      }
+    }
+  });
+}
+
+template <typename T>
+void tap_shift_kernel(int64_t n, int64_t h, int64_t w, int64_t c, const T* __restrict grad,
+                      T* __restrict shifted, int nthreads) {
+  const int64_t rows = n * h;
+  const int64_t c9 = 9 * c;
+  const int nt = rows * w * c9 >= kParallelGrain ? nthreads : 1;
+  parallel_ranges(rows, nt, [&](int64_t lo, int64_t hi) {
+    for (int64_t r = lo; r < hi; ++r) {
+      const int64_t img = r / h, y = r % h;
+      T* srow = shifted + r * w * c9;
+      for (int dy = -1; dy <= 1; ++dy) {
+        const int64_t yy = y - dy;  // shifted[y] = grad[y - dy]
+        const bool row_ok = yy >= 0 && yy < h;
+        const T* grow = grad + (img * h + yy) * w * c;
+        for (int dx = -1; dx <= 1; ++dx) {
+          const int64_t t = 3 * (dy + 1) + (dx + 1);
+          for (int64_t x = 0; x < w; ++x) {
+            const int64_t xx = x - dx;
+            T* dst = srow + x * c9 + t * c;
+            if (row_ok && xx >= 0 && xx < w) {
+              const T* src = grow + xx * c;
+              for (int64_t o = 0; o < c; ++o) dst[o] = src[o];
+            } else {
+              for (int64_t o = 0; o < c; ++o) dst[o] = T(0);
+            }
+          }
+        }
+      }
+    }
+  });
+}
+
+template <typename F>
+void dispatch_f32_f64(int dtype, const char* name, F&& f) {
+  if (dtype == kFloat32)
+    f(float{});
+  else if (dtype == kFloat64)
+    f(double{});
+  else
+    check(false, std::string(name) + ": fp32 and fp64 only, got dtype code " +
+                     std::to_string(dtype));
+}
+
+}  // namespace
+
+void conv_tap_sum_cpu(int dtype, int64_t n, int64_t h, int64_t w, int64_t c, std::uintptr_t taps,
+                      std::uintptr_t bias, std::uintptr_t out, int nthreads) {
+  const char* name = "conv_tap_sum_cpu";
+  check_tap_args(name, n, h, w, c);
+  check_ptr(taps, n * h * w * 9 * c, "taps");
+  check_ptr(out, n * h * w * c, "out");
+  check_threads(name, nthreads);
+  dispatch_f32_f64(dtype, name, [&](auto zero) {
+    using T = decltype(zero);
+    tap_sum_kernel<T>(n, h, w, c, ptr<const T>(taps), ptr<const T>(bias), ptr<T>(out), nthreads);
+  });
+}
+
+void conv_tap_shift_cpu(int dtype, int64_t n, int64_t h, int64_t w, int64_t c,
+                        std::uintptr_t grad, std::uintptr_t shifted, int nthreads) {
+  const char* name = "conv_tap_shift_cpu";
+  check_tap_args(name, n, h, w, c);
+  check_ptr(grad, n * h * w * c, "grad");
+  check_ptr(shifted, n * h * w * 9 * c, "shifted");
+  check_threads(name, nthreads);
+  dispatch_f32_f64(dtype, name, [&](auto zero) {
+    using T = decltype(zero);
+    tap_shift_kernel<T>(n, h, w, c, ptr<const T>(grad), ptr<T>(shifted), nthreads);
+  });
+}
+
+}  // namespace ff
