@@ -88,18 +88,18 @@ def test_bad_shapes_name_the_argument():
         conv3x3(x, torch.randn(2, 3, 3, 3), torch.randn(3))
 
 
-def _conditioner_pair():
+def _conditioner_pair(hidden=64):
     torch.manual_seed(1)
-    net = GlowConditioner(2, 2, hidden=16)
+    net = GlowConditioner(2, 2, hidden=hidden)
     nn.init.normal_(net.net[4].weight, std=0.1)
     plain = nn.Sequential(*list(net.net))  # the same parameter objects, never routed
     return net, plain
 
 
 def test_channels_last_sequential_routes_narrow_convs_fp32(monkeypatch):
-    """GlowConditioner (fp32, CPU, >= 4096 pixels) sends its narrow 3x3 convolutions (2 -> 16
-    input gradient, 16 -> 4 forward) through conv3x3, with the plain Sequential's values and
-    gradients up to fp32 rounding."""
+    """GlowConditioner (fp32, CPU, >= 4096 pixels, above conv_mlp3's size) sends its narrow 3x3
+    convolutions (2 -> 64 input gradient, 64 -> 4 forward) through conv3x3, with the plain
+    Sequential's values and gradients up to fp32 rounding."""
     calls = []
     real = coupling_mod.conv3x3
 
@@ -113,7 +113,7 @@ def test_channels_last_sequential_routes_narrow_convs_fp32(monkeypatch):
     g = torch.randn(16, 4, 16, 16)
     y1 = net.net(x)
     g1 = torch.autograd.grad(y1, [x, *net.parameters()], g)
-    assert calls == [(16, 2, 3, 3), (4, 16, 3, 3)]
+    assert calls == [(64, 2, 3, 3), (4, 64, 3, 3)]
     y0 = plain(x)
     g0 = torch.autograd.grad(y0, [x, *plain.parameters()], g)
     torch.testing.assert_close(y1, y0, rtol=1e-5, atol=1e-5)
@@ -191,3 +191,80 @@ def test_tap_kernels_reject_bad_arguments():
             dtype=0, n=1, h=4, w=4, c=2, grad_ptr=buf.data_ptr(), shifted_ptr=buf.data_ptr(),
             nthreads=0,
         )  # fmt: skip
+
+
+def _mlp3_params(ci, hid, co, dtype, seed=0):
+    torch.manual_seed(seed)
+    shapes = [(hid, ci, 3, 3), (hid,), (hid, hid, 1, 1), (hid,), (co, hid, 3, 3), (co,)]
+    return [(torch.randn(s, dtype=dtype) * 0.3).requires_grad_() for s in shapes]
+
+
+@pytest.mark.parametrize("shape", [(3, 2, 5, 6), (2, 4, 1, 7), (1, 3, 2, 2)])
+def test_conv_mlp3_matches_the_convolutions_fp64(shape):
+    """Values and every gradient equal autograd through the five plain layers (fp64)."""
+    from fastflow.ops.conv import _conv_mlp3_plain, conv_mlp3
+
+    n, ci, h, w = shape
+    ps = _mlp3_params(ci, 6, 4, torch.float64)
+    x = torch.randn(n, ci, h, w, dtype=torch.float64, requires_grad=True)
+    g = torch.randn(n, 4, h, w, dtype=torch.float64)
+    y = conv_mlp3(x, *ps)
+    got = (y, *torch.autograd.grad(y, [x, *ps], g))
+    y0 = _conv_mlp3_plain(x, *ps)
+    ref = (y0, *torch.autograd.grad(y0, [x, *ps], g))
+    for a, r in zip(got, ref):
+        torch.testing.assert_close(a, r, rtol=1e-11, atol=1e-11)
+
+
+def test_conv_mlp3_double_backward():
+    from fastflow.ops.conv import conv_mlp3
+
+    ps = _mlp3_params(2, 3, 2, torch.float64, seed=1)
+    x = torch.randn(1, 2, 3, 3, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradgradcheck(lambda x, *p: conv_mlp3(x, *p), (x, *ps))
+
+
+def test_conv_mlp3_bad_arguments_name_them():
+    from fastflow.ops.conv import conv_mlp3
+
+    ps = _mlp3_params(2, 3, 2, torch.float32)
+    x = torch.randn(1, 2, 3, 3)
+    with pytest.raises(ValueError, match="w2 must be"):
+        conv_mlp3(x, ps[0], ps[1], ps[2][:, :2], *ps[3:])
+    with pytest.raises(ValueError, match="b3 must be"):
+        conv_mlp3(x, *ps[:5], ps[5].double())
+    with pytest.raises(ValueError, match="x must be"):
+        conv_mlp3(x[0], *ps)
+
+
+def test_small_glow_conditioner_runs_as_one_node(monkeypatch):
+    """A small fp32 input (Glow's 1x8x8 levels) takes conv_mlp3, with the plain Sequential's
+    values and gradients; hooks, autocast and the reference backend keep the layer calls."""
+    calls = []
+    real = coupling_mod.conv_mlp3
+    monkeypatch.setattr(coupling_mod, "conv_mlp3", lambda *a: (calls.append(1), real(*a))[1])
+    net, plain = _conditioner_pair(hidden=16)
+    x = torch.randn(8, 2, 4, 4, requires_grad=True)
+    g = torch.randn(8, 4, 4, 4)
+    y1 = net.net(x)
+    g1 = torch.autograd.grad(y1, [x, *net.parameters()], g)
+    assert calls == [1] and y1.is_contiguous()
+    y0 = plain(x)
+    g0 = torch.autograd.grad(y0, [x, *plain.parameters()], g)
+    torch.testing.assert_close(y1, y0, rtol=1e-5, atol=1e-5)
+    for a, r in zip(g1, g0):
+        torch.testing.assert_close(a, r, rtol=1e-4, atol=1e-5)
+    calls.clear()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        net.net(x)
+    fastflow.set_backend("reference")
+    try:
+        net.net(x)
+    finally:
+        fastflow.set_backend("auto")
+    handle = net.net[2].register_forward_hook(lambda *a: None)
+    net.net(x)
+    handle.remove()
+    assert calls == []
+    net.net(torch.randn(64, 2, 16, 16))  # 16384 pixels: above CONV_MLP_MAX_MACS
+    assert calls == []

@@ -22,8 +22,17 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
+from fastflow import _backend as B
 from fastflow.nn.base import Transform
-from fastflow.ops.conv import TAP_SPLIT_MAX_OUT, TAP_SPLIT_MIN_PIXELS, conv3x3
+from fastflow.ops.conv import (
+    CONV_MLP_MAX_CHANNELS,
+    CONV_MLP_MAX_MACS,
+    TAP_SPLIT_MAX_OUT,
+    TAP_SPLIT_MIN_PIXELS,
+    conv3x3,
+    conv_mlp3,
+    conv_mlp3_macs,
+)
 from fastflow.ops.coupling import (
     SCALE_FNS,
     additive_coupling,
@@ -97,6 +106,11 @@ class ChannelsLastSequential(nn.Sequential):
         x = x.contiguous(memory_format=torch.channels_last)
         if torch.compiler.is_compiling() or x.dtype != torch.float32:
             return super().forward(x).contiguous()
+        params = _small_conv_mlp3(self, x)
+        if params is not None:
+            # Glow's whole 3-1-3 conditioner on a small input: one node of matrix products
+            # (fastflow.ops.conv.conv_mlp3), not five oneDNN calls with their fixed cost.
+            return conv_mlp3(x, *params).contiguous()
         for layer in self:
             # A plain 3x3 "same" convolution with few input or output channels runs as
             # fastflow.ops.conv.conv3x3 (the same parameters; faster on oneDNN, see there).
@@ -104,26 +118,73 @@ class ChannelsLastSequential(nn.Sequential):
         return x.contiguous()
 
 
-def _narrow_same3x3(layer: nn.Module, x: Tensor) -> bool:
-    """An ``nn.Conv2d`` (exactly: a subclass may override ``forward``) with a 3x3 kernel, stride
-    1, padding 1, no dilation or groups, zero padding, at most ``TAP_SPLIT_MAX_OUT`` input or
-    output channels, no hooks (conv3x3 bypasses the module call), float32 weights, applied to
-    at least ``TAP_SPLIT_MIN_PIXELS`` pixels (below, conv3x3 would run the plain convolution
-    anyway, through an extra Python autograd node)."""
+def _plain_conv(layer: nn.Module, k: int) -> bool:
+    """Exactly an ``nn.Conv2d`` (a subclass may override ``forward``) with a k x k kernel,
+    stride 1, "same" zero padding, no dilation or groups, fp32 weights and no module hooks
+    (the fast paths bypass the module call)."""
     return (
         type(layer) is nn.Conv2d
-        and x.shape[0] * x.shape[2] * x.shape[3] >= TAP_SPLIT_MIN_PIXELS
-        and layer.kernel_size == (3, 3)
+        and layer.kernel_size == (k, k)
         and layer.stride == (1, 1)
-        and layer.padding == (1, 1)
+        and layer.padding == (k // 2, k // 2)
         and layer.dilation == (1, 1)
         and layer.groups == 1
         and layer.padding_mode == "zeros"
-        and min(layer.in_channels, layer.out_channels) <= TAP_SPLIT_MAX_OUT
         and layer.weight.dtype == torch.float32
-        and not (layer._forward_hooks or layer._forward_pre_hooks or layer._backward_hooks)
-        and not (layer._backward_pre_hooks or _global_module_hooks())
+        and not _hooked(layer)
     )
+
+
+def _hooked(layer: nn.Module) -> bool:
+    return bool(
+        layer._forward_hooks
+        or layer._forward_pre_hooks
+        or layer._backward_hooks
+        or layer._backward_pre_hooks
+        or _global_module_hooks()
+    )
+
+
+def _narrow_same3x3(layer: nn.Module, x: Tensor) -> bool:
+    """A plain 3x3 convolution (:func:`_plain_conv`) with at most ``TAP_SPLIT_MAX_OUT`` input or
+    output channels applied to at least ``TAP_SPLIT_MIN_PIXELS`` pixels (below, conv3x3 would
+    run the plain convolution anyway, through an extra Python autograd node)."""
+    return (
+        x.shape[0] * x.shape[2] * x.shape[3] >= TAP_SPLIT_MIN_PIXELS
+        and _plain_conv(layer, 3)
+        and min(layer.in_channels, layer.out_channels) <= TAP_SPLIT_MAX_OUT
+    )
+
+
+def _small_conv_mlp3(seq: nn.Sequential, x: Tensor) -> tuple[Tensor, ...] | None:
+    """The six parameters of ``seq`` when it is exactly Glow's conditioner (plain 3x3 conv,
+    ReLU, plain 1x1 conv, ReLU, plain 3x3 conv, all with biases) with few input and output
+    channels on an input small enough for :func:`~fastflow.ops.conv.conv_mlp3` to win
+    (``CONV_MLP_MAX_MACS``, measured); else None."""
+    if (
+        len(seq) != 5
+        or x.shape[1] > CONV_MLP_MAX_CHANNELS
+        or torch.is_autocast_enabled("cpu")  # the products would run in bf16
+        or not B.use_native(x)
+    ):
+        return None
+    c1, r1, c2, r2, c3 = seq
+    if not (
+        type(r1) is nn.ReLU
+        and type(r2) is nn.ReLU
+        and not (_hooked(r1) or _hooked(r2))
+        and _plain_conv(c1, 3)
+        and _plain_conv(c2, 1)
+        and _plain_conv(c3, 3)
+        and all(c.bias is not None for c in (c1, c2, c3))
+        and c3.out_channels <= CONV_MLP_MAX_CHANNELS
+    ):
+        return None
+    n, _, h, w = x.shape
+    macs = conv_mlp3_macs(n, h, w, c1.in_channels, c1.out_channels, c3.out_channels)
+    if macs > CONV_MLP_MAX_MACS or c2.in_channels != c1.out_channels:
+        return None
+    return (c1.weight, c1.bias, c2.weight, c2.bias, c3.weight, c3.bias)
 
 
 def _global_module_hooks() -> bool:
