@@ -97,9 +97,9 @@ def _conditioner_pair(hidden=64):
 
 
 def test_channels_last_sequential_routes_narrow_convs_fp32(monkeypatch):
-    """GlowConditioner (fp32, CPU, >= 4096 pixels, above conv_mlp3's size) sends its narrow 3x3
-    convolutions (2 -> 64 input gradient, 64 -> 4 forward) through conv3x3, with the plain
-    Sequential's values and gradients up to fp32 rounding."""
+    """A Sequential that is not Glow's whole conditioner (fp32, CPU, >= 4096 pixels) sends its
+    narrow 3x3 convolutions (2 -> 64, 64 -> 4) through conv3x3, with the plain Sequential's
+    values and gradients up to fp32 rounding."""
     calls = []
     real = coupling_mod.conv3x3
 
@@ -108,12 +108,54 @@ def test_channels_last_sequential_routes_narrow_convs_fp32(monkeypatch):
         return real(x, w, b)
 
     monkeypatch.setattr(coupling_mod, "conv3x3", counting)
-    net, plain = _conditioner_pair()
+    torch.manual_seed(2)
+    layers = [nn.Conv2d(2, 64, 3, padding=1), nn.ReLU(), nn.Conv2d(64, 4, 3, padding=1)]
+    net, plain = ChannelsLastSequential(*layers), nn.Sequential(*layers)
     x = torch.randn(16, 2, 16, 16, requires_grad=True)
+    g = torch.randn(16, 4, 16, 16)
+    y1 = net(x)
+    g1 = torch.autograd.grad(y1, [x, *net.parameters()], g)
+    assert calls == [(64, 2, 3, 3), (4, 64, 3, 3)]
+    y0 = plain(x)
+    g0 = torch.autograd.grad(y0, [x, *plain.parameters()], g)
+    torch.testing.assert_close(y1, y0, rtol=1e-5, atol=1e-5)
+    for a, r in zip(g1, g0):
+        torch.testing.assert_close(a, r, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("n", [1, 9])
+def test_conv_net3_matches_the_convolutions_fp64(monkeypatch, n):
+    """conv_net3's values and gradients equal autograd through the five plain layers (fp64),
+    with the tap forms forced (n=9: 9 x 16 x 16 pixels above a lowered threshold) or not."""
+    from fastflow.ops.conv import _conv_mlp3_plain, conv_net3
+
+    if n == 9:
+        monkeypatch.setattr(conv_mod, "TAP_SPLIT_MIN_PIXELS", 2048)
+    ps = _mlp3_params(3, 10, 4, torch.float64, seed=4)
+    x = torch.randn(n, 3, 16, 16, dtype=torch.float64)
+    x = x.contiguous(memory_format=torch.channels_last).requires_grad_()
+    g = torch.randn(n, 4, 16, 16, dtype=torch.float64)
+    y = conv_net3(x, *ps)
+    got = (y, *torch.autograd.grad(y, [x, *ps], g))
+    y0 = _conv_mlp3_plain(x, *ps)
+    ref = (y0, *torch.autograd.grad(y0, [x, *ps], g))
+    for a, r in zip(got, ref):
+        torch.testing.assert_close(a, r, rtol=1e-11, atol=1e-11)
+    ps2 = _mlp3_params(2, 3, 2, torch.float64, seed=5)
+    x2 = torch.randn(1, 2, 3, 3, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradgradcheck(lambda x, *p: conv_net3(x, *p), (x2, *ps2))
+
+
+def test_glow_conditioner_above_the_small_size_runs_as_one_oneDNN_node(monkeypatch):
+    calls = []
+    real = coupling_mod.conv_net3
+    monkeypatch.setattr(coupling_mod, "conv_net3", lambda *a: (calls.append(1), real(*a))[1])
+    net, plain = _conditioner_pair(hidden=64)
+    x = torch.randn(16, 2, 16, 16, requires_grad=True)  # 31M MACs: above CONV_MLP_MAX_MACS
     g = torch.randn(16, 4, 16, 16)
     y1 = net.net(x)
     g1 = torch.autograd.grad(y1, [x, *net.parameters()], g)
-    assert calls == [(64, 2, 3, 3), (4, 64, 3, 3)]
+    assert calls == [1] and y1.is_contiguous()
     y0 = plain(x)
     g0 = torch.autograd.grad(y0, [x, *plain.parameters()], g)
     torch.testing.assert_close(y1, y0, rtol=1e-5, atol=1e-5)

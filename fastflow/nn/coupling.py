@@ -32,6 +32,7 @@ from fastflow.ops.conv import (
     conv3x3,
     conv_mlp3,
     conv_mlp3_macs,
+    conv_net3,
 )
 from fastflow.ops.coupling import (
     SCALE_FNS,
@@ -106,11 +107,13 @@ class ChannelsLastSequential(nn.Sequential):
         x = x.contiguous(memory_format=torch.channels_last)
         if torch.compiler.is_compiling() or x.dtype != torch.float32:
             return super().forward(x).contiguous()
-        params = _small_conv_mlp3(self, x)
-        if params is not None:
-            # Glow's whole 3-1-3 conditioner on a small input: one node of matrix products
-            # (fastflow.ops.conv.conv_mlp3), not five oneDNN calls with their fixed cost.
-            return conv_mlp3(x, *params).contiguous()
+        found = _conditioner_params(self, x)
+        if found is not None:
+            # Glow's whole 3-1-3 conditioner in one autograd node: on a small input as matrix
+            # products (conv_mlp3: five oneDNN calls' fixed cost is most of the time there),
+            # else on oneDNN with in-place ReLUs both ways (conv_net3); fastflow.ops.conv.
+            path, params = found
+            return (conv_mlp3 if path == "mlp3" else conv_net3)(x, *params).contiguous()
         for layer in self:
             # A plain 3x3 "same" convolution with few input or output channels runs as
             # fastflow.ops.conv.conv3x3 (the same parameters; faster on oneDNN, see there).
@@ -156,17 +159,14 @@ def _narrow_same3x3(layer: nn.Module, x: Tensor) -> bool:
     )
 
 
-def _small_conv_mlp3(seq: nn.Sequential, x: Tensor) -> tuple[Tensor, ...] | None:
-    """The six parameters of ``seq`` when it is exactly Glow's conditioner (plain 3x3 conv,
-    ReLU, plain 1x1 conv, ReLU, plain 3x3 conv, all with biases) with few input and output
-    channels on an input small enough for :func:`~fastflow.ops.conv.conv_mlp3` to win
-    (``CONV_MLP_MAX_MACS``, measured); else None."""
-    if (
-        len(seq) != 5
-        or x.shape[1] > CONV_MLP_MAX_CHANNELS
-        or torch.is_autocast_enabled("cpu")  # the products would run in bf16
-        or not B.use_native(x)
-    ):
+def _conditioner_params(seq: nn.Sequential, x: Tensor) -> tuple[str, tuple[Tensor, ...]] | None:
+    """``(path, params)`` when ``seq`` is exactly Glow's conditioner (plain 3x3 conv, ReLU, plain
+    1x1 conv, ReLU, plain 3x3 conv, all with biases; :func:`_plain_conv`): ``"mlp3"``
+    (:func:`~fastflow.ops.conv.conv_mlp3`) for few input and output channels on an input small
+    enough for it to win (``CONV_MLP_MAX_MACS``, measured), else ``"net3"``
+    (:func:`~fastflow.ops.conv.conv_net3`); None for anything else, under autocast (the products
+    would run in bf16) or without the native kernels."""
+    if len(seq) != 5 or torch.is_autocast_enabled("cpu") or not B.use_native(x):
         return None
     c1, r1, c2, r2, c3 = seq
     if not (
@@ -177,14 +177,14 @@ def _small_conv_mlp3(seq: nn.Sequential, x: Tensor) -> tuple[Tensor, ...] | None
         and _plain_conv(c2, 1)
         and _plain_conv(c3, 3)
         and all(c.bias is not None for c in (c1, c2, c3))
-        and c3.out_channels <= CONV_MLP_MAX_CHANNELS
+        and c2.in_channels == c1.out_channels == c2.out_channels == c3.in_channels
     ):
         return None
-    n, _, h, w = x.shape
-    macs = conv_mlp3_macs(n, h, w, c1.in_channels, c1.out_channels, c3.out_channels)
-    if macs > CONV_MLP_MAX_MACS or c2.in_channels != c1.out_channels:
-        return None
-    return (c1.weight, c1.bias, c2.weight, c2.bias, c3.weight, c3.bias)
+    params = (c1.weight, c1.bias, c2.weight, c2.bias, c3.weight, c3.bias)
+    n, ci, h, w = x.shape
+    macs = conv_mlp3_macs(n, h, w, ci, c1.out_channels, c3.out_channels)
+    small = max(ci, c3.out_channels) <= CONV_MLP_MAX_CHANNELS and macs <= CONV_MLP_MAX_MACS
+    return ("mlp3" if small else "net3"), params
 
 
 def _global_module_hooks() -> bool:

@@ -21,7 +21,14 @@ from torch import Tensor
 
 from fastflow import _backend as B
 
-__all__ = ["conv3x3", "conv_mlp3", "TAP_SPLIT_MAX_OUT", "TAP_SPLIT_MAX_WGRAD", "CONV_MLP_MAX_MACS"]
+__all__ = [
+    "conv3x3",
+    "conv_mlp3",
+    "conv_net3",
+    "TAP_SPLIT_MAX_OUT",
+    "TAP_SPLIT_MAX_WGRAD",
+    "CONV_MLP_MAX_MACS",
+]
 
 # A 3x3 convolution (or the input gradient, which is a convolution to C_in channels) to at most
 # this many channels runs as one 1x1 convolution to 9x the channels + a tap sum. Measured on
@@ -304,6 +311,21 @@ class _ConvMLP3(torch.autograd.Function):
         return gx, gw1, gh1.sum(0), gw2, gh2.sum(0), gw3, g.sum(0)
 
 
+def _check_net3(x, w1, b1, w2, b2, w3, b3, fn: str) -> None:
+    if x.dim() != 4 or x.device.type != "cpu" or x.dtype not in (torch.float32, torch.float64):
+        raise ValueError(f"{fn}: x must be a [N, C, H, W] fp32/fp64 CPU tensor")
+    ci, hid, co = x.shape[1], w1.shape[0], w3.shape[0]
+    for name, t, shape in (
+        ("w1", w1, (hid, ci, 3, 3)), ("b1", b1, (hid,)), ("w2", w2, (hid, hid, 1, 1)),
+        ("b2", b2, (hid,)), ("w3", w3, (co, hid, 3, 3)), ("b3", b3, (co,)),
+    ):  # fmt: skip
+        if tuple(t.shape) != shape or t.dtype != x.dtype or t.device != x.device:
+            raise ValueError(
+                f"{fn}: {name} must be {shape} {x.dtype} on {x.device}, got "
+                f"{tuple(t.shape)} {t.dtype} on {t.device}"
+            )
+
+
 def conv_mlp3(x, w1, b1, w2, b2, w3, b3) -> Tensor:
     """Glow's conditioner ``conv3x3 -> ReLU -> conv1x1 -> ReLU -> conv3x3`` ("same" padding,
     stride 1, biases) as matrix products in one autograd node: the image's pixels as rows, the
@@ -323,18 +345,62 @@ def conv_mlp3(x, w1, b1, w2, b2, w3, b3) -> Tensor:
         >>> bool(torch.allclose(y, ref, atol=1e-4))
         True
     """
-    if x.dim() != 4 or x.device.type != "cpu" or x.dtype not in (torch.float32, torch.float64):
-        raise ValueError("conv_mlp3: x must be a [N, C, H, W] fp32/fp64 CPU tensor")
-    ci, hid, co = x.shape[1], w1.shape[0], w3.shape[0]
-    for name, t, shape in (
-        ("w1", w1, (hid, ci, 3, 3)), ("b1", b1, (hid,)), ("w2", w2, (hid, hid, 1, 1)),
-        ("b2", b2, (hid,)), ("w3", w3, (co, hid, 3, 3)), ("b3", b3, (co,)),
-    ):  # fmt: skip
-        if tuple(t.shape) != shape or t.dtype != x.dtype or t.device != x.device:
-            raise ValueError(
-                f"conv_mlp3: {name} must be {shape} {x.dtype} on {x.device}, got "
-                f"{tuple(t.shape)} {t.dtype} on {t.device}"
-            )
+    _check_net3(x, w1, b1, w2, b2, w3, b3, "conv_mlp3")
     if not B.use_native(x) or not hasattr(B._C, "conv_tap_sum_cpu"):
         return _conv_mlp3_plain(x, w1, b1, w2, b2, w3, b3)
     return _ConvMLP3.apply(x, w1, b1, w2, b2, w3, b3)
+
+
+class _ConvNet3(torch.autograd.Function):
+    """The 3-1-3 conditioner on oneDNN convolutions in one autograd node: the ReLUs run in place
+    forward and backward (the backward owns every gradient buffer it masks), the narrow 3x3
+    directions take the tap form (as :func:`conv3x3`), bias gradients are sums."""
+
+    @staticmethod
+    def forward(ctx, x, w1, b1, w2, b2, w3, b3):
+        h1 = _conv_forward(x, w1, b1).relu_()
+        h2 = F.conv2d(h1, w2, b2).relu_()
+        out = _conv_forward(h2, w3, b3)
+        ctx.save_for_backward(x, w1, b1, w2, b2, w3, b3, h1, h2)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, w1, b1, w2, b2, w3, b3, h1, h2 = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph: a differentiable gradient (see _ConvMLP3)
+            ins = (x, w1, b1, w2, b2, w3, b3)
+            need = [t for t, r in zip(ins, ctx.needs_input_grad) if r]
+            got = iter(torch.autograd.grad(_conv_mlp3_plain(*ins), need, grad, create_graph=True))
+            return tuple(next(got) if r else None for r in ctx.needs_input_grad)
+        grad = grad.contiguous(memory_format=_format_of(h2))
+        gw3 = _conv_weight_grad(grad, h2, w3)
+        gh2 = _conv_forward(grad, w3.flip(2, 3).transpose(0, 1), None)
+        torch.ops.aten.threshold_backward.grad_input(gh2, h2, 0, grad_input=gh2)
+        gh1, gw2, _ = torch.ops.aten.convolution_backward(
+            gh2, h1, w2, None, [1, 1], [0, 0], [1, 1], False, [0, 0], 1, [True, True, False]
+        )
+        torch.ops.aten.threshold_backward.grad_input(gh1, h1, 0, grad_input=gh1)
+        gx = None
+        if ctx.needs_input_grad[0]:
+            gx = _conv_forward(gh1, w1.flip(2, 3).transpose(0, 1), None)
+        gw1 = _conv_weight_grad(gh1, x, w1)
+        return gx, gw1, gh1.sum((0, 2, 3)), gw2, gh2.sum((0, 2, 3)), gw3, grad.sum((0, 2, 3))
+
+
+def conv_net3(x, w1, b1, w2, b2, w3, b3) -> Tensor:
+    """Glow's conditioner ``conv3x3 -> ReLU -> conv1x1 -> ReLU -> conv3x3`` on the convolution
+    primitives in one autograd node (in-place ReLUs forward and backward, the tap form for narrow
+    3x3 directions); for inputs above :func:`conv_mlp3`'s size. Same arguments and result as
+    :func:`conv_mlp3` (up to rounding); double backward works.
+
+    Example:
+        >>> x = torch.randn(4, 2, 4, 4)
+        >>> w1, b1 = torch.randn(8, 2, 3, 3), torch.randn(8)
+        >>> w2, b2 = torch.randn(8, 8, 1, 1), torch.randn(8)
+        >>> w3, b3 = torch.randn(4, 8, 3, 3), torch.randn(4)
+        >>> y = conv_net3(x, w1, b1, w2, b2, w3, b3)
+        >>> bool(torch.allclose(y, _conv_mlp3_plain(x, w1, b1, w2, b2, w3, b3), atol=1e-4))
+        True
+    """
+    _check_net3(x, w1, b1, w2, b2, w3, b3, "conv_net3")
+    return _ConvNet3.apply(x, w1, b1, w2, b2, w3, b3)
