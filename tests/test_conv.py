@@ -146,13 +146,15 @@ def test_conv_net3_matches_the_convolutions_fp64(monkeypatch, n):
     assert torch.autograd.gradgradcheck(lambda x, *p: conv_net3(x, *p), (x2, *ps2))
 
 
-def test_glow_conditioner_above_the_small_size_runs_as_one_oneDNN_node(monkeypatch):
+def _routed_like_plain(monkeypatch, fn: str, hidden: int, shape: tuple[int, ...]):
+    """A GlowConditioner's net on an input of ``shape`` calls ``fn`` once (counted through the
+    name fastflow.nn.coupling uses) and matches the plain Sequential's values and gradients."""
     calls = []
-    real = coupling_mod.conv_net3
-    monkeypatch.setattr(coupling_mod, "conv_net3", lambda *a: (calls.append(1), real(*a))[1])
-    net, plain = _conditioner_pair(hidden=64)
-    x = torch.randn(16, 2, 16, 16, requires_grad=True)  # 31M MACs: above CONV_MLP_MAX_MACS
-    g = torch.randn(16, 4, 16, 16)
+    real = getattr(coupling_mod, fn)
+    monkeypatch.setattr(coupling_mod, fn, lambda *a: (calls.append(1), real(*a))[1])
+    net, plain = _conditioner_pair(hidden=hidden)
+    x = torch.randn(*shape, requires_grad=True)
+    g = torch.randn(shape[0], 4, *shape[2:])
     y1 = net.net(x)
     g1 = torch.autograd.grad(y1, [x, *net.parameters()], g)
     assert calls == [1] and y1.is_contiguous()
@@ -161,6 +163,11 @@ def test_glow_conditioner_above_the_small_size_runs_as_one_oneDNN_node(monkeypat
     torch.testing.assert_close(y1, y0, rtol=1e-5, atol=1e-5)
     for a, r in zip(g1, g0):
         torch.testing.assert_close(a, r, rtol=1e-4, atol=1e-4)
+    return net, calls, x
+
+
+def test_glow_conditioner_above_the_small_size_runs_as_one_oneDNN_node(monkeypatch):
+    _routed_like_plain(monkeypatch, "conv_net3", 64, (16, 2, 16, 16))  # 31M MACs: above mlp3's
 
 
 def test_channels_last_sequential_keeps_module_calls_where_observed(monkeypatch):
@@ -282,20 +289,7 @@ def test_conv_mlp3_bad_arguments_name_them():
 def test_small_glow_conditioner_runs_as_one_node(monkeypatch):
     """A small fp32 input (Glow's 1x8x8 levels) takes conv_mlp3, with the plain Sequential's
     values and gradients; hooks, autocast and the reference backend keep the layer calls."""
-    calls = []
-    real = coupling_mod.conv_mlp3
-    monkeypatch.setattr(coupling_mod, "conv_mlp3", lambda *a: (calls.append(1), real(*a))[1])
-    net, plain = _conditioner_pair(hidden=16)
-    x = torch.randn(8, 2, 4, 4, requires_grad=True)
-    g = torch.randn(8, 4, 4, 4)
-    y1 = net.net(x)
-    g1 = torch.autograd.grad(y1, [x, *net.parameters()], g)
-    assert calls == [1] and y1.is_contiguous()
-    y0 = plain(x)
-    g0 = torch.autograd.grad(y0, [x, *plain.parameters()], g)
-    torch.testing.assert_close(y1, y0, rtol=1e-5, atol=1e-5)
-    for a, r in zip(g1, g0):
-        torch.testing.assert_close(a, r, rtol=1e-4, atol=1e-5)
+    net, calls, x = _routed_like_plain(monkeypatch, "conv_mlp3", 16, (8, 2, 4, 4))
     calls.clear()
     with torch.autocast("cpu", dtype=torch.bfloat16):
         net.net(x)

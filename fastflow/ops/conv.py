@@ -56,6 +56,31 @@ def _use_taps(pixels: int, channels: int, limit: int) -> bool:
     return channels <= limit and pixels >= TAP_SPLIT_MIN_PIXELS
 
 
+def _tap_shift(g: Tensor, n: int, h: int, w: int, c: int) -> Tensor:
+    """[P, c] (pixels of channels-last images) -> [P, 9c]: out[p, t c + o] = g[p - d_t, o]."""
+    out = torch.empty((n * h * w, 9 * c), dtype=g.dtype)
+    B._C.conv_tap_shift_cpu(
+        dtype=B.DTYPE_CODES[g.dtype], n=n, h=h, w=w, c=c,
+        grad_ptr=B.ptr(g, g.dtype, n * h * w * c, _CPU, "grad"),
+        shifted_ptr=B.ptr(out, g.dtype, n * h * w * 9 * c, _CPU, "shifted"),
+        nthreads=B.num_threads(),
+    )  # fmt: skip
+    return out
+
+
+def _tap_sum(y: Tensor, n: int, h: int, w: int, c: int, bias: Tensor | None = None) -> Tensor:
+    """[P, 9c] -> [P, c]: out[p, o] = bias[o] + sum_t y[p + d_t, t c + o]."""
+    out = torch.empty((n * h * w, c), dtype=y.dtype)
+    B._C.conv_tap_sum_cpu(
+        dtype=B.DTYPE_CODES[y.dtype], n=n, h=h, w=w, c=c,
+        taps_ptr=B.ptr(y, y.dtype, n * h * w * 9 * c, _CPU, "taps"),
+        bias_ptr=B.ptr(bias, y.dtype, c, _CPU, "bias"),
+        out_ptr=B.ptr(out, y.dtype, n * h * w * c, _CPU, "out"),
+        nthreads=B.num_threads(),
+    )  # fmt: skip
+    return out
+
+
 def _conv_forward(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
     """conv2d(x, weight, bias, padding=1), in the tap form where the output is narrow."""
     n, _, h, w = x.shape
@@ -66,19 +91,9 @@ def _conv_forward(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
     wall = weight.permute(2, 3, 0, 1).reshape(9 * co, weight.shape[1], 1, 1)
     taps = F.conv2d(x, wall)
     if _native(taps):
-        out = torch.empty((n, co, h, w), dtype=x.dtype).contiguous(
-            memory_format=torch.channels_last
-        )
         b = None if bias is None else bias.detach().contiguous()
-        taps_v, out_v = _nhwc(taps), _nhwc(out)  # named: B.ptr must see live tensors
-        B._C.conv_tap_sum_cpu(
-            dtype=B.DTYPE_CODES[x.dtype], n=n, h=h, w=w, c=co,
-            taps_ptr=B.ptr(taps_v, x.dtype, n * h * w * 9 * co, _CPU, "taps"),
-            bias_ptr=B.ptr(b, x.dtype, co, _CPU, "bias"),
-            out_ptr=B.ptr(out_v, x.dtype, n * h * w * co, _CPU, "out"),
-            nthreads=B.num_threads(),
-        )  # fmt: skip
-        return out
+        out = _tap_sum(_nhwc(taps).reshape(-1, 9 * co), n, h, w, co, b)
+        return out.view(n, h, w, co).permute(0, 3, 1, 2)  # channels-last [N, co, H, W]
     centre = taps[:, 4 * co : 5 * co]
     out = centre.clone() if bias is None else centre + bias.view(1, -1, 1, 1)
     for t, (dy, dx) in enumerate(_TAPS):
@@ -101,15 +116,8 @@ def _conv_weight_grad(grad: Tensor, x: Tensor, weight: Tensor) -> Tensor:
     #             = sum_{y',x'} shifted_t(grad)[o, y', x'] * x[i, y', x'],
     # with shifted_t(grad)[y + dy, x + dx] = grad[y, x]: one 1x1 weight gradient over 9*co.
     if _native(grad):
-        shifted = torch.empty((n, 9 * co, h, w), dtype=grad.dtype)
-        shifted = shifted.contiguous(memory_format=torch.channels_last)
-        grad_v, shifted_v = _nhwc(grad), _nhwc(shifted)
-        B._C.conv_tap_shift_cpu(
-            dtype=B.DTYPE_CODES[grad.dtype], n=n, h=h, w=w, c=co,
-            grad_ptr=B.ptr(grad_v, grad.dtype, n * h * w * co, _CPU, "grad"),
-            shifted_ptr=B.ptr(shifted_v, grad.dtype, n * h * w * 9 * co, _CPU, "shifted"),
-            nthreads=B.num_threads(),
-        )  # fmt: skip
+        shifted = _tap_shift(_nhwc(grad).reshape(-1, co), n, h, w, co)
+        shifted = shifted.view(n, h, w, 9 * co).permute(0, 3, 1, 2)
     else:
         shifted = grad.new_zeros((n, 9 * co, h, w)).contiguous(memory_format=_format_of(grad))
         for t, (dy, dx) in enumerate(_TAPS):
@@ -232,35 +240,18 @@ def conv_mlp3_macs(n: int, h: int, w: int, c_in: int, hidden: int, c_out: int) -
     return n * h * w * (9 * c_in * hidden + hidden * hidden + 9 * hidden * c_out)
 
 
-def _tap_shift(g: Tensor, n: int, h: int, w: int, c: int) -> Tensor:
-    """[P, c] (pixels of channels-last images) -> [P, 9c]: out[p, t c + o] = g[p - d_t, o]."""
-    out = torch.empty((n * h * w, 9 * c), dtype=g.dtype)
-    B._C.conv_tap_shift_cpu(
-        dtype=B.DTYPE_CODES[g.dtype], n=n, h=h, w=w, c=c,
-        grad_ptr=B.ptr(g, g.dtype, n * h * w * c, _CPU, "grad"),
-        shifted_ptr=B.ptr(out, g.dtype, n * h * w * 9 * c, _CPU, "shifted"),
-        nthreads=B.num_threads(),
-    )  # fmt: skip
-    return out
-
-
-def _tap_sum(y: Tensor, n: int, h: int, w: int, c: int, bias: Tensor | None = None) -> Tensor:
-    """[P, 9c] -> [P, c]: out[p, o] = bias[o] + sum_t y[p + d_t, t c + o]."""
-    out = torch.empty((n * h * w, c), dtype=y.dtype)
-    B._C.conv_tap_sum_cpu(
-        dtype=B.DTYPE_CODES[y.dtype], n=n, h=h, w=w, c=c,
-        taps_ptr=B.ptr(y, y.dtype, n * h * w * 9 * c, _CPU, "taps"),
-        bias_ptr=B.ptr(bias, y.dtype, c, _CPU, "bias"),
-        out_ptr=B.ptr(out, y.dtype, n * h * w * c, _CPU, "out"),
-        nthreads=B.num_threads(),
-    )  # fmt: skip
-    return out
-
-
 def _conv_mlp3_plain(x, w1, b1, w2, b2, w3, b3):
     h1 = torch.relu(F.conv2d(x, w1, b1, padding=1))
     h2 = torch.relu(F.conv2d(h1, w2, b2))
     return F.conv2d(h2, w3, b3, padding=1)
+
+
+def _differentiable_grads(ctx, ins: tuple[Tensor, ...], grad: Tensor) -> tuple:
+    """The 3-1-3 net's input gradients as a differentiable graph (for ``create_graph``): autograd
+    through the plain convolutions from the saved inputs, whose graphs reach the originals."""
+    need = [t for t, r in zip(ins, ctx.needs_input_grad) if r]
+    got = iter(torch.autograd.grad(_conv_mlp3_plain(*ins), need, grad, create_graph=True))
+    return tuple(next(got) if r else None for r in ctx.needs_input_grad)
 
 
 class _ConvMLP3(torch.autograd.Function):
@@ -287,10 +278,7 @@ class _ConvMLP3(torch.autograd.Function):
         if torch.is_grad_enabled():
             # create_graph: differentiate the plain convolutions instead (same function), so
             # that the gradient is itself differentiable.
-            ins = (x, w1, b1, w2, b2, w3, b3)  # the saved inputs: graphs reach the originals
-            need = [t for t, r in zip(ins, ctx.needs_input_grad) if r]
-            got = iter(torch.autograd.grad(_conv_mlp3_plain(*ins), need, grad, create_graph=True))
-            return tuple(next(got) if r else None for r in ctx.needs_input_grad)
+            return _differentiable_grads(ctx, (x, w1, b1, w2, b2, w3, b3), grad)
         n, ci, h, w = x.shape
         hid, co = w1.shape[0], w3.shape[0]
         g = grad.permute(0, 2, 3, 1).contiguous().view(-1, co)
@@ -368,10 +356,7 @@ class _ConvNet3(torch.autograd.Function):
     def backward(ctx, grad):
         x, w1, b1, w2, b2, w3, b3, h1, h2 = ctx.saved_tensors
         if torch.is_grad_enabled():  # create_graph: a differentiable gradient (see _ConvMLP3)
-            ins = (x, w1, b1, w2, b2, w3, b3)
-            need = [t for t, r in zip(ins, ctx.needs_input_grad) if r]
-            got = iter(torch.autograd.grad(_conv_mlp3_plain(*ins), need, grad, create_graph=True))
-            return tuple(next(got) if r else None for r in ctx.needs_input_grad)
+            return _differentiable_grads(ctx, (x, w1, b1, w2, b2, w3, b3), grad)
         grad = grad.contiguous(memory_format=_format_of(h2))
         gw3 = _conv_weight_grad(grad, h2, w3)
         gh2 = _conv_forward(grad, w3.flip(2, 3).transpose(0, 1), None)
