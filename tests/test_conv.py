@@ -42,7 +42,14 @@ def test_matches_conv2d_fp64(c_out, c_in, bias, channels_last):
         torch.testing.assert_close(a, r, rtol=1e-10, atol=1e-10)
 
 
-def test_tap_form_runs_for_narrow_layers(monkeypatch):
+@pytest.fixture
+def avx512_thresholds(monkeypatch):
+    """The AVX-512 thresholds whatever this CPU is (tests that count which form runs)."""
+    monkeypatch.setattr(conv_mod, "TAP_SPLIT_MAX_OUT", 8)
+    monkeypatch.setattr(conv_mod, "TAP_SPLIT_MAX_WGRAD", 6)
+
+
+def test_tap_form_runs_for_narrow_layers(monkeypatch, avx512_thresholds):
     """The narrow forward, input gradient and weight gradient take the tap form (one 1x1
     convolution to 9 * C channels), the wide ones the plain convolution."""
     seen = []
@@ -124,7 +131,7 @@ def test_channels_last_sequential_routes_narrow_convs_fp32(monkeypatch):
 
 
 @pytest.mark.parametrize("n", [1, 9])
-def test_conv_net3_matches_the_convolutions_fp64(monkeypatch, n):
+def test_conv_net3_matches_the_convolutions_fp64(monkeypatch, n, avx512_thresholds):
     """conv_net3's values and gradients equal autograd through the five plain layers (fp64),
     with the tap forms forced (n=9: 9 x 16 x 16 pixels above a lowered threshold) or not."""
     from fastflow.ops.conv import _conv_mlp3_plain, conv_net3
@@ -188,7 +195,7 @@ def test_channels_last_sequential_keeps_module_calls_where_observed(monkeypatch)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_native_tap_kernels_match_the_slice_code(monkeypatch, dtype):
+def test_native_tap_kernels_match_the_slice_code(monkeypatch, dtype, avx512_thresholds):
     """Channels-last CPU tensors take the tap kernels (csrc/conv_taps_cpu.cpp) forward and
     backward; the reference backend runs the slice code: same values and gradients."""
     from fastflow import _backend as B

@@ -30,13 +30,18 @@ __all__ = [
     "CONV_MLP_MAX_MACS",
 ]
 
+# oneDNN's kernels differ by ISA: the thresholds below are per CPU capability (torch's view of
+# the CPU: "AVX512", "AVX2", ...).
+_AVX512 = torch.backends.cpu.get_cpu_capability().startswith("AVX512")
 # A 3x3 convolution (or the input gradient, which is a convolution to C_in channels) to at most
 # this many channels runs as one 1x1 convolution to 9x the channels + a tap sum. Measured on
-# oneDNN (fp32, 1 and 2 threads, 14x14 and 16x16 images, 128-256 hidden channels): 1.2-2.5x
-# faster for 1-8 output channels, equal at 12, slower above.
-TAP_SPLIT_MAX_OUT = 8
-# The weight gradient's tap form wins up to 6 output channels (equal at 8, slower at 12).
-TAP_SPLIT_MAX_WGRAD = 6
+# oneDNN (fp32, 1 and 2 threads, 14x14 and 16x16 images, 128-256 hidden channels): AVX-512
+# 1.2-2.5x faster for 1-8 output channels, equal at 12, slower above; with oneDNN capped at AVX2
+# (ONEDNN_MAX_CPU_ISA=AVX2, same CPU) 2.1x at 2 channels, 1.5x at 4, 1.0x at 8.
+TAP_SPLIT_MAX_OUT = 8 if _AVX512 else 4
+# The weight gradient's tap form: AVX-512 wins up to 6 output channels (equal at 8, slower at
+# 12); AVX2 1.26x at 2 channels, 0.82x at 4 (its 1x1 weight gradient is slow).
+TAP_SPLIT_MAX_WGRAD = 6 if _AVX512 else 2
 # Below this many output pixels (N * H * W) the nine slice operations of the tap form cost more
 # than the waste they save; the plain convolution runs.
 TAP_SPLIT_MIN_PIXELS = 4096
