@@ -31,6 +31,17 @@ FLOAT_DTYPES = tuple(DTYPE_CODES)
 #: SIMD variants of the CPU kernels, narrowest first, as FASTFLOW_CPU_ISA and _C.cpu_isa() name
 #: them (csrc/cpu_isa.h; _C.CPU_ISA_NAMES)
 CPU_ISA_NAMES = ("base", "avx2", "avx512")
+#: the kernels' variant when the module loaded (``_C.cpu_isa()``), as a plain value for code that
+#: torch.compile traces (a call into the pybind module there breaks the graph)
+CPU_ISA = _C.cpu_isa() if _C is not None else ""
+
+
+def cpu_isa() -> str:
+    """The CPU kernels' SIMD variant: ``_C.cpu_isa()`` (it follows ``FASTFLOW_CPU_ISA``), or its
+    value at load time while torch.compile traces."""
+    if _C is None:
+        return ""
+    return CPU_ISA if torch.compiler.is_compiling() else _C.cpu_isa()
 
 
 def _warn_missing_once() -> None:

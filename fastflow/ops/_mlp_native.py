@@ -64,6 +64,19 @@ def _acts_shape(code: int, n: int, sizes: tuple[int, ...]) -> tuple[int, int]:
     return int(rows), int(cols)
 
 
+def acts_shape_symbolic(dtype: torch.dtype, n, sizes: tuple[int, ...]) -> tuple:
+    """``acts``' shape for a batch ``n`` that may be a symbolic size (fake tensors under
+    torch.compile): the kernel rounds rows up to its row block, which is the row count for one
+    sample, and the columns do not depend on ``n``.
+
+    Example:
+        >>> acts_shape_symbolic(torch.float32, 5, (8, 20, 2)) == _acts_shape(0, 5, (8, 20, 2))
+        True
+    """
+    block, cols = _acts_shape(B.DTYPE_CODES[dtype], 1, tuple(sizes))
+    return ((n + block - 1) // block) * block, cols
+
+
 def acts_layout(
     dtype: torch.dtype, n: int, sizes: tuple[int, ...]
 ) -> tuple[tuple[int, int], list[tuple[int, int] | None]]:

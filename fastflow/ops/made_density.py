@@ -136,6 +136,66 @@ class _KernelMadeDensity(torch.autograd.Function):
         return gx, gp, None, None, None, None
 
 
+# The density kernel as torch.library ops for torch.compile (as fastflow::mlp_coupling_fwd in
+# mlp_coupling.py): the compiled graph masks the parameters itself and calls the kernel, one op
+# each way, instead of compiling the reference. Eager calls keep _KernelMadeDensity.
+@torch.library.custom_op("fastflow::made_density_fwd", mutates_args=())
+def _made_fwd_op(
+    x: Tensor, masked_params: Tensor, sizes: list[int], mode: int, clamp: float
+) -> tuple[Tensor, Tensor, Tensor]:
+    from fastflow.ops import _mlp_native as K
+
+    u, ld, acts = K.made_forward(x, masked_params, tuple(sizes), mode, clamp, True)
+    return u, ld, acts
+
+
+@_made_fwd_op.register_fake
+def _(x, masked_params, sizes, mode, clamp):
+    from fastflow.ops import _mlp_native as K
+
+    rows, cols = K.acts_shape_symbolic(x.dtype, x.shape[0], tuple(sizes))
+    return torch.empty_like(x), x.new_empty(x.shape[0]), x.new_empty(rows, cols)
+
+
+@torch.library.custom_op("fastflow::made_density_bwd", mutates_args=())
+def _made_bwd_op(
+    x: Tensor,
+    masked_params: Tensor,
+    acts: Tensor,
+    grad_u: Tensor,
+    grad_logdet: Tensor,
+    sizes: list[int],
+    mode: int,
+    clamp: float,
+) -> tuple[Tensor, Tensor]:
+    from fastflow.ops import _mlp_native as K
+
+    return K.made_backward(x, masked_params, tuple(sizes), mode, clamp, acts, grad_u, grad_logdet)
+
+
+@_made_bwd_op.register_fake
+def _(x, masked_params, acts, grad_u, grad_logdet, sizes, mode, clamp):
+    return torch.empty_like(x), torch.empty_like(masked_params)
+
+
+def _made_op_setup(ctx, inputs, output):
+    x, mp, sizes, mode, clamp = inputs
+    ctx.save_for_backward(x, mp, output[2])
+    ctx.args = (list(sizes), mode, clamp)
+    ctx.mark_non_differentiable(output[2])
+
+
+def _made_op_backward(ctx, grad_u, grad_logdet, _grad_acts):
+    x, mp, acts = ctx.saved_tensors
+    gx, gmp = _made_bwd_op(x, mp, acts, grad_u, grad_logdet, *ctx.args)
+    return gx, gmp, None, None, None
+
+
+torch.library.register_autograd(
+    "fastflow::made_density_fwd", _made_op_backward, setup_context=_made_op_setup
+)
+
+
 # Up to this many multiply-adds per call (batch x MLP weights) the whole-layer kernel runs, per CPU
 # variant of the kernels (fastflow._C.cpu_isa()); above it the one-node torch-matmul path
 # (_MadeDensity) is faster. Measured with bench/crossover.py (one MAF layer forward + backward,
@@ -164,7 +224,7 @@ def _use_kernel(x: Tensor, layout: MADELayout, activation: str, context) -> bool
         and x.device.type == "cpu"
         and hasattr(B._C, "made_density_forward_cpu")
         and x.shape[0] * sum(r * c for _, r, c in layout.weights)
-        <= KERNEL_MAX_MACS.get(B._C.cpu_isa(), 0)
+        <= KERNEL_MAX_MACS.get(B.cpu_isa(), 0)
     )
 
 
@@ -289,6 +349,20 @@ def density(x, params, layout, masks, activation, context, scale_fn, clamp, fmas
     per call, only what can change is looked at. ``fmask``: :func:`flat_mask` of ``masks`` in
     ``x``'s dtype if the caller keeps one (else it is built when needed)."""
     d = x.shape[1]
+    if (
+        torch.compiler.is_compiling()
+        and x.dtype in (torch.float32, torch.float64)
+        and params.dtype == x.dtype
+        and not torch.is_autocast_enabled(x.device.type)
+        and B.use_native(x)
+        and kernel_layout(layout, d)
+        and _use_kernel(x, layout, activation, context)
+    ):
+        fm = flat_mask(masks, layout, x.dtype) if fmask is None or fmask.dtype != x.dtype else fmask
+        u, logdet, _ = _made_fwd_op(
+            x, params * fm, list(_sizes(layout)), SCALE_FNS[scale_fn], float(clamp)
+        )
+        return u, logdet
     fast = (
         x.dtype in (torch.float32, torch.float64)
         and params.dtype == x.dtype
