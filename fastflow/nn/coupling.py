@@ -94,6 +94,13 @@ class ChannelsLastSequential(nn.Sequential):
     faster channels-last (measured per level shape; docs/DESIGN-NOTES.md, "Glow's conditioner on
     channels-last activations"). Other devices and non-4-D inputs run unchanged.
 
+    On fp32 CPU inputs with the native kernels, exactly Glow's 3-1-3 conditioner (3x3 conv, ReLU,
+    1x1 conv, ReLU, 3x3 conv, plain ``nn.Conv2d``/``nn.ReLU`` without hooks) runs as one autograd
+    node (:func:`~fastflow.ops.conv.conv_mlp3` on small inputs, else
+    :func:`~fastflow.ops.conv.conv_net3`), and other plain 3x3 layers with at most 8 input or
+    output channels through :func:`~fastflow.ops.conv.conv3x3`: the same parameters and values up
+    to rounding (docs/DESIGN-NOTES.md, "Narrow 3x3 convolutions").
+
     Example:
         >>> net = ChannelsLastSequential(nn.Conv2d(2, 3, 3, padding=1), nn.ReLU())
         >>> y = net(torch.randn(1, 2, 4, 4))
