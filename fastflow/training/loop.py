@@ -215,6 +215,25 @@ def _start(cfg: TrainConfig) -> Run:
     return run
 
 
+def make_adam(model: torch.nn.Module, lr: float, weight_decay: float = 0.0) -> torch.optim.Adam:
+    """The trainer's Adam: ``fused=True`` (one kernel over all parameters per step) where every
+    parameter is a floating-point CPU or CUDA tensor, the default per-tensor loop otherwise. On
+    the CPU, for a Glow of ~180 small parameter tensors (bench/train_step.py's 1x8x8 model), the
+    training step went 22.3 -> 19.8 ms (interleaved A/B); `fastflow train` end to end moved
+    within its noise (~5%). Same algorithm, rounding aside.
+
+    Example:
+        >>> opt = make_adam(torch.nn.Linear(2, 2), lr=1e-3)
+        >>> opt.param_groups[0]["fused"]
+        True
+    """
+    params = list(model.parameters())
+    fused = bool(params) and all(
+        p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params
+    )
+    return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay, fused=fused or None)
+
+
 def _new_run(cfg: TrainConfig, out: str, device, splits: Splits, pre: Preprocess) -> Run:
     """A run at step 0: the flow (seeded), Adam, and this rank's shard of the training rows."""
     rank, world, _ = dist_info()
@@ -226,7 +245,7 @@ def _new_run(cfg: TrainConfig, out: str, device, splits: Splits, pre: Preprocess
             f"{cfg.model!r} has none (use --model cnf, or --objective mle)"
         )
     flow.to(device)
-    opt = torch.optim.Adam(flow.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    opt = make_adam(flow, cfg.lr, cfg.weight_decay)
     # DistributedSampler shards the data and gives every rank the same number of batches
     sampler = shard_sampler(splits.train.shape[0], cfg.seed)
     batches_per_epoch = math.ceil(len(sampler) / cfg.batch_size)
