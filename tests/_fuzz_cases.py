@@ -41,6 +41,7 @@ import numpy as np
 import torch
 
 import fastflow
+from fastflow.ops import conv as CV
 from fastflow.ops import coupling as C
 from fastflow.ops import invconv as I
 from fastflow.ops import made as M
@@ -48,7 +49,7 @@ from fastflow.ops import made_density as MD
 from fastflow.ops import mlp_coupling as MC
 
 SEED = 20250611
-FAMILIES = ("coupling", "invconv", "made_net", "made_inverse", "spline")
+FAMILIES = ("coupling", "invconv", "made_net", "made_inverse", "spline", "conv")
 
 F32, F64, BF16, F16 = torch.float32, torch.float64, torch.bfloat16, torch.float16
 FLOATS = (F32, F64, BF16, F16)
@@ -1754,12 +1755,93 @@ def _spline_walk_cases(rng) -> list[Case]:
     return cases
 
 
+# ---- conv: narrow 3x3 convolutions, the 3-1-3 conditioner nodes, their native tap kernels ------
+
+
+def _conv313_plain(x, w1, b1, w2, b2, w3, b3):
+    return CV._conv_mlp3_plain(x, w1, b1, w2, b2, w3, b3)
+
+
+def _conv_build(n, ci, h, w, hid, co, dtype, layout, vals, net):
+    """x and the 3-1-3 parameters (or a single 3x3 layer's weight and bias when not ``net``)."""
+
+    def build(g):
+        x = relayout(g, _values(g, (n, ci, h, w), dtype, vals, 1.0), layout)
+        if not net:
+            return [x, _values(g, (co, ci, 3, 3), dtype, "randn", 0.2),
+                    _values(g, (co,), dtype, "randn", 1.0)], {}  # fmt: skip
+        shapes = [(hid, ci, 3, 3), (hid,), (hid, hid, 1, 1), (hid,), (co, hid, 3, 3), (co,)]
+        return [x] + [_values(g, sh, dtype, "randn", 0.3) for sh in shapes], {}
+
+    return build
+
+
+def _conv_ref(args, kwargs):
+    x, *p = args
+    if len(p) == 2:
+        return torch.nn.functional.conv2d(x, p[0], p[1], padding=1)
+    return _conv313_plain(x, *p)
+
+
+def conv_cases() -> list[Case]:
+    """conv3x3 (tap form above 4096 pixels, native tap sum/shift), conv_mlp3 and conv_net3 on
+    random narrow shapes, layouts and values, against F.conv2d / the plain 3-1-3 layers (values
+    and gradients: the oracle is run with autograd by the harness's reference pass)."""
+    rng = random.Random(SEED ^ 0xC0)
+    name = _Namer("conv")
+    cases = []
+    ops = {"conv3x3": CV.conv3x3, "mlp3": CV.conv_mlp3, "net3": CV.conv_net3}
+    for _ in range(24):
+        op = rng.choice(list(ops))
+        n, h, w = rng.choice(
+            [(0, 4, 4), (1, 1, 1), (3, 2, 5), (2, 7, 3), (17, 16, 16), (5, 30, 31)]
+        )
+        ci, co, hid = rng.choice([1, 2, 3, 6]), rng.choice([1, 2, 4, 8, 12]), rng.choice([4, 9])
+        dtype = rng.choice([F32, F32, F64])
+        layout = rng.choice(["contig", "chlast", "strided", "offset"])
+        vals = rng.choices(["randn", "big", "zero", "nan", "inf"], [6, 1, 1, 1, 1])[0]
+        desc = f"{op}-{DNAME[dtype]}-{n}x{ci}x{h}x{w}-h{hid}-o{co}-{layout}-{vals}"
+        build = _conv_build(n, ci, h, w, hid, co, dtype, layout, vals, op != "conv3x3")
+        k = 3 if op == "conv3x3" else 7
+        cases.append(Case(name(desc), ops[op], build=build, grad=_grad_args(*range(k)), tol=5.0))
+    # the oracle itself on two cases (independent of the slice fallback the reference backend uses)
+    for op in ("conv3x3", "net3"):
+        build = _conv_build(17, 3, 16, 16, 9, 4, F64, "chlast", "randn", op != "conv3x3")
+        cases.append(Case(name(f"{op}-oracle"), ops[op], build=build, ref=_conv_ref))
+    bad = [
+        ("x-3d", CV.conv3x3, lambda g: ([torch.randn(2, 4, 4), torch.randn(2, 2, 3, 3)], {})),
+        ("w-5x5", CV.conv3x3, lambda g: ([torch.randn(1, 2, 4, 4), torch.randn(2, 2, 5, 5)], {})),
+        (
+            "bias",
+            CV.conv3x3,
+            lambda g: ([torch.randn(1, 2, 4, 4), torch.randn(3, 2, 3, 3), torch.randn(2)], {}),
+        ),  # fmt: skip
+        (
+            "mlp3-dtype",
+            CV.conv_mlp3,
+            _conv_build(2, 2, 4, 4, 4, 2, F32, "contig", "randn", True),
+        ),  # fmt: skip
+    ]
+    for desc, op, build in bad:
+        if desc == "mlp3-dtype":
+            inner = build
+
+            def build(g, inner=inner):  # w2 in fp64 against fp32 x
+                args, kw = inner(g)
+                args[3] = args[3].double()
+                return args, kw
+
+        cases.append(Case(name(f"bad-{desc}"), op, build=build, reject=True))
+    return cases
+
+
 _BUILDERS = {
     "coupling": coupling_cases,
     "invconv": invconv_cases,
     "made_net": made_net_cases,
     "made_inverse": made_inverse_cases,
     "spline": spline_cases,
+    "conv": conv_cases,
 }
 
 
