@@ -21,6 +21,7 @@ from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
+from torch.nn.modules import module as _nn_module
 
 from fastflow import _backend as B
 from fastflow.nn.base import Transform
@@ -195,13 +196,11 @@ def _conditioner_params(seq: nn.Sequential, x: Tensor) -> tuple[str, tuple[Tenso
 
 
 def _global_module_hooks() -> bool:
-    from torch.nn.modules import module as _m
-
     return bool(
-        _m._global_forward_hooks
-        or _m._global_forward_pre_hooks
-        or _m._global_backward_hooks
-        or _m._global_backward_pre_hooks
+        _nn_module._global_forward_hooks
+        or _nn_module._global_forward_pre_hooks
+        or _nn_module._global_backward_hooks
+        or _nn_module._global_backward_pre_hooks
     )
 
 

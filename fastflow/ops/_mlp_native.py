@@ -77,6 +77,13 @@ def acts_shape_symbolic(dtype: torch.dtype, n, sizes: tuple[int, ...]) -> tuple:
     return ((n + block - 1) // block) * block, cols
 
 
+def fake_outputs(x: Tensor, sizes) -> tuple[Tensor, Tensor, Tensor]:
+    """Empty ``(y, logdet, acts)`` of a whole-layer forward on ``x`` (the custom ops' fake
+    implementations; ``x.shape[0]`` may be symbolic)."""
+    rows, cols = acts_shape_symbolic(x.dtype, x.shape[0], tuple(sizes))
+    return torch.empty_like(x), x.new_empty(x.shape[0]), x.new_empty(rows, cols)
+
+
 def acts_layout(
     dtype: torch.dtype, n: int, sizes: tuple[int, ...]
 ) -> tuple[tuple[int, int], list[tuple[int, int] | None]]:

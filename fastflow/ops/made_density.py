@@ -153,8 +153,7 @@ def _made_fwd_op(
 def _(x, masked_params, sizes, mode, clamp):
     from fastflow.ops import _mlp_native as K
 
-    rows, cols = K.acts_shape_symbolic(x.dtype, x.shape[0], tuple(sizes))
-    return torch.empty_like(x), x.new_empty(x.shape[0]), x.new_empty(rows, cols)
+    return K.fake_outputs(x, sizes)
 
 
 @torch.library.custom_op("fastflow::made_density_bwd", mutates_args=())
