@@ -8,6 +8,14 @@
 //
 // with tap t = 3 * (dy + 1) + (dx + 1), dy, dx in {-1, 0, 1}. conv_tap_shift is the adjoint of
 // the sum's gather; it feeds the weight gradient (a 1x1 weight gradient against the input).
+//
+//   relu_grad_sum:  grad[r, o] = act[r, o] <= 0 ? 0 : grad[r, o]   (in place; ReLU's backward
+//                   from its output act, as aten::threshold_backward(grad, act, 0))
+//                   sum[o] = sum_r grad[r, o]                       (after the mask: the bias
+//                   gradient of the layer that produced act), over rows r of [rows, C] buffers
+//
+// One pass instead of two over the conditioner's widest activations (the mask and the bias sum
+// each read the whole gradient; on one core those reads, not the arithmetic, are the cost).
 #pragma once
 
 #include <cstdint>
@@ -17,4 +25,6 @@ void conv_tap_sum_cpu(int dtype, int64_t n, int64_t h, int64_t w, int64_t c, std
                       std::uintptr_t bias, std::uintptr_t out, int nthreads);
 void conv_tap_shift_cpu(int dtype, int64_t n, int64_t h, int64_t w, int64_t c,
                         std::uintptr_t grad, std::uintptr_t shifted, int nthreads);
+void relu_grad_sum_cpu(int dtype, int64_t rows, int64_t c, std::uintptr_t grad,
+                       std::uintptr_t act, std::uintptr_t sum, int nthreads);
 }  // namespace ff

@@ -10,5 +10,7 @@ void bind_conv_taps(pybind11::module_& m) {
   m.def("conv_tap_shift_cpu", &conv_tap_shift_cpu, py::arg("dtype"), py::arg("n"), py::arg("h"),
         py::arg("w"), py::arg("c"), py::arg("grad_ptr"), py::arg("shifted_ptr"),
         py::arg("nthreads"));
+  m.def("relu_grad_sum_cpu", &relu_grad_sum_cpu, py::arg("dtype"), py::arg("rows"), py::arg("c"),
+        py::arg("grad_ptr"), py::arg("act_ptr"), py::arg("sum_ptr"), py::arg("nthreads"));
 }
 }  // namespace ff

@@ -3,6 +3,7 @@
 // channels, one image row per work item.
 #include <cstdint>
 #include <string>
+#include <vector>
 
 #include "checks.h"
 #include "conv_taps.h"
@@ -80,6 +81,41 @@ void tap_shift_kernel(int64_t n, int64_t h, int64_t w, int64_t c, const T* __res
   });
 }
 
+// Rows per block of the bias sum: a block is summed in T, the blocks in double (the error of a
+// plain T running sum grows with the row count; this one with the block size).
+constexpr int64_t kSumBlock = 64;
+
+template <typename T>
+void relu_grad_sum_kernel(int64_t rows, int64_t c, T* __restrict grad, const T* __restrict act,
+                          T* __restrict sum, int nthreads) {
+  const int nt = rows * c >= kParallelGrain ? nthreads : 1;
+  std::vector<double> part(static_cast<size_t>(nt) * c, 0.0);  // one row of partials a thread
+  parallel_ranges(rows, nt, [&](int64_t lo, int64_t hi) {
+    double* acc = part.data() + static_cast<size_t>(thread_id()) * c;
+    std::vector<T> blk(c);
+    for (int64_t r0 = lo; r0 < hi; r0 += kSumBlock) {
+      const int64_t r1 = r0 + kSumBlock < hi ? r0 + kSumBlock : hi;
+      for (int64_t o = 0; o < c; ++o) blk[o] = T(0);
+      T* __restrict b = blk.data();
+      for (int64_t r = r0; r < r1; ++r) {
+        T* g = grad + r * c;
+        const T* a = act + r * c;
+        for (int64_t o = 0; o < c; ++o) {
+          const T v = a[o] <= T(0) ? T(0) : g[o];
+          g[o] = v;
+          b[o] += v;
+        }
+      }
+      for (int64_t o = 0; o < c; ++o) acc[o] += static_cast<double>(b[o]);
+    }
+  });
+  for (int64_t o = 0; o < c; ++o) {
+    double s = 0.0;
+    for (int i = 0; i < nt; ++i) s += part[static_cast<size_t>(i) * c + o];
+    sum[o] = static_cast<T>(s);
+  }
+}
+
 template <typename F>
 void dispatch_f32_f64(int dtype, const char* name, F&& f) {
   if (dtype == kFloat32)
@@ -116,6 +152,21 @@ void conv_tap_shift_cpu(int dtype, int64_t n, int64_t h, int64_t w, int64_t c,
   dispatch_f32_f64(dtype, name, [&](auto zero) {
     using T = decltype(zero);
     tap_shift_kernel<T>(n, h, w, c, ptr<const T>(grad), ptr<T>(shifted), nthreads);
+  });
+}
+
+void relu_grad_sum_cpu(int dtype, int64_t rows, int64_t c, std::uintptr_t grad,
+                       std::uintptr_t act, std::uintptr_t sum, int nthreads) {
+  const char* name = "relu_grad_sum_cpu";
+  FF_CHECK(rows >= 0 && c >= 1, std::string(name) + ": need rows >= 0 and c >= 1");
+  FF_CHECK(rows <= INT64_MAX / c, std::string(name) + ": size overflows");
+  check_ptr(grad, rows * c, "grad");
+  check_ptr(act, rows * c, "act");
+  check_ptr(sum, c, "sum");
+  check_threads(name, nthreads);
+  dispatch_f32_f64(dtype, name, [&](auto zero) {
+    using T = decltype(zero);
+    relu_grad_sum_kernel<T>(rows, c, ptr<T>(grad), ptr<const T>(act), ptr<T>(sum), nthreads);
   });
 }
 
