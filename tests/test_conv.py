@@ -311,3 +311,99 @@ def test_small_glow_conditioner_runs_as_one_node(monkeypatch):
     assert calls == []
     net.net(torch.randn(64, 2, 16, 16))  # 16384 pixels: above CONV_MLP_MAX_MACS
     assert calls == []
+
+
+def _relu_grad_sum_reference(grad, act):
+    """threshold_backward (ReLU's backward) and the bias sum in fp64: the independent oracle."""
+    masked = torch.ops.aten.threshold_backward(grad, act, 0)
+    return masked, masked.double().sum((0, 2, 3))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize(
+    "shape,threads",
+    [
+        ((2, 5, 3, 4), 1), ((1, 1, 1, 1), 1), ((0, 3, 4, 4), 1),
+        ((4, 40, 16, 16), 2), ((3, 7, 9, 130), 2),
+    ],
+)  # fmt: skip
+def test_relu_grad_sum_matches_threshold_backward(monkeypatch, dtype, shape, threads):
+    """The native ReLU backward + bias sum (csrc/conv_taps_cpu.cpp, relu_grad_sum_cpu) masks the
+    gradient in place exactly as threshold_backward does (act <= 0 -> 0, a NaN act keeps the
+    gradient, a NaN gradient passes where act > 0) and sums it per channel to fp64 accuracy, on
+    one thread and (above the parallel grain, 40960 and 10x more elements) on two."""
+    from fastflow import _backend as B
+
+    if not hasattr(B._C, "relu_grad_sum_cpu"):
+        pytest.skip("no native kernels")
+    calls = []
+    real = B._C.relu_grad_sum_cpu
+    monkeypatch.setattr(
+        B._C, "relu_grad_sum_cpu", lambda *a, **k: (calls.append(1), real(*a, **k))[1]
+    )
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        torch.manual_seed(7)
+        cl = torch.channels_last
+        act = torch.randn(shape, dtype=dtype).relu_().contiguous(memory_format=cl)
+        grad = torch.randn(shape, dtype=dtype).contiguous(memory_format=cl)
+        if act.numel() >= 4:
+            a, g = act.permute(0, 2, 3, 1).view(-1), grad.permute(0, 2, 3, 1).view(-1)
+            a[:4] = torch.tensor([float("nan"), -0.0, 0.0, 1.0], dtype=dtype)
+            g[3] = float("nan")  # act > 0: passes through, into its channel's sum
+        want, want_sum = _relu_grad_sum_reference(grad, act)
+        with torch.no_grad():
+            got = grad.clone(memory_format=cl)
+            got_sum = conv_mod._relu_grad_sum(got, act)
+    finally:
+        torch.set_num_threads(before)
+    assert calls == [1]
+    assert got_sum.dtype == dtype and got_sum.shape == (shape[1],)
+    torch.testing.assert_close(got, want, rtol=0, atol=0, equal_nan=True)
+    tol = 1e-5 if dtype == torch.float32 else 1e-12
+    torch.testing.assert_close(got_sum.double(), want_sum, rtol=tol, atol=tol, equal_nan=True)
+
+
+def test_relu_grad_sum_falls_back_off_the_native_layout(monkeypatch):
+    """A contiguous (NCHW) buffer, or a call under autograd recording, takes threshold_backward
+    and a sum: the same values; the native kernel is not called."""
+    from fastflow import _backend as B
+
+    if hasattr(B._C, "relu_grad_sum_cpu"):
+        monkeypatch.setattr(B._C, "relu_grad_sum_cpu", lambda *a, **k: pytest.fail("native"))
+    torch.manual_seed(8)
+    act, grad = torch.randn(3, 4, 5, 6).relu_(), torch.randn(3, 4, 5, 6)
+    want, want_sum = _relu_grad_sum_reference(grad, act)
+    with torch.no_grad():
+        got = grad.clone()
+        got_sum = conv_mod._relu_grad_sum(got, act)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    torch.testing.assert_close(got_sum.double(), want_sum, rtol=1e-5, atol=1e-5)
+    got = grad.clone(memory_format=torch.channels_last)  # grad mode on: not the native path
+    torch.testing.assert_close(
+        conv_mod._relu_grad_sum(got, act.contiguous(memory_format=torch.channels_last)).double(),
+        want_sum, rtol=1e-5, atol=1e-5,
+    )  # fmt: skip
+
+
+def test_relu_grad_sum_kernel_rejects_bad_arguments():
+    from fastflow import _backend as B
+
+    if not hasattr(B._C, "relu_grad_sum_cpu"):
+        pytest.skip("no native kernels")
+    buf = torch.zeros(8)
+    p = buf.data_ptr()
+    args = dict(dtype=0, rows=2, c=4, grad_ptr=p, act_ptr=p, sum_ptr=p, nthreads=1)
+    with pytest.raises(ValueError, match="rows >= 0 and c >= 1"):
+        B._C.relu_grad_sum_cpu(**{**args, "c": 0})
+    with pytest.raises(ValueError, match="rows >= 0 and c >= 1"):
+        B._C.relu_grad_sum_cpu(**{**args, "rows": -1})
+    with pytest.raises(ValueError, match="overflows"):
+        B._C.relu_grad_sum_cpu(**{**args, "rows": 2**62})
+    with pytest.raises(ValueError, match="act: null pointer"):
+        B._C.relu_grad_sum_cpu(**{**args, "act_ptr": 0})
+    with pytest.raises(ValueError, match="fp32 and fp64 only"):
+        B._C.relu_grad_sum_cpu(**{**args, "dtype": 2})
+    with pytest.raises(ValueError, match="nthreads"):
+        B._C.relu_grad_sum_cpu(**{**args, "nthreads": 0})
