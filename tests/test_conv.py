@@ -49,6 +49,14 @@ def avx512_thresholds(monkeypatch):
     monkeypatch.setattr(conv_mod, "TAP_SPLIT_MAX_WGRAD", 6)
 
 
+@pytest.fixture
+def mlp3_limits(monkeypatch):
+    """conv_mlp3's limits as measured on AMD Zen 5 (12M MACs, 8 channels) whatever this CPU is,
+    for the tests that count which conditioner path runs (the Intel limits are far larger)."""
+    monkeypatch.setattr(coupling_mod, "CONV_MLP_MAX_MACS", 12_000_000)
+    monkeypatch.setattr(coupling_mod, "CONV_MLP_MAX_CHANNELS", 8)
+
+
 def test_tap_form_runs_for_narrow_layers(monkeypatch, avx512_thresholds):
     """The narrow forward, input gradient and weight gradient take the tap form (one 1x1
     convolution to 9 * C channels), the wide ones the plain convolution."""
@@ -130,12 +138,15 @@ def test_channels_last_sequential_routes_narrow_convs_fp32(monkeypatch):
         torch.testing.assert_close(a, r, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("gemm_last", [True, False])
 @pytest.mark.parametrize("n", [1, 9])
-def test_conv_net3_matches_the_convolutions_fp64(monkeypatch, n, avx512_thresholds):
+def test_conv_net3_matches_the_convolutions_fp64(monkeypatch, n, gemm_last, avx512_thresholds):
     """conv_net3's values and gradients equal autograd through the five plain layers (fp64),
-    with the tap forms forced (n=9: 9 x 16 x 16 pixels above a lowered threshold) or not."""
+    with the tap forms forced (n=9: 9 x 16 x 16 pixels above a lowered threshold) or not, and the
+    last layer as a matrix product + tap sum (NET3_GEMM_LAST) or a convolution."""
     from fastflow.ops.conv import _conv_mlp3_plain, conv_net3
 
+    monkeypatch.setattr(conv_mod, "NET3_GEMM_LAST", gemm_last)
     if n == 9:
         monkeypatch.setattr(conv_mod, "TAP_SPLIT_MIN_PIXELS", 2048)
     ps = _mlp3_params(3, 10, 4, torch.float64, seed=4)
@@ -173,7 +184,7 @@ def _routed_like_plain(monkeypatch, fn: str, hidden: int, shape: tuple[int, ...]
     return net, calls, x
 
 
-def test_glow_conditioner_above_the_small_size_runs_as_one_oneDNN_node(monkeypatch):
+def test_glow_conditioner_above_the_small_size_runs_as_one_oneDNN_node(monkeypatch, mlp3_limits):
     _routed_like_plain(monkeypatch, "conv_net3", 64, (16, 2, 16, 16))  # 31M MACs: above mlp3's
 
 
@@ -293,7 +304,7 @@ def test_conv_mlp3_bad_arguments_name_them():
         conv_mlp3(x[0], *ps)
 
 
-def test_small_glow_conditioner_runs_as_one_node(monkeypatch):
+def test_small_glow_conditioner_runs_as_one_node(monkeypatch, mlp3_limits):
     """A small fp32 input (Glow's 1x8x8 levels) takes conv_mlp3, with the plain Sequential's
     values and gradients; hooks, autocast and the reference backend keep the layer calls."""
     net, calls, x = _routed_like_plain(monkeypatch, "conv_mlp3", 16, (8, 2, 4, 4))

@@ -166,6 +166,11 @@ def _nhwc(t: Tensor) -> Tensor:
     return t.permute(0, 2, 3, 1)
 
 
+def _rows_as_image(rows: Tensor, n: int, h: int, w: int) -> Tensor:
+    """A ``[N * H * W, C]`` pixel-row matrix as the channels-last ``[N, C, H, W]`` image it is."""
+    return rows.view(n, h, w, rows.shape[1]).permute(0, 3, 1, 2)
+
+
 def _like(grad: Tensor, param: Tensor) -> Tensor:
     """``grad`` in ``param``'s memory layout (a no-op when they agree)."""
     return grad.contiguous(memory_format=_format_of(param))
@@ -233,16 +238,22 @@ def conv3x3(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
 # Glow's whole conditioner (3x3 conv -> ReLU -> 1x1 conv -> ReLU -> 3x3 conv) as matrix products
 # for small inputs.
 
-# Up to this many multiply-adds per call (pixels x (9 C_in h + h^2 + 9 h C_out)) the conditioner
-# runs as one autograd node of matrix products (conv_mlp3) instead of five oneDNN convolutions,
-# whose fixed cost per call (~40-50 us: primitive lookup, reorders) dominates small images.
-# Measured (fwd + bwd, fp32, AMD EPYC Zen 5, 1 and 2 threads): 1.36-1.88x at 1-8M (Glow's 1x8x8
-# levels: 64x2x4x4 and 64x4x2x2, hidden 64), 1.16x at 7.7M (16x2x8x8), 1.0-1.16x at 17-24M,
-# 0.81x at 31M (64x2x8x8).
-CONV_MLP_MAX_MACS = 12_000_000
-# ... and with at most this many input and output channels (the two 3x3 layers run in the tap
-# form; 16 output channels: 0.8x).
-CONV_MLP_MAX_CHANNELS = 8
+# Up to this many multiply-adds per call (pixels x (9 C_in h + h^2 + 9 h C_out)) and with at most
+# this many input and output channels, the conditioner runs as one autograd node of matrix
+# products (conv_mlp3) instead of oneDNN convolutions (conv_net3). Measured per CPU vendor (fwd +
+# bwd of one conditioner, fp32, NCHW output gradient as in a Glow step, 1 and 2 threads):
+# * AMD EPYC Zen 5: oneDNN's fixed cost per call (~40-50 us) dominates small images: 1.36-1.88x at
+#   1-8M MACs (Glow's 1x8x8 levels), 1.16x at 7.7M, 1.0-1.16x at 17-24M, 0.81x at 31M; 16 output
+#   channels 0.8x.
+# * Intel Xeon (Sapphire Rapids): the matrix products win at every Glow level benchmarked: 2.0-2.4x
+#   at 3-8M (1x8x8), 1.09-1.35x at 95-292M (1x28x28, hidden 128), 1.07-1.31x at 118-304M with 24
+#   and 48 output channels and 1.01x / 1.04x (1 / 2 threads) at 877M (3x32x32, hidden 256);
+#   larger sizes were not measured and keep oneDNN. docs/DESIGN-NOTES.md, "Glow's conditioner
+#   on the Intel runner".
+if B.cpu_vendor() == "amd":
+    CONV_MLP_MAX_MACS, CONV_MLP_MAX_CHANNELS = 12_000_000, 8
+else:
+    CONV_MLP_MAX_MACS, CONV_MLP_MAX_CHANNELS = 1_000_000_000, 48
 
 
 def conv_mlp3_macs(n: int, h: int, w: int, c_in: int, hidden: int, c_out: int) -> int:
@@ -295,9 +306,9 @@ class _ConvMLP3(torch.autograd.Function):
         g9 = _tap_shift(g, n, h, w, co)  # the adjoint of the tap sum
         w3a = w3.permute(2, 3, 0, 1).reshape(9 * co, hid)
         gh2 = g9 @ w3a
-        torch.ops.aten.threshold_backward.grad_input(gh2, h2, 0, grad_input=gh2)
+        gb2 = _relu_grad_sum(_rows_as_image(gh2, n, h, w), _rows_as_image(h2, n, h, w))
         gh1 = gh2 @ w2.reshape(hid, hid)
-        torch.ops.aten.threshold_backward.grad_input(gh1, h1, 0, grad_input=gh1)
+        gb1 = _relu_grad_sum(_rows_as_image(gh1, n, h, w), _rows_as_image(h1, n, h, w))
         gx = None
         if ctx.needs_input_grad[0]:
             w1c = w1.flip(2, 3).permute(0, 2, 3, 1).reshape(hid, 9 * ci)
@@ -306,7 +317,8 @@ class _ConvMLP3(torch.autograd.Function):
         gw1 = (gh1.t() @ x9).view(hid, 3, 3, ci).permute(0, 3, 1, 2).flip(2, 3)
         gw2 = (gh2.t() @ h1).view(hid, hid, 1, 1)
         gw3 = (g9.t() @ h2).view(3, 3, co, hid).permute(2, 3, 0, 1)
-        return gx, gw1, gh1.sum(0), gw2, gh2.sum(0), gw3, g.sum(0)
+        gw1, gw2, gw3 = _like(gw1, w1), _like(gw2, w2), _like(gw3, w3)
+        return gx, gw1, gb1, gw2, gb2, gw3, g.sum(0)
 
 
 def _check_net3(x, w1, b1, w2, b2, w3, b3, fn: str) -> None:
@@ -384,6 +396,9 @@ def _conv_input_grad(grad: Tensor, x: Tensor, weight: Tensor) -> Tensor:
     )[0]
 
 
+NET3_GEMM_LAST = True
+
+
 class _ConvNet3(torch.autograd.Function):
     """The 3-1-3 conditioner on oneDNN convolutions in one autograd node: the ReLUs run in place
     forward and backward (the backward owns every gradient buffer it masks) with the bias sums in
@@ -398,7 +413,15 @@ class _ConvNet3(torch.autograd.Function):
         w1c, w3c = w1.contiguous(memory_format=cl), w3.contiguous(memory_format=cl)
         h1 = _conv_forward(x, w1c, b1).relu_()
         h2 = F.conv2d(h1, w2, b2).relu_()
-        out = _conv_forward(h2, w3c, b3)
+        ctx.gemm_last = NET3_GEMM_LAST and _native(h2)
+        if ctx.gemm_last:
+            # the last layer as one matrix product to its nine taps and the native tap sum
+            n, hid, h, w = h2.shape
+            co = w3.shape[0]
+            taps = _nhwc(h2).reshape(-1, hid) @ w3.permute(2, 3, 0, 1).reshape(9 * co, hid).t()
+            out = _rows_as_image(_tap_sum(taps, n, h, w, co, b3.detach().contiguous()), n, h, w)
+        else:
+            out = _conv_forward(h2, w3c, b3)
         ctx.save_for_backward(x, w1, b1, w2, b2, w3, b3, h1, h2)
         return out
 
@@ -410,8 +433,16 @@ class _ConvNet3(torch.autograd.Function):
         cl = _format_of(h2)
         grad = grad.contiguous(memory_format=cl)
         w1c, w3c = w1.contiguous(memory_format=cl), w3.contiguous(memory_format=cl)
-        gw3 = _conv_weight_grad(grad, h2, w3c)
-        gh2 = _conv_input_grad(grad, h2, w3c)
+        if ctx.gemm_last and _native(grad):
+            # adjoint of the tap form: the nine shifted copies of grad, shared by both products
+            n, hid, h, w = h2.shape
+            co = w3.shape[0]
+            g9 = _tap_shift(_nhwc(grad).reshape(-1, co), n, h, w, co)
+            gh2 = _rows_as_image(g9 @ w3.permute(2, 3, 0, 1).reshape(9 * co, hid), n, h, w)
+            gw3 = (g9.t() @ _nhwc(h2).reshape(-1, hid)).view(3, 3, co, hid).permute(2, 3, 0, 1)
+        else:
+            gw3 = _conv_weight_grad(grad, h2, w3c)
+            gh2 = _conv_input_grad(grad, h2, w3c)
         gb2 = _relu_grad_sum(gh2, h2)
         gh1, gw2, _ = torch.ops.aten.convolution_backward(
             gh2, h1, w2, None, [1, 1], [0, 0], [1, 1], False, [0, 0], 1, [True, True, False]
