@@ -14,6 +14,10 @@
 //                   sum[o] = sum_r grad[r, o]                       (after the mask: the bias
 //                   gradient of the layer that produced act), over rows r of [rows, C] buffers
 //
+//   bias_relu:      y[r, o] = max(y[r, o] + bias[o], 0)   (in place; NaN stays NaN, as torch.relu)
+//                   the epilogue of a matrix product written without its bias (addmm would first
+//                   copy the broadcast bias into the output, then read it back in the product)
+//
 // One pass instead of two over the conditioner's widest activations (the mask and the bias sum
 // each read the whole gradient; on one core those reads, not the arithmetic, are the cost).
 #pragma once
@@ -27,4 +31,6 @@ void conv_tap_shift_cpu(int dtype, int64_t n, int64_t h, int64_t w, int64_t c,
                         std::uintptr_t grad, std::uintptr_t shifted, int nthreads);
 void relu_grad_sum_cpu(int dtype, int64_t rows, int64_t c, std::uintptr_t grad,
                        std::uintptr_t act, std::uintptr_t sum, int nthreads);
+void bias_relu_cpu(int dtype, int64_t rows, int64_t c, std::uintptr_t y, std::uintptr_t bias,
+                   int nthreads);
 }  // namespace ff

@@ -12,5 +12,7 @@ void bind_conv_taps(pybind11::module_& m) {
         py::arg("nthreads"));
   m.def("relu_grad_sum_cpu", &relu_grad_sum_cpu, py::arg("dtype"), py::arg("rows"), py::arg("c"),
         py::arg("grad_ptr"), py::arg("act_ptr"), py::arg("sum_ptr"), py::arg("nthreads"));
+  m.def("bias_relu_cpu", &bias_relu_cpu, py::arg("dtype"), py::arg("rows"), py::arg("c"),
+        py::arg("y_ptr"), py::arg("bias_ptr"), py::arg("nthreads"));
 }
 }  // namespace ff

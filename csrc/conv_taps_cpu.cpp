@@ -116,6 +116,22 @@ void relu_grad_sum_kernel(int64_t rows, int64_t c, T* __restrict grad, const T* 
   }
 }
 
+template <typename T>
+void bias_relu_kernel(int64_t rows, int64_t c, T* __restrict y, const T* __restrict bias,
+                      int nthreads) {
+  const int nt = rows * c >= kParallelGrain ? nthreads : 1;
+  parallel_ranges(rows, nt, [&](int64_t lo, int64_t hi) {
+    for (int64_t r = lo; r < hi; ++r) {
+      T* row = y + r * c;
+#pragma omp simd
+      for (int64_t o = 0; o < c; ++o) {
+        const T v = row[o] + bias[o];
+        row[o] = v < T(0) ? T(0) : v;  // NaN is not < 0: it stays NaN
+      }
+    }
+  });
+}
+
 template <typename F>
 void dispatch_f32_f64(int dtype, const char* name, F&& f) {
   if (dtype == kFloat32)
@@ -167,6 +183,20 @@ void relu_grad_sum_cpu(int dtype, int64_t rows, int64_t c, std::uintptr_t grad,
   dispatch_f32_f64(dtype, name, [&](auto zero) {
     using T = decltype(zero);
     relu_grad_sum_kernel<T>(rows, c, ptr<T>(grad), ptr<const T>(act), ptr<T>(sum), nthreads);
+  });
+}
+
+void bias_relu_cpu(int dtype, int64_t rows, int64_t c, std::uintptr_t y, std::uintptr_t bias,
+                   int nthreads) {
+  const char* name = "bias_relu_cpu";
+  FF_CHECK(rows >= 0 && c >= 1, std::string(name) + ": need rows >= 0 and c >= 1");
+  FF_CHECK(rows <= INT64_MAX / c, std::string(name) + ": size overflows");
+  check_ptr(y, rows * c, "y");
+  check_ptr(bias, c, "bias");
+  check_threads(name, nthreads);
+  dispatch_f32_f64(dtype, name, [&](auto zero) {
+    using T = decltype(zero);
+    bias_relu_kernel<T>(rows, c, ptr<T>(y), ptr<const T>(bias), nthreads);
   });
 }
 

@@ -418,3 +418,51 @@ def test_relu_grad_sum_kernel_rejects_bad_arguments():
         B._C.relu_grad_sum_cpu(**{**args, "dtype": 2})
     with pytest.raises(ValueError, match="nthreads"):
         B._C.relu_grad_sum_cpu(**{**args, "nthreads": 0})
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("rows,c,threads", [(7, 5, 1), (0, 3, 1), (1000, 40, 2), (3, 1, 2)])
+def test_mm_bias_relu_matches_addmm_relu(monkeypatch, dtype, rows, c, threads):
+    """relu(a @ b + bias) through the native in-place bias + ReLU pass (bias_relu_cpu) equals
+    torch.relu(torch.addmm(...)) (NaN stays NaN, as torch.relu), on 1 and 2 threads (40000
+    elements: above the parallel grain), and the native pass ran."""
+    from fastflow import _backend as B
+
+    if not hasattr(B._C, "bias_relu_cpu"):
+        pytest.skip("no native kernels")
+    calls = []
+    real = B._C.bias_relu_cpu
+    monkeypatch.setattr(B._C, "bias_relu_cpu", lambda *a, **k: (calls.append(1), real(*a, **k))[1])
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        torch.manual_seed(9)
+        a, b = torch.randn(rows, 6, dtype=dtype), torch.randn(6, c, dtype=dtype)
+        bias = torch.randn(c, dtype=dtype)
+        if rows:
+            a[0, 0] = float("nan")  # a NaN row
+        want = torch.relu(torch.addmm(bias, a, b))
+        with torch.no_grad():
+            got = conv_mod._mm_bias_relu(a, b, bias)
+    finally:
+        torch.set_num_threads(before)
+    assert calls == [1]
+    tol = 1e-5 if dtype == torch.float32 else 1e-12
+    torch.testing.assert_close(got, want, rtol=tol, atol=tol, equal_nan=True)
+
+
+def test_bias_relu_kernel_rejects_bad_arguments():
+    from fastflow import _backend as B
+
+    if not hasattr(B._C, "bias_relu_cpu"):
+        pytest.skip("no native kernels")
+    buf = torch.zeros(8)
+    args = dict(dtype=0, rows=2, c=4, y_ptr=buf.data_ptr(), bias_ptr=buf.data_ptr(), nthreads=1)
+    with pytest.raises(ValueError, match="rows >= 0 and c >= 1"):
+        B._C.bias_relu_cpu(**{**args, "c": 0})
+    with pytest.raises(ValueError, match="bias: null pointer"):
+        B._C.bias_relu_cpu(**{**args, "bias_ptr": 0})
+    with pytest.raises(ValueError, match="fp32 and fp64 only"):
+        B._C.bias_relu_cpu(**{**args, "dtype": 2})
+    with pytest.raises(ValueError, match="nthreads"):
+        B._C.bias_relu_cpu(**{**args, "nthreads": 0})

@@ -149,11 +149,13 @@ _CPU = torch.device("cpu")
 
 def _native(t: Tensor) -> bool:
     """The tap kernels (csrc/conv_taps_cpu.cpp) take this tensor: a channels-last CPU fp32/fp64
-    tensor outside autograd recording (the slice code below is the differentiable fallback used
-    by double backward) and outside torch.compile, with the native backend available."""
+    image (or, 2-D, a contiguous ``[rows, C]`` matrix) outside autograd recording (the slice code
+    below is the differentiable fallback used by double backward) and outside torch.compile, with
+    the native backend available."""
+    layout = torch.contiguous_format if t.dim() == 2 else torch.channels_last
     return (
         t.dtype in (torch.float32, torch.float64)
-        and t.is_contiguous(memory_format=torch.channels_last)
+        and t.is_contiguous(memory_format=layout)
         and not torch.is_grad_enabled()
         and not torch.compiler.is_compiling()
         and B.use_native(t)
@@ -285,9 +287,9 @@ class _ConvMLP3(torch.autograd.Function):
         # first layer's taps are flipped to match.
         x9 = _tap_shift(xr, n, h, w, ci)
         w1c = w1.flip(2, 3).permute(0, 2, 3, 1).reshape(hid, 9 * ci)
-        h1 = torch.addmm(b1, x9, w1c.t()).relu_()
+        h1 = _mm_bias_relu(x9, w1c.t(), b1)
         w2m = w2.reshape(hid, hid)
-        h2 = torch.addmm(b2, h1, w2m.t()).relu_()
+        h2 = _mm_bias_relu(h1, w2m.t(), b2)
         w3a = w3.permute(2, 3, 0, 1).reshape(9 * co, hid)  # tap form: channel t * co + o
         out = _tap_sum(h2 @ w3a.t(), n, h, w, co, b3.detach().contiguous())
         ctx.save_for_backward(x, w1, b1, w2, b2, w3, b3, x9, h1, h2)
@@ -381,6 +383,24 @@ def _relu_grad_sum(grad: Tensor, act: Tensor) -> Tensor:
         return out
     torch.ops.aten.threshold_backward.grad_input(grad, act, 0, grad_input=grad)
     return grad.sum((0, 2, 3))
+
+
+def _mm_bias_relu(a: Tensor, b: Tensor, bias: Tensor) -> Tensor:
+    """``relu(a @ b + bias)`` for ``[P, K] @ [K, C]``: the product without its bias, then the
+    bias and the ReLU in one native pass in place (csrc/conv_taps_cpu.cpp, bias_relu_cpu), instead
+    of addmm (which first copies the broadcast bias into the output) and a second ReLU pass."""
+    y = torch.mm(a, b)
+    if not (_native(y) and hasattr(B._C, "bias_relu_cpu")):
+        return y.add_(bias).relu_()
+    rows, c = y.shape
+    bias = bias.detach().contiguous()
+    B._C.bias_relu_cpu(
+        dtype=B.DTYPE_CODES[y.dtype], rows=rows, c=c,
+        y_ptr=B.ptr(y, y.dtype, rows * c, _CPU, "y"),
+        bias_ptr=B.ptr(bias, y.dtype, c, _CPU, "bias"),
+        nthreads=B.num_threads(),
+    )  # fmt: skip
+    return y
 
 
 def _conv_input_grad(grad: Tensor, x: Tensor, weight: Tensor) -> Tensor:
