@@ -206,7 +206,7 @@ def test_channels_last_sequential_keeps_module_calls_where_observed(monkeypatch)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_native_tap_kernels_match_the_slice_code(monkeypatch, dtype, avx512_thresholds):
+def test_native_tap_kernels_match_the_slice_code(monkeypatch, dtype, avx512_thresholds, cpu_isa):
     """Channels-last CPU tensors take the tap kernels (csrc/conv_taps_cpu.cpp) forward and
     backward; the reference backend runs the slice code: same values and gradients."""
     from fastflow import _backend as B
@@ -338,7 +338,7 @@ def _relu_grad_sum_reference(grad, act):
         ((4, 40, 16, 16), 2), ((3, 7, 9, 130), 2),
     ],
 )  # fmt: skip
-def test_relu_grad_sum_matches_threshold_backward(monkeypatch, dtype, shape, threads):
+def test_relu_grad_sum_matches_threshold_backward(monkeypatch, dtype, shape, threads, cpu_isa):
     """The native ReLU backward + bias sum (csrc/conv_taps_cpu.cpp, relu_grad_sum_cpu) masks the
     gradient in place exactly as threshold_backward does (act <= 0 -> 0, a NaN act keeps the
     gradient, a NaN gradient passes where act > 0) and sums it per channel to fp64 accuracy, on
@@ -422,7 +422,7 @@ def test_relu_grad_sum_kernel_rejects_bad_arguments():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("rows,c,threads", [(7, 5, 1), (0, 3, 1), (1000, 40, 2), (3, 1, 2)])
-def test_mm_bias_relu_matches_addmm_relu(monkeypatch, dtype, rows, c, threads):
+def test_mm_bias_relu_matches_addmm_relu(monkeypatch, dtype, rows, c, threads, cpu_isa):
     """relu(a @ b + bias) through the native in-place bias + ReLU pass (bias_relu_cpu) equals
     torch.relu(torch.addmm(...)) (NaN stays NaN, as torch.relu), on 1 and 2 threads (40000
     elements: above the parallel grain), and the native pass ran."""
