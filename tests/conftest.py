@@ -110,3 +110,12 @@ def _install_pointer_liveness_check() -> None:
 
 
 _install_pointer_liveness_check()
+
+
+@pytest.fixture
+def set_threads():
+    """``set_threads(n)`` sets torch's intra-op thread count (which the CPU kernels use) for the
+    rest of the test; the count before is restored afterwards."""
+    before = torch.get_num_threads()
+    yield torch.set_num_threads
+    torch.set_num_threads(before)

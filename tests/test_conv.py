@@ -324,6 +324,17 @@ def test_small_glow_conditioner_runs_as_one_node(monkeypatch, mlp3_limits):
     assert calls == []
 
 
+def _count_native(monkeypatch, name: str) -> list:
+    """Counts the calls of the native kernel ``name`` (the test is skipped without it)."""
+    from fastflow import _backend as B
+
+    if not hasattr(B._C, name):
+        pytest.skip("no native kernels")
+    calls, real = [], getattr(B._C, name)
+    monkeypatch.setattr(B._C, name, lambda *a, **k: (calls.append(1), real(*a, **k))[1])
+    return calls
+
+
 def _relu_grad_sum_reference(grad, act):
     """threshold_backward (ReLU's backward) and the bias sum in fp64: the independent oracle."""
     masked = torch.ops.aten.threshold_backward(grad, act, 0)
@@ -338,37 +349,27 @@ def _relu_grad_sum_reference(grad, act):
         ((4, 40, 16, 16), 2), ((3, 7, 9, 130), 2),
     ],
 )  # fmt: skip
-def test_relu_grad_sum_matches_threshold_backward(monkeypatch, dtype, shape, threads, cpu_isa):
+def test_relu_grad_sum_matches_threshold_backward(
+    monkeypatch, set_threads, dtype, shape, threads, cpu_isa
+):
     """The native ReLU backward + bias sum (csrc/conv_taps_cpu.cpp, relu_grad_sum_cpu) masks the
     gradient in place exactly as threshold_backward does (act <= 0 -> 0, a NaN act keeps the
     gradient, a NaN gradient passes where act > 0) and sums it per channel to fp64 accuracy, on
     one thread and (above the parallel grain, 40960 and 10x more elements) on two."""
-    from fastflow import _backend as B
-
-    if not hasattr(B._C, "relu_grad_sum_cpu"):
-        pytest.skip("no native kernels")
-    calls = []
-    real = B._C.relu_grad_sum_cpu
-    monkeypatch.setattr(
-        B._C, "relu_grad_sum_cpu", lambda *a, **k: (calls.append(1), real(*a, **k))[1]
-    )
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        torch.manual_seed(7)
-        cl = torch.channels_last
-        act = torch.randn(shape, dtype=dtype).relu_().contiguous(memory_format=cl)
-        grad = torch.randn(shape, dtype=dtype).contiguous(memory_format=cl)
-        if act.numel() >= 4:
-            a, g = act.permute(0, 2, 3, 1).view(-1), grad.permute(0, 2, 3, 1).view(-1)
-            a[:4] = torch.tensor([float("nan"), -0.0, 0.0, 1.0], dtype=dtype)
-            g[3] = float("nan")  # act > 0: passes through, into its channel's sum
-        want, want_sum = _relu_grad_sum_reference(grad, act)
-        with torch.no_grad():
-            got = grad.clone(memory_format=cl)
-            got_sum = conv_mod._relu_grad_sum(got, act)
-    finally:
-        torch.set_num_threads(before)
+    calls = _count_native(monkeypatch, "relu_grad_sum_cpu")
+    set_threads(threads)
+    torch.manual_seed(7)
+    cl = torch.channels_last
+    act = torch.randn(shape, dtype=dtype).relu_().contiguous(memory_format=cl)
+    grad = torch.randn(shape, dtype=dtype).contiguous(memory_format=cl)
+    if act.numel() >= 4:
+        a, g = act.permute(0, 2, 3, 1).view(-1), grad.permute(0, 2, 3, 1).view(-1)
+        a[:4] = torch.tensor([float("nan"), -0.0, 0.0, 1.0], dtype=dtype)
+        g[3] = float("nan")  # act > 0: passes through, into its channel's sum
+    want, want_sum = _relu_grad_sum_reference(grad, act)
+    with torch.no_grad():
+        got = grad.clone(memory_format=cl)
+        got_sum = conv_mod._relu_grad_sum(got, act)
     assert calls == [1]
     assert got_sum.dtype == dtype and got_sum.shape == (shape[1],)
     torch.testing.assert_close(got, want, rtol=0, atol=0, equal_nan=True)
@@ -422,30 +423,22 @@ def test_relu_grad_sum_kernel_rejects_bad_arguments():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("rows,c,threads", [(7, 5, 1), (0, 3, 1), (1000, 40, 2), (3, 1, 2)])
-def test_mm_bias_relu_matches_addmm_relu(monkeypatch, dtype, rows, c, threads, cpu_isa):
+def test_mm_bias_relu_matches_addmm_relu(
+    monkeypatch, set_threads, dtype, rows, c, threads, cpu_isa
+):
     """relu(a @ b + bias) through the native in-place bias + ReLU pass (bias_relu_cpu) equals
     torch.relu(torch.addmm(...)) (NaN stays NaN, as torch.relu), on 1 and 2 threads (40000
     elements: above the parallel grain), and the native pass ran."""
-    from fastflow import _backend as B
-
-    if not hasattr(B._C, "bias_relu_cpu"):
-        pytest.skip("no native kernels")
-    calls = []
-    real = B._C.bias_relu_cpu
-    monkeypatch.setattr(B._C, "bias_relu_cpu", lambda *a, **k: (calls.append(1), real(*a, **k))[1])
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        torch.manual_seed(9)
-        a, b = torch.randn(rows, 6, dtype=dtype), torch.randn(6, c, dtype=dtype)
-        bias = torch.randn(c, dtype=dtype)
-        if rows:
-            a[0, 0] = float("nan")  # a NaN row
-        want = torch.relu(torch.addmm(bias, a, b))
-        with torch.no_grad():
-            got = conv_mod._mm_bias_relu(a, b, bias)
-    finally:
-        torch.set_num_threads(before)
+    calls = _count_native(monkeypatch, "bias_relu_cpu")
+    set_threads(threads)
+    torch.manual_seed(9)
+    a, b = torch.randn(rows, 6, dtype=dtype), torch.randn(6, c, dtype=dtype)
+    bias = torch.randn(c, dtype=dtype)
+    if rows:
+        a[0, 0] = float("nan")  # a NaN row
+    want = torch.relu(torch.addmm(bias, a, b))
+    with torch.no_grad():
+        got = conv_mod._mm_bias_relu(a, b, bias)
     assert calls == [1]
     tol = 1e-5 if dtype == torch.float32 else 1e-12
     torch.testing.assert_close(got, want, rtol=tol, atol=tol, equal_nan=True)

@@ -255,33 +255,27 @@ def test_channel_affine_isa_variants(cpu_isa):
 
 @needs_native
 @pytest.mark.parametrize("threads", [1, 2])
-def test_channel_affine_weight_gradient_over_sample_blocks(cpu_isa, threads):
+def test_channel_affine_weight_gradient_over_sample_blocks(cpu_isa, set_threads, threads):
     """The W and b gradients sum over samples in blocks (csrc/invconv_cpu.cpp, grad_params_vec;
     per thread a contiguous range of samples): several blocks per thread, pixel counts that are
     not a multiple of the vector width, channel counts off the register tile, and Glow's small
     deep levels (C=48 on 4x4), against an fp64 einsum."""
-    from fastflow import _backend as B
     from fastflow.ops.invconv import _channel_affine_grad_params_impl as grad_params
 
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        g = torch.Generator().manual_seed(5)
-        for shape in [(400, 5, 6, 7), (64, 48, 4, 4), (3, 13, 5, 5), (9, 16, 1, 3)]:
-            for dt, tol in ((torch.float32, 1e-5), (torch.float64, 1e-12)):
-                x = torch.randn(shape, generator=g).to(dt)
-                gy = torch.randn(shape, generator=g).to(dt)
-                gw, gb = grad_params(x, gy)
-                xd, gd = x.double().flatten(2), gy.double().flatten(2)
-                want_w = torch.einsum("ncp,ndp->cd", gd, xd)
-                want_b = gd.sum((0, 2))
-                assert gw.dtype == dt and gb.dtype == dt
-                for got, want in ((gw, want_w), (gb, want_b)):
-                    scale = want.abs().max().item()
-                    torch.testing.assert_close(got.double(), want, rtol=tol, atol=tol * scale)
-    finally:
-        torch.set_num_threads(before)
-    assert B.num_threads() == before
+    set_threads(threads)
+    g = torch.Generator().manual_seed(5)
+    for shape in [(400, 5, 6, 7), (64, 48, 4, 4), (3, 13, 5, 5), (9, 16, 1, 3)]:
+        for dt, tol in ((torch.float32, 1e-5), (torch.float64, 1e-12)):
+            x = torch.randn(shape, generator=g).to(dt)
+            gy = torch.randn(shape, generator=g).to(dt)
+            gw, gb = grad_params(x, gy)
+            xd, gd = x.double().flatten(2), gy.double().flatten(2)
+            want_w = torch.einsum("ncp,ndp->cd", gd, xd)
+            want_b = gd.sum((0, 2))
+            assert gw.dtype == dt and gb.dtype == dt
+            for got, want in ((gw, want_w), (gb, want_b)):
+                scale = want.abs().max().item()
+                torch.testing.assert_close(got.double(), want, rtol=tol, atol=tol * scale)
 
 
 def test_channel_affine_empty_batch():
