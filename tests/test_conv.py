@@ -399,28 +399,6 @@ def test_relu_grad_sum_falls_back_off_the_native_layout(monkeypatch):
     )  # fmt: skip
 
 
-def test_relu_grad_sum_kernel_rejects_bad_arguments():
-    from fastflow import _backend as B
-
-    if not hasattr(B._C, "relu_grad_sum_cpu"):
-        pytest.skip("no native kernels")
-    buf = torch.zeros(8)
-    p = buf.data_ptr()
-    args = dict(dtype=0, rows=2, c=4, grad_ptr=p, act_ptr=p, sum_ptr=p, nthreads=1)
-    with pytest.raises(ValueError, match="rows >= 0 and c >= 1"):
-        B._C.relu_grad_sum_cpu(**{**args, "c": 0})
-    with pytest.raises(ValueError, match="rows >= 0 and c >= 1"):
-        B._C.relu_grad_sum_cpu(**{**args, "rows": -1})
-    with pytest.raises(ValueError, match="overflows"):
-        B._C.relu_grad_sum_cpu(**{**args, "rows": 2**62})
-    with pytest.raises(ValueError, match="act: null pointer"):
-        B._C.relu_grad_sum_cpu(**{**args, "act_ptr": 0})
-    with pytest.raises(ValueError, match="fp32 and fp64 only"):
-        B._C.relu_grad_sum_cpu(**{**args, "dtype": 2})
-    with pytest.raises(ValueError, match="nthreads"):
-        B._C.relu_grad_sum_cpu(**{**args, "nthreads": 0})
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("rows,c,threads", [(7, 5, 1), (0, 3, 1), (1000, 40, 2), (3, 1, 2)])
 def test_mm_bias_relu_matches_addmm_relu(
@@ -444,18 +422,36 @@ def test_mm_bias_relu_matches_addmm_relu(
     torch.testing.assert_close(got, want, rtol=tol, atol=tol, equal_nan=True)
 
 
-def test_bias_relu_kernel_rejects_bad_arguments():
+_BUF = torch.zeros(8)
+_P = _BUF.data_ptr()
+_ROW_KERNELS = {
+    "relu_grad_sum_cpu": dict(grad_ptr=_P, act_ptr=_P, sum_ptr=_P),
+    "bias_relu_cpu": dict(y_ptr=_P, bias_ptr=_P),
+}
+
+
+@pytest.mark.parametrize(
+    "kernel,change,match",
+    [
+        ("relu_grad_sum_cpu", {"c": 0}, "rows >= 0 and c >= 1"),
+        ("relu_grad_sum_cpu", {"rows": -1}, "rows >= 0 and c >= 1"),
+        ("relu_grad_sum_cpu", {"rows": 2**62}, "overflows"),
+        ("relu_grad_sum_cpu", {"act_ptr": 0}, "act: null pointer"),
+        ("relu_grad_sum_cpu", {"dtype": 2}, "fp32 and fp64 only"),
+        ("relu_grad_sum_cpu", {"nthreads": 0}, "nthreads"),
+        ("bias_relu_cpu", {"c": 0}, "rows >= 0 and c >= 1"),
+        ("bias_relu_cpu", {"rows": 2**62}, "overflows"),
+        ("bias_relu_cpu", {"bias_ptr": 0}, "bias: null pointer"),
+        ("bias_relu_cpu", {"dtype": 2}, "fp32 and fp64 only"),
+        ("bias_relu_cpu", {"nthreads": 0}, "nthreads"),
+    ],
+)
+def test_row_kernels_reject_bad_arguments(kernel, change, match):
+    """The ReLU passes check sizes, pointers, dtype and threads themselves (ValueError)."""
     from fastflow import _backend as B
 
-    if not hasattr(B._C, "bias_relu_cpu"):
+    if not hasattr(B._C, kernel):
         pytest.skip("no native kernels")
-    buf = torch.zeros(8)
-    args = dict(dtype=0, rows=2, c=4, y_ptr=buf.data_ptr(), bias_ptr=buf.data_ptr(), nthreads=1)
-    with pytest.raises(ValueError, match="rows >= 0 and c >= 1"):
-        B._C.bias_relu_cpu(**{**args, "c": 0})
-    with pytest.raises(ValueError, match="bias: null pointer"):
-        B._C.bias_relu_cpu(**{**args, "bias_ptr": 0})
-    with pytest.raises(ValueError, match="fp32 and fp64 only"):
-        B._C.bias_relu_cpu(**{**args, "dtype": 2})
-    with pytest.raises(ValueError, match="nthreads"):
-        B._C.bias_relu_cpu(**{**args, "nthreads": 0})
+    args = dict(dtype=0, rows=2, c=4, nthreads=1, **_ROW_KERNELS[kernel])
+    with pytest.raises(ValueError, match=match):
+        getattr(B._C, kernel)(**{**args, **change})
