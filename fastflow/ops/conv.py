@@ -342,10 +342,12 @@ def conv_mlp3(x, w1, b1, w2, b2, w3, b3) -> Tensor:
     """Glow's conditioner ``conv3x3 -> ReLU -> conv1x1 -> ReLU -> conv3x3`` ("same" padding,
     stride 1, biases) as matrix products in one autograd node: the image's pixels as rows, the
     3x3 layers through the native tap shift / tap sum (im2col of the few input channels; the tap
-    form of the few output channels). Equal to the convolutions up to rounding; for small inputs
-    on the CPU (:data:`CONV_MLP_MAX_MACS`), where a oneDNN convolution's fixed cost per call
-    dominates. Returns ``[N, C_out, H, W]`` in channels-last memory. Double backward works (it
-    differentiates the plain convolutions).
+    form of the few output channels; the hidden ReLUs with their biases in one native pass each
+    way). Equal to the convolutions up to rounding; used up to :data:`CONV_MLP_MAX_MACS` (per CPU
+    vendor: on AMD for small inputs, where a oneDNN convolution's fixed cost per call dominates;
+    on Intel, where MKL's products beat oneDNN's convolutions, at every Glow size). Returns
+    ``[N, C_out, H, W]`` in channels-last memory. Double backward works (it differentiates the
+    plain convolutions).
 
     Example:
         >>> x = torch.randn(4, 2, 4, 4)
