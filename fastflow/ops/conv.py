@@ -316,7 +316,9 @@ class _ConvMLP3(torch.autograd.Function):
             w1c = w1.flip(2, 3).permute(0, 2, 3, 1).reshape(hid, 9 * ci)
             gx = _tap_sum(gh1 @ w1c, n, h, w, ci)  # the adjoint of the im2col shift
             gx = gx.view(n, h, w, ci).permute(0, 3, 1, 2)
-        gw1 = (gh1.t() @ x9).view(hid, 3, 3, ci).permute(0, 3, 1, 2).flip(2, 3)
+        # x9^T gh1 ([9 ci, hid]), transposed after: MKL runs the product with the short side as
+        # the output's rows 1.7-2x faster than gh1^T x9 at Glow's level-0 sizes (1 and 2 threads)
+        gw1 = (x9.t() @ gh1).t().reshape(hid, 3, 3, ci).permute(0, 3, 1, 2).flip(2, 3)
         gw2 = (gh2.t() @ h1).view(hid, hid, 1, 1)
         gw3 = (g9.t() @ h2).view(3, 3, co, hid).permute(2, 3, 0, 1)
         gw1, gw2, gw3 = _like(gw1, w1), _like(gw2, w2), _like(gw3, w3)
