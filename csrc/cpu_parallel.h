@@ -24,15 +24,6 @@ inline int thread_id() {
 #endif
 }
 
-// Threads in the current parallel region (1 outside one, or without OpenMP).
-inline int team_size() {
-#if defined(_OPENMP)
-  return omp_get_num_threads();
-#else
-  return 1;
-#endif
-}
-
 inline void check_threads(const char* name, int nthreads) {
   check(nthreads >= 1, std::string(name) + ": nthreads must be >= 1");
 }

@@ -418,21 +418,16 @@ void grad_params_kernel(int64_t n, int64_t c, int64_t p, const T* x, const T* g,
   const int isa = cpu_isa_level();
   auto fn_img = grad_params_for<T>(isa);
   auto fn_row = grad_params_row_for<T>(isa);
-#pragma omp parallel num_threads(nt) if (par)
-  {
-    const int tid = thread_id();
-    A* aw = ws + tid * stride;
+  parallel_ranges(n, nt, [&](int64_t lo, int64_t hi) {
+    A* aw = ws + thread_id() * stride;
     A* ab = aw + c * c;
     if (p == 1) {
-#pragma omp for schedule(static)
-      for (int64_t i = 0; i < n; ++i) fn_row(x + i * c, g + i * c, c, aw, ab);
+      for (int64_t i = lo; i < hi; ++i) fn_row(x + i * c, g + i * c, c, aw, ab);
     } else {
       // a contiguous range of samples per thread, in one call (horizontal sums once per block)
-      const int nth = team_size();
-      const int64_t lo = n * tid / nth, hi = n * (tid + 1) / nth;
-      if (hi > lo) fn_img(x + lo * c * p, g + lo * c * p, hi - lo, c, p, aw, ab);
+      fn_img(x + lo * c * p, g + lo * c * p, hi - lo, c, p, aw, ab);
     }
-  }
+  });
   // Fixed-order sum over the per-thread accumulators: deterministic for a given thread count.
   for (int64_t k = 0; k < stride; ++k) {
     A s = ws[k];
