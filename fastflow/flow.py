@@ -81,6 +81,18 @@ class Flow(nn.Module):
     # -- normalizing direction -------------------------------------------------------------------
 
     def _run_forward(self, x: Tensor, context: Tensor | None) -> tuple[Tensor, Tensor, list]:
+        if (
+            self._event_shape is not None
+            and isinstance(x, torch.Tensor)
+            and tuple(x.shape[1:]) != self._event_shape
+        ):
+            # Also what keeps torch.compile's graphs static in the event dimensions (the check
+            # guards them), so only the batch size can become dynamic: inductor (torch 2.13)
+            # fails on the symbolic strides a dynamic image size gives Squeeze's output.
+            raise ValueError(
+                f"x must have shape [N, {', '.join(map(str, self._event_shape))}] for this "
+                f"flow, got {tuple(x.shape)}"
+            )
         if not (self.invertible_recompute and torch.is_grad_enabled()):
             return self.transforms.forward_with_latents(x, context)
         logdet, latents, chain = zero_logdet(x), [], []
