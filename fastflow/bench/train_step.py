@@ -311,7 +311,10 @@ def vector_case(
 def _compiled(impls: dict, x) -> dict:
     """``impls`` with each ``log_prob`` wrapped in ``torch.compile``, compiled here (forward and
     backward, one training step); implementations that fail to compile are left out, with the
-    error printed."""
+    error printed. Dynamo's caches are reset first, so that each case compiles as a user's one
+    model would: static shapes, not the dynamic ones automatic dynamic shapes pick after a case of
+    another size has compiled the same code."""
+    torch._dynamo.reset()
     out = {}
     for k, (mod, lp, smp) in impls.items():
         clp = torch.compile(lp)
