@@ -455,3 +455,59 @@ def test_row_kernels_reject_bad_arguments(kernel, change, match):
     args = dict(dtype=0, rows=2, c=4, nthreads=1, **_ROW_KERNELS[kernel])
     with pytest.raises(ValueError, match=match):
         getattr(B._C, kernel)(**{**args, **change})
+
+
+def test_conv_mlp3_ops_pass_opcheck_and_match_the_function():
+    """``fastflow::conv_mlp3_fwd`` / ``_bwd`` (what a compiled conditioner calls): opcheck
+    (schema, fake layouts, autograd registration) and the values and gradients of conv_mlp3."""
+    from fastflow.ops.conv import _mlp3_bwd_op, _mlp3_fwd_op, conv_mlp3, conv_mlp3_op
+
+    if not fastflow.info()["cpu_kernels"]:
+        pytest.skip("no native kernels")
+    ps = _mlp3_params(3, 8, 4, torch.float32, seed=2)
+    ps[0].data = ps[0].data.contiguous(memory_format=torch.channels_last)  # as the module keeps
+    x = torch.randn(2, 3, 5, 4).contiguous(memory_format=torch.channels_last).requires_grad_()
+    torch.library.opcheck(_mlp3_fwd_op, (x, *ps))
+    out, x9, h1, h2 = _mlp3_fwd_op(x.detach(), *[p.detach() for p in ps])
+    g = torch.randn_like(out)
+    w1, _, w2, _, w3, _ = (p.detach() for p in ps)
+    torch.library.opcheck(_mlp3_bwd_op, (g, x.detach(), w1, w2, w3, x9, h1, h2))
+    gi = torch.randn(2, 4, 5, 4)
+    y = conv_mlp3_op(x, *ps)
+    got = (y, *torch.autograd.grad(y, [x, *ps], gi))
+    y0 = conv_mlp3(x, *ps)
+    ref = (y0, *torch.autograd.grad(y0, [x, *ps], gi))
+    for a, r in zip(got, ref):
+        torch.testing.assert_close(a, r, rtol=1e-5, atol=1e-5)
+        assert a.stride() == r.stride()
+
+
+def test_compiled_glow_conditioner_calls_the_mlp3_op_and_matches_eager(mlp3_limits):
+    """Under torch.compile Glow's small conditioner is the ``conv_mlp3`` op (not inductor's
+    convolutions), with the plain layers' values and gradients."""
+    if not fastflow.info()["cpu_kernels"]:
+        pytest.skip("no native kernels")
+    from fastflow.nn.coupling import conv_subnet
+
+    torch.manual_seed(3)
+    net = conv_subnet(hidden=8)(2, 4)
+    for p in net.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    x = torch.randn(3, 2, 4, 4, requires_grad=True)
+    graphs = []
+
+    def record(gm, example_inputs):
+        graphs.append(str(gm.graph))
+        return gm.forward
+
+    torch.compile(net, backend=record, fullgraph=True)(x)
+    assert "fastflow.conv_mlp3_fwd" in graphs[0] and "conv2d" not in graphs[0]
+    compiled = torch.compile(net, fullgraph=True)
+    plain = nn.Sequential(*net)
+    g = torch.randn(3, 4, 4, 4)
+    y = compiled(x)
+    got = (y, *torch.autograd.grad(y, [x, *net.parameters()], g))
+    y0 = plain(x)
+    ref = (y0, *torch.autograd.grad(y0, [x, *plain.parameters()], g))
+    for a, r in zip(got, ref):
+        torch.testing.assert_close(a, r, rtol=1e-4, atol=1e-4)

@@ -33,6 +33,7 @@ from fastflow.ops.conv import (
     conv3x3,
     conv_mlp3,
     conv_mlp3_macs,
+    conv_mlp3_op,
     conv_net3,
 )
 from fastflow.ops.coupling import (
@@ -124,6 +125,11 @@ class ChannelsLastSequential(nn.Sequential):
             return super().forward(x)
         x = x.contiguous(memory_format=torch.channels_last)
         if torch.compiler.is_compiling() or x.dtype != torch.float32:
+            found = _conditioner_params(self, x) if x.dtype == torch.float32 else None
+            if found is not None and found[0] == "mlp3":
+                # compiled: the matrix-product conditioner as its torch.library ops (inductor
+                # would otherwise run its own convolutions, slower here: docs/DESIGN-NOTES.md)
+                return conv_mlp3_op(x, *found[1]).contiguous()
             return super().forward(x).contiguous()
         found = _conditioner_params(self, x)
         if found is not None:

@@ -277,23 +277,60 @@ def _differentiable_grads(ctx, ins: tuple[Tensor, ...], grad: Tensor) -> tuple:
     return tuple(next(got) if r else None for r in ctx.needs_input_grad)
 
 
+def _mlp3_forward(x, w1, b1, w2, b2, w3, b3) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """conv_mlp3's forward on the native passes (grad mode off): ``(out, x9, h1, h2)``, the
+    output as ``[N H W, C_out]`` pixel rows and the activations its backward reads."""
+    n, ci, h, w = x.shape
+    hid, co = w1.shape[0], w3.shape[0]
+    xr = x.permute(0, 2, 3, 1).contiguous().view(-1, ci)
+    # im2col by the tap shift: x9[p, t c + i] = x[p - d_t, i] = x[p + d_(8-t), i], so the
+    # first layer's taps are flipped to match.
+    x9 = _tap_shift(xr, n, h, w, ci)
+    w1c = w1.flip(2, 3).permute(0, 2, 3, 1).reshape(hid, 9 * ci)
+    h1 = _mm_bias_relu(x9, w1c.t(), b1)
+    w2m = w2.reshape(hid, hid)
+    h2 = _mm_bias_relu(h1, w2m.t(), b2)
+    w3a = w3.permute(2, 3, 0, 1).reshape(9 * co, hid)  # tap form: channel t * co + o
+    out = _tap_sum(h2 @ w3a.t(), n, h, w, co, b3.detach().contiguous())
+    return out, x9, h1, h2
+
+
+def _mlp3_backward(g, x, w1, w2, w3, x9, h1, h2, need_x: bool) -> tuple:
+    """conv_mlp3's backward from the output gradient as contiguous ``[N H W, C_out]`` rows:
+    ``(gx rows or None, gw1, gb1, gw2, gb2, gw3, gb3)``, weight gradients in the weights'
+    layouts."""
+    n, ci, h, w = x.shape
+    hid, co = w1.shape[0], w3.shape[0]
+    g9 = _tap_shift(g, n, h, w, co)  # the adjoint of the tap sum
+    w3a = w3.permute(2, 3, 0, 1).reshape(9 * co, hid)
+    gh2 = g9 @ w3a
+    gb2 = _relu_grad_sum(_rows_as_image(gh2, n, h, w), _rows_as_image(h2, n, h, w))
+    gh1 = gh2 @ w2.reshape(hid, hid)
+    gb1 = _relu_grad_sum(_rows_as_image(gh1, n, h, w), _rows_as_image(h1, n, h, w))
+    gx = None
+    if need_x:
+        w1c = w1.flip(2, 3).permute(0, 2, 3, 1).reshape(hid, 9 * ci)
+        gx = _tap_sum(gh1 @ w1c, n, h, w, ci)  # the adjoint of the im2col shift
+    # x9^T gh1 ([9 ci, hid]), transposed after: MKL runs the product with the short side as
+    # the output's rows 1.7-2x faster than gh1^T x9 at Glow's level-0 sizes (1 and 2 threads)
+    gw1 = (x9.t() @ gh1).t().reshape(hid, 3, 3, ci).permute(0, 3, 1, 2).flip(2, 3)
+    gw2 = (gh2.t() @ h1).view(hid, hid, 1, 1)
+    gw3 = (g9.t() @ h2).view(3, 3, co, hid).permute(2, 3, 0, 1)
+    gw1, gw2, gw3 = _like(gw1, w1), _like(gw2, w2), _like(gw3, w3)
+    return gx, gw1, gb1, gw2, gb2, gw3, g.sum(0)
+
+
+def _image_of_rows(rows: Tensor, like: Tensor) -> Tensor:
+    n, _, h, w = like.shape
+    return rows.view(n, h, w, rows.shape[1]).permute(0, 3, 1, 2)
+
+
 class _ConvMLP3(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, w1, b1, w2, b2, w3, b3):
-        n, ci, h, w = x.shape
-        hid, co = w1.shape[0], w3.shape[0]
-        xr = x.permute(0, 2, 3, 1).contiguous().view(-1, ci)
-        # im2col by the tap shift: x9[p, t c + i] = x[p - d_t, i] = x[p + d_(8-t), i], so the
-        # first layer's taps are flipped to match.
-        x9 = _tap_shift(xr, n, h, w, ci)
-        w1c = w1.flip(2, 3).permute(0, 2, 3, 1).reshape(hid, 9 * ci)
-        h1 = _mm_bias_relu(x9, w1c.t(), b1)
-        w2m = w2.reshape(hid, hid)
-        h2 = _mm_bias_relu(h1, w2m.t(), b2)
-        w3a = w3.permute(2, 3, 0, 1).reshape(9 * co, hid)  # tap form: channel t * co + o
-        out = _tap_sum(h2 @ w3a.t(), n, h, w, co, b3.detach().contiguous())
+        out, x9, h1, h2 = _mlp3_forward(x, w1, b1, w2, b2, w3, b3)
         ctx.save_for_backward(x, w1, b1, w2, b2, w3, b3, x9, h1, h2)
-        return out.view(n, h, w, co).permute(0, 3, 1, 2)
+        return _image_of_rows(out, x)
 
     @staticmethod
     def backward(ctx, grad):
@@ -302,27 +339,77 @@ class _ConvMLP3(torch.autograd.Function):
             # create_graph: differentiate the plain convolutions instead (same function), so
             # that the gradient is itself differentiable.
             return _differentiable_grads(ctx, (x, w1, b1, w2, b2, w3, b3), grad)
-        n, ci, h, w = x.shape
-        hid, co = w1.shape[0], w3.shape[0]
-        g = grad.permute(0, 2, 3, 1).contiguous().view(-1, co)
-        g9 = _tap_shift(g, n, h, w, co)  # the adjoint of the tap sum
-        w3a = w3.permute(2, 3, 0, 1).reshape(9 * co, hid)
-        gh2 = g9 @ w3a
-        gb2 = _relu_grad_sum(_rows_as_image(gh2, n, h, w), _rows_as_image(h2, n, h, w))
-        gh1 = gh2 @ w2.reshape(hid, hid)
-        gb1 = _relu_grad_sum(_rows_as_image(gh1, n, h, w), _rows_as_image(h1, n, h, w))
-        gx = None
-        if ctx.needs_input_grad[0]:
-            w1c = w1.flip(2, 3).permute(0, 2, 3, 1).reshape(hid, 9 * ci)
-            gx = _tap_sum(gh1 @ w1c, n, h, w, ci)  # the adjoint of the im2col shift
-            gx = gx.view(n, h, w, ci).permute(0, 3, 1, 2)
-        # x9^T gh1 ([9 ci, hid]), transposed after: MKL runs the product with the short side as
-        # the output's rows 1.7-2x faster than gh1^T x9 at Glow's level-0 sizes (1 and 2 threads)
-        gw1 = (x9.t() @ gh1).t().reshape(hid, 3, 3, ci).permute(0, 3, 1, 2).flip(2, 3)
-        gw2 = (gh2.t() @ h1).view(hid, hid, 1, 1)
-        gw3 = (g9.t() @ h2).view(3, 3, co, hid).permute(2, 3, 0, 1)
-        gw1, gw2, gw3 = _like(gw1, w1), _like(gw2, w2), _like(gw3, w3)
-        return gx, gw1, gb1, gw2, gb2, gw3, g.sum(0)
+        g = grad.permute(0, 2, 3, 1).contiguous().view(-1, w3.shape[0])
+        gx, *rest = _mlp3_backward(g, x, w1, w2, w3, x9, h1, h2, ctx.needs_input_grad[0])
+        return (None if gx is None else _image_of_rows(gx, x)), *rest
+
+
+# The same forward and backward as torch.library ops, for torch.compile: a compiled Glow calls
+# them instead of compiling the plain convolutions (the eager path keeps the autograd.Function,
+# without the dispatcher's cost per call). Outputs are fresh contiguous buffers (the output and
+# input gradient as pixel rows, viewed as images outside the op), so the fake implementations
+# below state their layouts exactly.
+@torch.library.custom_op("fastflow::conv_mlp3_fwd", mutates_args=())
+def _mlp3_fwd_op(
+    x: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor, w3: Tensor, b3: Tensor
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    with torch.no_grad():
+        return _mlp3_forward(x, w1, b1, w2, b2, w3, b3)
+
+
+@_mlp3_fwd_op.register_fake
+def _(x, w1, b1, w2, b2, w3, b3):
+    n, ci, h, w = x.shape
+    rows, hid = n * h * w, w1.shape[0]
+    new = x.new_empty
+    return new((rows, w3.shape[0])), new((rows, 9 * ci)), new((rows, hid)), new((rows, hid))
+
+
+@torch.library.custom_op("fastflow::conv_mlp3_bwd", mutates_args=())
+def _mlp3_bwd_op(
+    g: Tensor, x: Tensor, w1: Tensor, w2: Tensor, w3: Tensor, x9: Tensor, h1: Tensor, h2: Tensor
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    with torch.no_grad():
+        gx, gw1, gb1, gw2, gb2, gw3, gb3 = _mlp3_backward(g, x, w1, w2, w3, x9, h1, h2, True)
+        # the weight gradients with exactly the strides of empty_like(weight) (the fake below;
+        # _like may keep other strides on size-1 dims)
+        gw1, gw2, gw3 = (
+            torch.empty_like(wt).copy_(gt) for wt, gt in ((w1, gw1), (w2, gw2), (w3, gw3))
+        )
+        return gx, gw1, gb1, gw2, gb2, gw3, gb3
+
+
+@_mlp3_bwd_op.register_fake
+def _(g, x, w1, w2, w3, x9, h1, h2):
+    n, ci, h, w = x.shape
+    hid, co = w1.shape[0], w3.shape[0]
+    e = torch.empty_like
+    return (x.new_empty((n * h * w, ci)), e(w1), x.new_empty((hid,)), e(w2),
+            x.new_empty((hid,)), e(w3), x.new_empty((co,)))  # fmt: skip
+
+
+def _setup_mlp3_op(ctx, inputs, output):
+    x, w1, b1, w2, b2, w3, b3 = inputs
+    _, x9, h1, h2 = output
+    ctx.mark_non_differentiable(x9, h1, h2)
+    ctx.save_for_backward(x, w1, b1, w2, b2, w3, b3, x9, h1, h2)
+
+
+def _backward_mlp3_op(ctx, grad, *_activations):
+    x, w1, b1, w2, b2, w3, b3, x9, h1, h2 = ctx.saved_tensors
+    if torch.is_grad_enabled():  # create_graph: differentiable, through the plain convolutions
+        return _differentiable_grads(ctx, (x, w1, b1, w2, b2, w3, b3), _image_of_rows(grad, x))
+    gx, *rest = _mlp3_bwd_op(grad.contiguous(), x, w1, w2, w3, x9, h1, h2)
+    return _image_of_rows(gx, x), *rest
+
+
+_mlp3_fwd_op.register_autograd(_backward_mlp3_op, setup_context=_setup_mlp3_op)
+
+
+def conv_mlp3_op(x, w1, b1, w2, b2, w3, b3) -> Tensor:
+    """:func:`conv_mlp3` through the ``fastflow::conv_mlp3_fwd`` / ``_bwd`` ops: what a
+    ``torch.compile``d conditioner calls (same values and layout)."""
+    return _image_of_rows(_mlp3_fwd_op(x, w1, b1, w2, b2, w3, b3)[0], x)
 
 
 def _check_net3(x, w1, b1, w2, b2, w3, b3, fn: str) -> None:
