@@ -291,17 +291,17 @@ def test_conv_mlp3_double_backward():
     assert torch.autograd.gradgradcheck(lambda x, *p: conv_mlp3(x, *p), (x, *ps))
 
 
-def test_conv_mlp3_bad_arguments_name_them():
-    from fastflow.ops.conv import conv_mlp3
-
+@pytest.mark.parametrize("fn", ["conv_mlp3", "conv_mlp3_op"])
+def test_conv_mlp3_bad_arguments_name_them(fn):
+    f = getattr(conv_mod, fn)
     ps = _mlp3_params(2, 3, 2, torch.float32)
     x = torch.randn(1, 2, 3, 3)
-    with pytest.raises(ValueError, match="w2 must be"):
-        conv_mlp3(x, ps[0], ps[1], ps[2][:, :2], *ps[3:])
+    with pytest.raises(ValueError, match=f"{fn}: w2 must be"):
+        f(x, ps[0], ps[1], ps[2][:, :2], *ps[3:])
     with pytest.raises(ValueError, match="b3 must be"):
-        conv_mlp3(x, *ps[:5], ps[5].double())
+        f(x, *ps[:5], ps[5].double())
     with pytest.raises(ValueError, match="x must be"):
-        conv_mlp3(x[0], *ps)
+        f(x[0], *ps)
 
 
 def test_small_glow_conditioner_runs_as_one_node(monkeypatch, mlp3_limits):
