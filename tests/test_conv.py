@@ -153,11 +153,8 @@ def test_conv_net3_matches_the_convolutions_fp64(monkeypatch, n, gemm_last, avx5
     x = torch.randn(n, 3, 16, 16, dtype=torch.float64)
     x = x.contiguous(memory_format=torch.channels_last).requires_grad_()
     g = torch.randn(n, 4, 16, 16, dtype=torch.float64)
-    y = conv_net3(x, *ps)
-    got = (y, *torch.autograd.grad(y, [x, *ps], g))
-    y0 = _conv_mlp3_plain(x, *ps)
-    ref = (y0, *torch.autograd.grad(y0, [x, *ps], g))
-    for a, r in zip(got, ref):
+    got = _value_and_grads(conv_net3, x, ps, g)
+    for a, r in zip(got, _value_and_grads(_conv_mlp3_plain, x, ps, g)):
         torch.testing.assert_close(a, r, rtol=1e-11, atol=1e-11)
     ps2 = _mlp3_params(2, 3, 2, torch.float64, seed=5)
     x2 = torch.randn(1, 2, 3, 3, dtype=torch.float64, requires_grad=True)
@@ -260,6 +257,12 @@ def test_tap_kernels_reject_bad_arguments():
         )  # fmt: skip
 
 
+def _value_and_grads(f, x, ps, g) -> tuple:
+    """``f(x, *ps)`` and its gradients with respect to x and every parameter for ``g``."""
+    y = f(x, *ps)
+    return (y, *torch.autograd.grad(y, [x, *ps], g))
+
+
 def _mlp3_params(ci, hid, co, dtype, seed=0):
     torch.manual_seed(seed)
     shapes = [(hid, ci, 3, 3), (hid,), (hid, hid, 1, 1), (hid,), (co, hid, 3, 3), (co,)]
@@ -275,11 +278,8 @@ def test_conv_mlp3_matches_the_convolutions_fp64(shape):
     ps = _mlp3_params(ci, 6, 4, torch.float64)
     x = torch.randn(n, ci, h, w, dtype=torch.float64, requires_grad=True)
     g = torch.randn(n, 4, h, w, dtype=torch.float64)
-    y = conv_mlp3(x, *ps)
-    got = (y, *torch.autograd.grad(y, [x, *ps], g))
-    y0 = _conv_mlp3_plain(x, *ps)
-    ref = (y0, *torch.autograd.grad(y0, [x, *ps], g))
-    for a, r in zip(got, ref):
+    got = _value_and_grads(conv_mlp3, x, ps, g)
+    for a, r in zip(got, _value_and_grads(_conv_mlp3_plain, x, ps, g)):
         torch.testing.assert_close(a, r, rtol=1e-11, atol=1e-11)
 
 
@@ -291,9 +291,8 @@ def test_conv_mlp3_double_backward():
     assert torch.autograd.gradgradcheck(lambda x, *p: conv_mlp3(x, *p), (x, *ps))
 
 
-@pytest.mark.parametrize("fn", ["conv_mlp3", "conv_mlp3_op"])
-def test_conv_mlp3_bad_arguments_name_them(fn):
-    f = getattr(conv_mod, fn)
+def test_conv_mlp3_bad_arguments_name_them():
+    f, fn = conv_mod.conv_mlp3, "conv_mlp3"
     ps = _mlp3_params(2, 3, 2, torch.float32)
     x = torch.randn(1, 2, 3, 3)
     with pytest.raises(ValueError, match=f"{fn}: w2 must be"):
@@ -460,7 +459,7 @@ def test_row_kernels_reject_bad_arguments(kernel, change, match):
 def test_conv_mlp3_ops_pass_opcheck_and_match_the_function():
     """``fastflow::conv_mlp3_fwd`` / ``_bwd`` (what a compiled conditioner calls): opcheck
     (schema, fake layouts, autograd registration) and the values and gradients of conv_mlp3."""
-    from fastflow.ops.conv import _mlp3_bwd_op, _mlp3_fwd_op, conv_mlp3, conv_mlp3_op
+    from fastflow.ops.conv import _image_of_rows, _mlp3_bwd_op, _mlp3_fwd_op, conv_mlp3
 
     if not fastflow.info()["cpu_kernels"]:
         pytest.skip("no native kernels")
@@ -473,11 +472,8 @@ def test_conv_mlp3_ops_pass_opcheck_and_match_the_function():
     w1, _, w2, _, w3, _ = (p.detach() for p in ps)
     torch.library.opcheck(_mlp3_bwd_op, (g, x.detach(), w1, w2, w3, x9, h1, h2))
     gi = torch.randn(2, 4, 5, 4)
-    y = conv_mlp3_op(x, *ps)
-    got = (y, *torch.autograd.grad(y, [x, *ps], gi))
-    y0 = conv_mlp3(x, *ps)
-    ref = (y0, *torch.autograd.grad(y0, [x, *ps], gi))
-    for a, r in zip(got, ref):
+    got = _value_and_grads(lambda *a: _image_of_rows(_mlp3_fwd_op(*a)[0], x), x, ps, gi)
+    for a, r in zip(got, _value_and_grads(conv_mlp3, x, ps, gi)):
         torch.testing.assert_close(a, r, rtol=1e-5, atol=1e-5)
         assert a.stride() == r.stride()
 
@@ -505,9 +501,6 @@ def test_compiled_glow_conditioner_calls_the_mlp3_op_and_matches_eager(mlp3_limi
     compiled = torch.compile(net, fullgraph=True)
     plain = nn.Sequential(*net)
     g = torch.randn(3, 4, 4, 4)
-    y = compiled(x)
-    got = (y, *torch.autograd.grad(y, [x, *net.parameters()], g))
-    y0 = plain(x)
-    ref = (y0, *torch.autograd.grad(y0, [x, *plain.parameters()], g))
-    for a, r in zip(got, ref):
+    got = _value_and_grads(lambda x, *_: compiled(x), x, list(net.parameters()), g)
+    for a, r in zip(got, _value_and_grads(lambda x, *_: plain(x), x, list(net.parameters()), g)):
         torch.testing.assert_close(a, r, rtol=1e-4, atol=1e-4)

@@ -33,7 +33,6 @@ from fastflow.ops.conv import (
     conv3x3,
     conv_mlp3,
     conv_mlp3_macs,
-    conv_mlp3_op,
     conv_net3,
 )
 from fastflow.ops.coupling import (
@@ -129,7 +128,7 @@ class ChannelsLastSequential(nn.Sequential):
             if found is not None and found[0] == "mlp3":
                 # compiled: the matrix-product conditioner as its torch.library ops (inductor
                 # would otherwise run its own convolutions, slower here: docs/DESIGN-NOTES.md)
-                return conv_mlp3_op(x, *found[1]).contiguous()
+                return conv_mlp3(x, *found[1]).contiguous()
             return super().forward(x).contiguous()
         found = _conditioner_params(self, x)
         if found is not None:

@@ -24,7 +24,6 @@ from fastflow import _backend as B
 __all__ = [
     "conv3x3",
     "conv_mlp3",
-    "conv_mlp3_op",
     "conv_net3",
     "TAP_SPLIT_MAX_OUT",
     "TAP_SPLIT_MAX_WGRAD",
@@ -407,26 +406,6 @@ def _backward_mlp3_op(ctx, grad, *_activations):
 _mlp3_fwd_op.register_autograd(_backward_mlp3_op, setup_context=_setup_mlp3_op)
 
 
-def conv_mlp3_op(x, w1, b1, w2, b2, w3, b3) -> Tensor:
-    """:func:`conv_mlp3` through the ``fastflow::conv_mlp3_fwd`` / ``_bwd`` ops: what a
-    ``torch.compile``d conditioner calls (same values, layout and checks; the plain
-    convolutions without the native kernels).
-
-    Example:
-        >>> x = torch.randn(4, 2, 4, 4)
-        >>> w1, b1 = torch.randn(8, 2, 3, 3), torch.randn(8)
-        >>> w2, b2 = torch.randn(8, 8, 1, 1), torch.randn(8)
-        >>> w3, b3 = torch.randn(4, 8, 3, 3), torch.randn(4)
-        >>> y = conv_mlp3_op(x, w1, b1, w2, b2, w3, b3)
-        >>> bool(torch.allclose(y, conv_mlp3(x, w1, b1, w2, b2, w3, b3)))
-        True
-    """
-    _check_net3(x, w1, b1, w2, b2, w3, b3, "conv_mlp3_op")
-    if not B.use_native(x) or not hasattr(B._C, "conv_tap_sum_cpu"):
-        return _conv_mlp3_plain(x, w1, b1, w2, b2, w3, b3)
-    return _image_of_rows(_mlp3_fwd_op(x, w1, b1, w2, b2, w3, b3)[0], x)
-
-
 def _check_net3(x, w1, b1, w2, b2, w3, b3, fn: str) -> None:
     if x.dim() != 4 or x.device.type != "cpu" or x.dtype not in (torch.float32, torch.float64):
         raise ValueError(f"{fn}: x must be a [N, C, H, W] fp32/fp64 CPU tensor")
@@ -451,7 +430,8 @@ def conv_mlp3(x, w1, b1, w2, b2, w3, b3) -> Tensor:
     vendor: on AMD for small inputs, where a oneDNN convolution's fixed cost per call dominates;
     on Intel, where MKL's products beat oneDNN's convolutions, at every Glow size). Returns
     ``[N, C_out, H, W]`` in channels-last memory. Double backward works (it differentiates the
-    plain convolutions).
+    plain convolutions). Under ``torch.compile`` it is the ops ``fastflow::conv_mlp3_fwd`` /
+    ``fastflow::conv_mlp3_bwd`` (same values and layout).
 
     Example:
         >>> x = torch.randn(4, 2, 4, 4)
@@ -466,6 +446,8 @@ def conv_mlp3(x, w1, b1, w2, b2, w3, b3) -> Tensor:
     _check_net3(x, w1, b1, w2, b2, w3, b3, "conv_mlp3")
     if not B.use_native(x) or not hasattr(B._C, "conv_tap_sum_cpu"):
         return _conv_mlp3_plain(x, w1, b1, w2, b2, w3, b3)
+    if torch.compiler.is_compiling():
+        return _image_of_rows(_mlp3_fwd_op(x, w1, b1, w2, b2, w3, b3)[0], x)
     return _ConvMLP3.apply(x, w1, b1, w2, b2, w3, b3)
 
 
