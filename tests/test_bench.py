@@ -241,6 +241,22 @@ def test_bad_flag_types_are_argparse_errors(capsys):
     assert e.value.code == 2 and "--threads: invalid int value" in capsys.readouterr().err
 
 
+def test_peak_memory_is_the_least_over_repeats():
+    # each repeat is a warm-up call and a measured call; the first repeat's calls allocate 8x
+    # more, so the least over the two is the second's (~16 MiB), not the first's (~128 MiB)
+    from fastflow.bench._common import peak_memory_mb
+
+    sizes = iter([128, 128, 16, 16])
+
+    def fn():
+        torch.ones(next(sizes) * 2**18).sum()  # MiB of fp32 ones
+
+    mb = peak_memory_mb(fn, repeats=2)
+    if math.isnan(mb):
+        pytest.skip("no resident-set measurement on this platform")
+    assert 8 < mb < 64
+
+
 def test_memory_script_times_both_variants_interleaved(tmp_path, capsys):
     # bench/memory.py's own entry point on a tiny Glow: both variants timed (in turns) and
     # measured, results written where asked

@@ -141,8 +141,12 @@ def _status_kb(field: str) -> int:
     raise RuntimeError(f"{field} not in /proc/self/status")
 
 
-def peak_memory_mb(fn: Callable[[], object], device: str | torch.device = "cpu") -> float:
-    """Peak memory ``fn()`` allocates beyond what is live before it, in MiB.
+def peak_memory_mb(
+    fn: Callable[[], object], device: str | torch.device = "cpu", repeats: int = 1
+) -> float:
+    """Peak memory ``fn()`` allocates beyond what is live before it, in MiB: the least over
+    ``repeats`` calls, each measured on its own (on CPU one call's high-water mark varies with
+    allocation order across threads: 229-426 MiB between runs for the same Glow step).
 
     ``fn`` must not keep anything alive between calls (e.g. ``.grad`` of leaves: free them at the
     end of ``fn``), since the baseline is taken after a warm-up call.
@@ -152,6 +156,8 @@ def peak_memory_mb(fn: Callable[[], object], device: str | torch.device = "cpu")
     before it, measured with every large allocation mmapped (see :func:`malloc_mode`) so freed
     memory leaves the resident set. Returns NaN where neither is available.
     """
+    if repeats > 1:
+        return min(peak_memory_mb(fn, device) for _ in range(repeats))
     if torch.device(device).type == "cuda":
         fn()  # warm-up: lazy initialisation must not count
         gc.collect()
