@@ -249,13 +249,13 @@ def conv3x3(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
 #   channels 0.8x.
 # * Intel Xeon (Sapphire Rapids): the matrix products win at every Glow level benchmarked: 2.0-2.4x
 #   at 3-8M (1x8x8), 1.09-1.35x at 95-292M (1x28x28, hidden 128), 1.07-1.31x at 118-304M with 24
-#   and 48 output channels and 1.01x / 1.04x (1 / 2 threads) at 877M (3x32x32, hidden 256);
-#   larger sizes were not measured and keep oneDNN. docs/DESIGN-NOTES.md, "Glow's conditioner
-#   on the Intel runner".
+#   and 48 output channels and 1.01x / 1.04x (1 / 2 threads) at 877M (3x32x32, hidden 256); with
+#   hidden 512 (the README's Glow) 1.08-1.10x / 1.01-1.14x at 1.75-5.65G; larger sizes were not
+#   measured and keep oneDNN. docs/DESIGN-NOTES.md, "Glow's conditioner on the Intel runner".
 if B.cpu_vendor() == "amd":
     CONV_MLP_MAX_MACS, CONV_MLP_MAX_CHANNELS = 12_000_000, 8
 else:
-    CONV_MLP_MAX_MACS, CONV_MLP_MAX_CHANNELS = 1_000_000_000, 48
+    CONV_MLP_MAX_MACS, CONV_MLP_MAX_CHANNELS = 6_000_000_000, 48
 
 
 def conv_mlp3_macs(n: int, h: int, w: int, c_in: int, hidden: int, c_out: int) -> int:
