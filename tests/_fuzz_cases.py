@@ -1804,6 +1804,19 @@ def conv_cases() -> list[Case]:
         build = _conv_build(n, ci, h, w, hid, co, dtype, layout, vals, op != "conv3x3")
         k = 3 if op == "conv3x3" else 7
         cases.append(Case(name(desc), ops[op], build=build, grad=_grad_args(*range(k)), tol=5.0))
+
+    # conv_mlp3's torch.library forward (what a compiled conditioner calls), called directly,
+    # against the plain layers
+    def mlp3_fwd_op(x, *p):
+        return CV._image_of_rows(torch.ops.fastflow.conv_mlp3_fwd(x, *p)[0], x)
+
+    for n, ci, h, w, hid, co, dtype, layout in [
+        (3, 2, 5, 4, 9, 4, F32, "strided"), (1, 6, 1, 1, 4, 12, F64, "contig"),
+        (17, 3, 16, 16, 9, 8, F32, "chlast"), (0, 2, 4, 4, 4, 2, F32, "contig"),
+    ]:  # fmt: skip
+        build = _conv_build(n, ci, h, w, hid, co, dtype, layout, "randn", True)
+        desc = f"mlp3-op-{DNAME[dtype]}-{n}x{ci}x{h}x{w}-h{hid}-o{co}-{layout}"
+        cases.append(Case(name(desc), mlp3_fwd_op, build=build, ref=_conv_ref, tol=5.0))
     # the oracle itself on two cases (independent of the slice fallback the reference backend uses)
     for op in ("conv3x3", "net3"):
         build = _conv_build(17, 3, 16, 16, 9, 4, F64, "chlast", "randn", op != "conv3x3")
@@ -1822,6 +1835,26 @@ def conv_cases() -> list[Case]:
             _conv_build(2, 2, 4, 4, 4, 2, F32, "contig", "randn", True),
         ),  # fmt: skip
     ]
+
+    def mlp3_bwd_args(bad: str):
+        def build(g):
+            x, *p = _conv_build(2, 2, 4, 4, 4, 2, F32, "contig", "randn", True)(g)[0]
+            out, x9, h1, h2 = torch.ops.fastflow.conv_mlp3_fwd(x, *p)
+            saved = {"g": torch.ones_like(out), "x9": x9, "h1": h1, "h2": h2}
+            saved[bad] = {"g": saved["g"][:-1], "x9": x9.double(), "h1": h1.t().contiguous().t(),
+                          "h2": h2[:, :2]}[bad]  # fmt: skip
+            return [saved["g"], x, p[0], p[2], p[4], saved["x9"], saved["h1"], saved["h2"]], {}
+
+        return build
+
+    bad += [
+        ("mlp3-op-x-3d", torch.ops.fastflow.conv_mlp3_fwd,
+         lambda g: ([torch.randn(2, 4, 4)] + _conv_build(1, 2, 4, 4, 4, 2, F32, "contig",
+                                                         "randn", True)(g)[0][1:], {})),
+    ] + [
+        (f"mlp3-bwd-op-{k}", torch.ops.fastflow.conv_mlp3_bwd, mlp3_bwd_args(k))
+        for k in ("g", "x9", "h1", "h2")
+    ]  # fmt: skip
     for desc, op, build in bad:
         if desc == "mlp3-dtype":
             inner = build

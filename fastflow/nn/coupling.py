@@ -123,14 +123,16 @@ class ChannelsLastSequential(nn.Sequential):
         if x.dim() != 4 or x.device.type != "cpu":
             return super().forward(x)
         x = x.contiguous(memory_format=torch.channels_last)
-        if torch.compiler.is_compiling() or x.dtype != torch.float32:
-            found = _conditioner_params(self, x) if x.dtype == torch.float32 else None
-            if found is not None and found[0] == "mlp3":
-                # compiled: the matrix-product conditioner as its torch.library ops (inductor
-                # would otherwise run its own convolutions, slower here: docs/DESIGN-NOTES.md)
-                return conv_mlp3(x, *found[1]).contiguous()
+        if x.dtype != torch.float32:
             return super().forward(x).contiguous()
         found = _conditioner_params(self, x)
+        if torch.compiler.is_compiling():
+            # compiled: the matrix-product conditioner as its torch.library ops (inductor would
+            # otherwise run its own convolutions, slower here: docs/DESIGN-NOTES.md); the rest as
+            # plain layers
+            if found is not None and found[0] == "mlp3":
+                return conv_mlp3(x, *found[1]).contiguous()
+            return super().forward(x).contiguous()
         if found is not None:
             # Glow's whole 3-1-3 conditioner in one autograd node: on a small input as matrix
             # products (conv_mlp3: five oneDNN calls' fixed cost is most of the time there),

@@ -297,8 +297,8 @@ def _mlp3_forward(x, w1, b1, w2, b2, w3, b3) -> tuple[Tensor, Tensor, Tensor, Te
 
 def _mlp3_backward(g, x, w1, w2, w3, x9, h1, h2, need_x: bool) -> tuple:
     """conv_mlp3's backward from the output gradient as contiguous ``[N H W, C_out]`` rows:
-    ``(gx rows or None, gw1, gb1, gw2, gb2, gw3, gb3)``, weight gradients in the weights'
-    layouts."""
+    ``(gx rows or None, gw1, gb1, gw2, gb2, gw3, gb3)``, the weight gradients in whatever
+    layout their products leave (the callers put them in the weights' layouts)."""
     n, ci, h, w = x.shape
     hid, co = w1.shape[0], w3.shape[0]
     g9 = _tap_shift(g, n, h, w, co)  # the adjoint of the tap sum
@@ -316,13 +316,12 @@ def _mlp3_backward(g, x, w1, w2, w3, x9, h1, h2, need_x: bool) -> tuple:
     gw1 = (x9.t() @ gh1).t().reshape(hid, 3, 3, ci).permute(0, 3, 1, 2).flip(2, 3)
     gw2 = (gh2.t() @ h1).view(hid, hid, 1, 1)
     gw3 = (g9.t() @ h2).view(3, 3, co, hid).permute(2, 3, 0, 1)
-    gw1, gw2, gw3 = _like(gw1, w1), _like(gw2, w2), _like(gw3, w3)
     return gx, gw1, gb1, gw2, gb2, gw3, g.sum(0)
 
 
 def _image_of_rows(rows: Tensor, like: Tensor) -> Tensor:
-    n, _, h, w = like.shape
-    return rows.view(n, h, w, rows.shape[1]).permute(0, 3, 1, 2)
+    """:func:`_rows_as_image` with the image size of ``like`` ([N, C, H, W])."""
+    return _rows_as_image(rows, like.shape[0], like.shape[2], like.shape[3])
 
 
 class _ConvMLP3(torch.autograd.Function):
@@ -340,8 +339,11 @@ class _ConvMLP3(torch.autograd.Function):
             # that the gradient is itself differentiable.
             return _differentiable_grads(ctx, (x, w1, b1, w2, b2, w3, b3), grad)
         g = grad.permute(0, 2, 3, 1).contiguous().view(-1, w3.shape[0])
-        gx, *rest = _mlp3_backward(g, x, w1, w2, w3, x9, h1, h2, ctx.needs_input_grad[0])
-        return (None if gx is None else _image_of_rows(gx, x)), *rest
+        gx, gw1, gb1, gw2, gb2, gw3, gb3 = _mlp3_backward(
+            g, x, w1, w2, w3, x9, h1, h2, ctx.needs_input_grad[0]
+        )
+        gx = None if gx is None else _image_of_rows(gx, x)
+        return gx, _like(gw1, w1), gb1, _like(gw2, w2), gb2, _like(gw3, w3), gb3
 
 
 # The same forward and backward as torch.library ops, for torch.compile: a compiled Glow calls
@@ -353,6 +355,7 @@ class _ConvMLP3(torch.autograd.Function):
 def _mlp3_fwd_op(
     x: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor, w3: Tensor, b3: Tensor
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    _check_net3(x, w1, b1, w2, b2, w3, b3, "fastflow::conv_mlp3_fwd")
     with torch.no_grad():
         return _mlp3_forward(x, w1, b1, w2, b2, w3, b3)
 
@@ -369,6 +372,7 @@ def _(x, w1, b1, w2, b2, w3, b3):
 def _mlp3_bwd_op(
     g: Tensor, x: Tensor, w1: Tensor, w2: Tensor, w3: Tensor, x9: Tensor, h1: Tensor, h2: Tensor
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    _check_mlp3_saved(g, x, w1, w3, x9, h1, h2)
     with torch.no_grad():
         gx, gw1, gb1, gw2, gb2, gw3, gb3 = _mlp3_backward(g, x, w1, w2, w3, x9, h1, h2, True)
         # the weight gradients with exactly the strides of empty_like(weight) (the fake below;
@@ -386,6 +390,21 @@ def _(g, x, w1, w2, w3, x9, h1, h2):
     e = torch.empty_like
     return (x.new_empty((n * h * w, ci)), e(w1), x.new_empty((hid,)), e(w2),
             x.new_empty((hid,)), e(w3), x.new_empty((co,)))  # fmt: skip
+
+
+def _check_mlp3_saved(g, x, w1, w3, x9, h1, h2) -> None:
+    """The backward op's own arguments (a direct ``torch.ops`` call can pass anything): the output
+    gradient and the forward's activations as contiguous pixel-row matrices of x's size and dtype
+    (the weights are checked by the forward op)."""
+    n, ci, h, w = x.shape
+    rows, hid, co = n * h * w, w1.shape[0], w3.shape[0]
+    for name, t, cols in (("g", g, co), ("x9", x9, 9 * ci), ("h1", h1, hid), ("h2", h2, hid)):
+        if tuple(t.shape) != (rows, cols) or t.dtype != x.dtype or not t.is_contiguous():
+            raise ValueError(
+                f"fastflow::conv_mlp3_bwd: {name} must be a contiguous [{rows}, {cols}] "
+                f"{x.dtype} tensor, got {tuple(t.shape)} {t.dtype}"
+                + ("" if t.is_contiguous() else " (not contiguous)")
+            )
 
 
 def _setup_mlp3_op(ctx, inputs, output):
