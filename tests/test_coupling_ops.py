@@ -349,6 +349,46 @@ def test_batch_strided_views_are_read_in_place(shape):
     torch.testing.assert_close(y, x.detach() + t.detach())
 
 
+@pytest.mark.parametrize("m", [1, 7, 16, 32, 33])
+@pytest.mark.parametrize("scale_fn", SCALES)
+@pytest.mark.parametrize("strided", [False, True])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_short_samples_in_blocks(m, scale_fn, strided, threads, set_threads):
+    # samples of m <= 32 run in blocks of whole samples (csrc/coupling_cpu.cpp, kPackMax), the
+    # batch-strided halves copied into the block: many blocks, a partial last one, both threads'
+    # ranges (n m above the parallel grain at m >= 16); m = 33 is the per-sample path beside it.
+    # All four kernels (forward, inverse and their backwards) against fp64 autograd of the
+    # reference.
+    set_threads(threads)
+    n = 40_000 // m + 3
+    g = torch.Generator().manual_seed(m)
+    h = torch.randn(n, 2 * m, generator=g, dtype=torch.float64)
+    x0 = torch.randn(n, m, generator=g, dtype=torch.float64)
+    gy, gl = torch.randn(n, m, generator=g, dtype=torch.float64), torch.randn(n, generator=g)
+    out = {}
+    for dtype in (torch.float32, torch.float64):
+        hh = h.to(dtype).requires_grad_()
+        x = x0.to(dtype).requires_grad_()
+        raw, t = hh.chunk(2, dim=1) if strided else (hh[:, :m].contiguous(), hh[:, m:].contiguous())
+        assert raw.is_contiguous() != strided
+        for name, fn in (
+            ("fwd", C.affine_coupling),
+            ("inv", C.affine_coupling_inverse),
+            ("ref_fwd", C.reference_affine_coupling),
+            ("ref_inv", C.reference_affine_coupling_inverse),
+        ):
+            x.grad = hh.grad = None
+            y, ld = fn(x, raw, t, scale_fn=scale_fn, clamp=1.7)
+            torch.autograd.backward((y, ld), (gy.to(dtype), gl.to(ld.dtype)))
+            out[dtype, name] = [v.detach().double() for v in (y, ld, x.grad, hh.grad)]
+    for kind in ("fwd", "inv"):
+        ref = out[torch.float64, "ref_" + kind]
+        for got, want in zip(out[torch.float64, kind], ref):
+            torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+        for got, want in zip(out[torch.float32, kind], ref):
+            torch.testing.assert_close(got, want, rtol=2e-5, atol=2e-5 * m)
+
+
 # ------------------------------------------------------------------------------------------ CUDA
 
 
