@@ -177,6 +177,16 @@ def _result(values: dict, date: str) -> dict:
     return {"fastflow_bench": 1, "environment": {"date": date}, "config": {}, "rows": rows}
 
 
+def test_markdown_bolds_only_the_ratios_fastflow_wins():
+    from fastflow.bench._report import markdown
+
+    res = _result({"fastflow": 2.0, "zuko": 4.0, "nflows": 1.0}, "D")
+    md = markdown(res)
+    assert "| zuko | 4 ms | - | **2.00x** |" in md
+    assert "| nflows | 1 ms | - | 0.50x (slower) |" in md
+    assert "**0.50x**" not in md
+
+
 def test_compare_two_runs(tmp_path, capsys):
     a, b = tmp_path / "a.json", tmp_path / "b.json"
     a.write_text(json.dumps(_result({"fastflow": 2.0, "zuko": 4.0}, "A-date")))

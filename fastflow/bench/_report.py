@@ -118,6 +118,12 @@ def likelihood_rows(rows: list[dict]) -> list[dict]:
     return [r for r in rows if r["unit"] in ("nats", "bits/dim") and r["metric"].startswith("test")]
 
 
+def _ratio_cell(median: float) -> str:
+    """A ratio peer / fastflow for the table: bold where fastflow is ahead (>= 1), marked where
+    it is behind."""
+    return f"**{median:.2f}x**" if median >= 1 else f"{median:.2f}x (slower)"
+
+
 def markdown(result: dict) -> str:
     """The run as markdown: the machine, the speed/memory ratios, and the likelihood table."""
     env = result.get("environment", {})
@@ -154,7 +160,7 @@ def markdown(result: dict) -> str:
             lines.append(
                 f"| {r['bench']} | {r['case']} | {r['metric']} | {_num(r['fastflow'], r['unit'])} "
                 f"{r['unit']} | {r['peer']} | {_num(r['peer_value'], r['unit'])} {r['unit']} | "
-                f"{params} | **{r['median']:.2f}x**{spread} |"
+                f"{params} | {_ratio_cell(r['median'])}{spread} |"
             )
         lines.append("")
     lik = likelihood_rows(rows)
