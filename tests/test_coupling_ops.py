@@ -389,6 +389,28 @@ def test_short_samples_in_blocks(m, scale_fn, strided, threads, set_threads):
             torch.testing.assert_close(got, want, rtol=2e-5, atol=2e-5 * m)
 
 
+@pytest.mark.parametrize("op", ["affine", "inverse", "additive"])
+def test_no_grad_call_skips_the_autograd_node(op):
+    # nothing to differentiate: the kernel runs without the autograd node, same values; with a
+    # leaf that needs a gradient (grad mode on) the node is there
+    x, raw, t = _inputs((6, 5), torch.float32)
+    call = {
+        "affine": lambda x, r, t: C.affine_coupling(x, r, t),
+        "inverse": lambda x, r, t: C.affine_coupling_inverse(x, r, t),
+        "additive": lambda x, r, t: C.additive_coupling(x, t),
+    }[op]
+    y0, ld0 = call(x, raw, t)
+    assert y0.grad_fn is None and not y0.requires_grad
+    tg = t.clone().requires_grad_()
+    with torch.no_grad():
+        y1, ld1 = call(x, raw, tg)
+    assert y1.grad_fn is None
+    y2, ld2 = call(x, raw, tg)
+    assert y2.grad_fn is not None
+    for a, b in ((y0, y2), (ld0, ld2), (y1, y2), (ld1, ld2)):
+        torch.testing.assert_close(a, b.detach(), rtol=0, atol=0)
+
+
 # ------------------------------------------------------------------------------------------ CUDA
 
 
