@@ -386,6 +386,11 @@ _affine_inv.register_autograd(_backward_affine, setup_context=_setup_inv)
 _additive.register_autograd(_backward_add, setup_context=_setup_add)
 
 
+def _zero_logdet(x: Tensor) -> Tensor:
+    """The additive coupling's log-det: zeros of the accumulation dtype, one per sample."""
+    return torch.zeros(x.shape[0], dtype=B.acc_dtype(x.dtype), device=x.device)
+
+
 class _CouplingFn(torch.autograd.Function):
     """Eager native path: the kernels' implementations under one autograd node (no dispatcher).
     ``mode`` is a scale-mode code or ``_ADDITIVE`` (then ``raw`` is unused)."""
@@ -395,7 +400,7 @@ class _CouplingFn(torch.autograd.Function):
         if mode == _ADDITIVE:
             _setup_add(ctx, (x, shift, mask, inverse), None)
             y = _additive_impl(x, shift, mask, inverse)
-            return y, torch.zeros(x.shape[0], dtype=B.acc_dtype(x.dtype), device=x.device)
+            return y, _zero_logdet(x)
         impl, setup = (_affine_inv_impl, _setup_inv) if inverse else (_affine_fwd_impl, _setup_fwd)
         out = impl(x, raw, shift, mask, mode, clamp)
         setup(ctx, (x, raw, shift, mask, mode, clamp), out)
@@ -416,7 +421,7 @@ def _native(x, raw, shift, mask, mode, clamp, inverse):
     if torch.compiler.is_compiling():
         if mode == _ADDITIVE:
             y = _additive(x, shift, mask, inverse)
-            return y, torch.zeros(x.shape[0], dtype=B.acc_dtype(x.dtype), device=x.device)
+            return y, _zero_logdet(x)
         return (_affine_inv if inverse else _affine_fwd)(x, raw, shift, mask, mode, clamp)
     if torch.is_grad_enabled() and (
         x.requires_grad or shift.requires_grad or (raw is not None and raw.requires_grad)
@@ -426,7 +431,7 @@ def _native(x, raw, shift, mask, mode, clamp, inverse):
     # (apply and its context cost ~8 us a call, a fifth of a small call's fixed cost)
     if mode == _ADDITIVE:
         y = _additive_impl(x, shift, mask, inverse)
-        return y, torch.zeros(x.shape[0], dtype=B.acc_dtype(x.dtype), device=x.device)
+        return y, _zero_logdet(x)
     return (_affine_inv_impl if inverse else _affine_fwd_impl)(x, raw, shift, mask, mode, clamp)
 
 
