@@ -235,6 +235,50 @@ def test_native_tap_kernels_match_the_slice_code(monkeypatch, dtype, avx512_thre
         torch.testing.assert_close(a, r, rtol=tol, atol=tol)
 
 
+def _taps_ref(img: torch.Tensor, sign: int) -> torch.Tensor:
+    """[N, H, W, ...] -> [N, H, W, 9, ...]: tap t = 3 (dy + 1) + (dx + 1) holds img[y + sign dy,
+    x + sign dx] (zero outside the image), by padding and slicing."""
+    h, w = img.shape[1:3]
+    pad = F.pad(img, (0, 0) * (img.dim() - 3) + (1, 1, 1, 1))
+    taps = [
+        pad[:, 1 + sign * dy : 1 + sign * dy + h, 1 + sign * dx : 1 + sign * dx + w]
+        for dy in (-1, 0, 1)
+        for dx in (-1, 0, 1)
+    ]
+    return torch.stack(taps, 3)
+
+
+# every channel count with its own copy of the kernels (csrc/conv_taps_cpu.cpp, FF_TAP_WIDTHS)
+# and three that take the generic loops
+@pytest.mark.parametrize("c", [1, 2, 3, 4, 5, 6, 8, 12, 16, 24, 32, 48, 50])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_tap_kernels_match_padded_slices_at_every_width(c, dtype, cpu_isa):
+    """conv_tap_shift / conv_tap_sum against padding and slicing, on images down to 1x1 and one
+    large enough to split over two threads: the shift exactly, the sum to the last bit of a sum
+    in the same order (bias, then taps 0..8)."""
+    from fastflow import _backend as B
+
+    torch.manual_seed(c)
+    threads = torch.get_num_threads()
+    try:
+        for nt, (n, h, w) in ((1, (2, 5, 4)), (1, (3, 1, 1)), (1, (2, 1, 6)), (2, (4, 33, 7))):
+            torch.set_num_threads(nt)
+            g = torch.randn(n, h, w, c, dtype=dtype)
+            got = conv_mod._tap_shift(g.reshape(-1, c), n, h, w, c)
+            assert torch.equal(got, _taps_ref(g, -1).reshape(-1, 9 * c))
+            t9 = torch.randn(n, h, w, 9, c, dtype=dtype)
+            bias = torch.randn(c, dtype=dtype)
+            for b in (bias, None):
+                got = conv_mod._tap_sum(t9.reshape(-1, 9 * c), n, h, w, c, b)
+                ref = torch.zeros(n, h, w, c, dtype=dtype) if b is None else b.expand(n, h, w, c)
+                for t, tap in enumerate(_taps_ref(t9, 1).unbind(3)):
+                    ref = ref + tap[..., t, :]
+                torch.testing.assert_close(got, ref.reshape(-1, c), rtol=0, atol=0)
+    finally:
+        torch.set_num_threads(threads)
+    assert B._C is not None
+
+
 def test_tap_kernels_reject_bad_arguments():
     from fastflow import _backend as B
 
