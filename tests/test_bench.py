@@ -308,3 +308,17 @@ def test_train_step_script_eager_and_compiled(tmp_path, monkeypatch, compiled):
     md = (tmp_path / "ts.md").read_text()
     assert ("(compiled)" in md) is compiled
     assert json.loads((tmp_path / "ts.json").read_text())["rows"] == data["rows"]
+
+
+def test_write_results_takes_a_path_with_a_directory_as_is(tmp_path, monkeypatch):
+    """``--out NAME`` goes under the results folder; ``--out some/dir/NAME`` is a path of its own
+    (it used to land in results/some/dir/NAME.json)."""
+    from fastflow.bench._common import write_results
+
+    monkeypatch.chdir(tmp_path)
+    results = str(tmp_path / "results")
+    assert write_results("plain", {"a": 1}, results) == os.path.join(results, "plain.json")
+    got = write_results(os.path.join("bench", "results", "run-a"), {"a": 2}, results)
+    assert os.path.abspath(got) == str(tmp_path / "bench" / "results" / "run-a.json")
+    assert json.loads((tmp_path / "bench" / "results" / "run-a.json").read_text())["a"] == 2
+    assert not (tmp_path / "results" / "bench").exists()

@@ -437,10 +437,11 @@ def _json_default(o):
 
 def write_results(name: str, data: dict, results_dir: str) -> str:
     """Write ``data`` plus the environment to ``results_dir/<name>.json`` (the per-script result
-    files of ``bench/*.py``); returns the path."""
-    return write_json(
-        os.path.join(results_dir, f"{name}.json"), {"environment": environment(), **data}
-    )
+    files of ``bench/*.py``); returns the path. A ``name`` with a directory part is a path of its
+    own (relative to the working directory), so ``--out bench/results/run-a`` writes
+    ``bench/results/run-a.json``, not ``bench/results/bench/results/run-a.json``."""
+    path = f"{name}.json" if os.path.dirname(name) else os.path.join(results_dir, f"{name}.json")
+    return write_json(path, {"environment": environment(), **data})
 
 
 def no_grad(fn: Callable[[], object]) -> Callable[[], object]:

@@ -457,7 +457,9 @@ def main(argv=None, results_dir: str = os.path.join("bench", "results")) -> dict
     ap.add_argument("--batches", nargs="+", type=int, default=None)
     ap.add_argument("--threads", nargs="+", type=int, default=[1, 2])
     ap.add_argument("--rounds", type=int, default=None)
-    ap.add_argument("--out", default="train_step")
+    ap.add_argument(
+        "--out", default="train_step", help="result name under bench/results, or a path"
+    )
     ap.add_argument(
         "--compile", action="store_true", help="torch.compile every side (training step only)"
     )
