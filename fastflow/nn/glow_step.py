@@ -81,7 +81,9 @@ class GlowConditioner(nn.Module):
         if not self.affine:
             return out
         c = out.shape[1] // 2
-        return out[:, :c], out[:, c:]
+        # split, not two slices: its backward is one cat, not two zero-filled scatters
+        raw, shift = out.split([c, c], 1)
+        return raw, shift
 
 
 class GlowStep(Transform):
