@@ -313,6 +313,28 @@ def _mlp3_params(ci, hid, co, dtype, seed=0):
     return [(torch.randn(s, dtype=dtype) * 0.3).requires_grad_() for s in shapes]
 
 
+def test_conv_mlp3_keeps_the_hidden_activations_not_the_im2col():
+    """The eager node saves x and the two hidden activations, not the [P, 9 C_in] im2col (its
+    backward rebuilds it from x), and its gradients still equal the plain layers' (fp64)."""
+    from fastflow import _backend as B
+    from fastflow.ops.conv import _conv_mlp3_plain, conv_mlp3
+
+    if B._C is None:
+        pytest.skip("no native kernels")
+    ps = _mlp3_params(5, 7, 4, torch.float64, seed=2)
+    x = torch.randn(3, 5, 6, 4, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
+    x.requires_grad_()
+    y = conv_mlp3(x, *ps)
+    saved = [tuple(t.shape) for t in y.grad_fn.saved_tensors]
+    rows = 3 * 6 * 4
+    assert (rows, 7) in saved and (rows, 9 * 5) not in saved
+    g = torch.randn_like(y)
+    got = torch.autograd.grad(y, [x, *ps], g)
+    ref = torch.autograd.grad(_conv_mlp3_plain(x, *ps), [x, *ps], g)
+    for a, r in zip(got, ref):
+        torch.testing.assert_close(a, r, rtol=1e-11, atol=1e-11)
+
+
 @pytest.mark.parametrize("shape", [(3, 2, 5, 6), (2, 4, 1, 7), (1, 3, 2, 2)])
 def test_conv_mlp3_matches_the_convolutions_fp64(shape):
     """Values and every gradient equal autograd through the five plain layers (fp64)."""

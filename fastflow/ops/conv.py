@@ -277,15 +277,21 @@ def _differentiable_grads(ctx, ins: tuple[Tensor, ...], grad: Tensor) -> tuple:
     return tuple(next(got) if r else None for r in ctx.needs_input_grad)
 
 
+def _im2col(x: Tensor) -> Tensor:
+    """The first layer's im2col ``[N H W, 9 C_in]`` of a channels-last image (see
+    :func:`_mlp3_forward`)."""
+    n, ci, h, w = x.shape
+    return _tap_shift(x.permute(0, 2, 3, 1).contiguous().view(-1, ci), n, h, w, ci)
+
+
 def _mlp3_forward(x, w1, b1, w2, b2, w3, b3) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """conv_mlp3's forward on the native passes (grad mode off): ``(out, x9, h1, h2)``, the
     output as ``[N H W, C_out]`` pixel rows and the activations its backward reads."""
     n, ci, h, w = x.shape
     hid, co = w1.shape[0], w3.shape[0]
-    xr = x.permute(0, 2, 3, 1).contiguous().view(-1, ci)
     # im2col by the tap shift: x9[p, t c + i] = x[p - d_t, i] = x[p + d_(8-t), i], so the
     # first layer's taps are flipped to match.
-    x9 = _tap_shift(xr, n, h, w, ci)
+    x9 = _im2col(x)
     w1c = w1.flip(2, 3).permute(0, 2, 3, 1).reshape(hid, 9 * ci)
     h1 = _mm_bias_relu(x9, w1c.t(), b1)
     w2m = w2.reshape(hid, hid)
@@ -298,7 +304,8 @@ def _mlp3_forward(x, w1, b1, w2, b2, w3, b3) -> tuple[Tensor, Tensor, Tensor, Te
 def _mlp3_backward(g, x, w1, w2, w3, x9, h1, h2, need_x: bool) -> tuple:
     """conv_mlp3's backward from the output gradient as contiguous ``[N H W, C_out]`` rows:
     ``(gx rows or None, gw1, gb1, gw2, gb2, gw3, gb3)``, the weight gradients in whatever
-    layout their products leave (the callers put them in the weights' layouts)."""
+    layout their products leave (the callers put them in the weights' layouts). ``x9=None``
+    rebuilds the im2col from ``x`` (the eager path does not keep it; see _ConvMLP3)."""
     n, ci, h, w = x.shape
     hid, co = w1.shape[0], w3.shape[0]
     g9 = _tap_shift(g, n, h, w, co)  # the adjoint of the tap sum
@@ -311,6 +318,8 @@ def _mlp3_backward(g, x, w1, w2, w3, x9, h1, h2, need_x: bool) -> tuple:
     if need_x:
         w1c = w1.flip(2, 3).permute(0, 2, 3, 1).reshape(hid, 9 * ci)
         gx = _tap_sum(gh1 @ w1c, n, h, w, ci)  # the adjoint of the im2col shift
+    if x9 is None:
+        x9 = _im2col(x)
     # x9^T gh1 ([9 ci, hid]), transposed after: MKL runs the product with the short side as
     # the output's rows 1.7-2x faster than gh1^T x9 at Glow's level-0 sizes (1 and 2 threads)
     gw1 = (x9.t() @ gh1).t().reshape(hid, 3, 3, ci).permute(0, 3, 1, 2).flip(2, 3)
@@ -327,13 +336,17 @@ def _image_of_rows(rows: Tensor, like: Tensor) -> Tensor:
 class _ConvMLP3(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, w1, b1, w2, b2, w3, b3):
-        out, x9, h1, h2 = _mlp3_forward(x, w1, b1, w2, b2, w3, b3)
-        ctx.save_for_backward(x, w1, b1, w2, b2, w3, b3, x9, h1, h2)
+        out, _x9, h1, h2 = _mlp3_forward(x, w1, b1, w2, b2, w3, b3)
+        # the im2col (9 C_in columns a pixel: 0.84x the hidden width at Glow 3x16x16 h64) is not
+        # kept: the backward rebuilds it from x with one tap shift (docs/DESIGN-NOTES.md, "The
+        # tap kernels at Glow's narrow widths")
+        ctx.save_for_backward(x, w1, b1, w2, b2, w3, b3, h1, h2)
         return _image_of_rows(out, x)
 
     @staticmethod
     def backward(ctx, grad):
-        x, w1, b1, w2, b2, w3, b3, x9, h1, h2 = ctx.saved_tensors
+        x, w1, b1, w2, b2, w3, b3, h1, h2 = ctx.saved_tensors
+        x9 = None
         if torch.is_grad_enabled():
             # create_graph: differentiate the plain convolutions instead (same function), so
             # that the gradient is itself differentiable.
