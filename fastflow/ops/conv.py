@@ -346,15 +346,14 @@ class _ConvMLP3(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         x, w1, b1, w2, b2, w3, b3, h1, h2 = ctx.saved_tensors
-        x9 = None
         if torch.is_grad_enabled():
             # create_graph: differentiate the plain convolutions instead (same function), so
             # that the gradient is itself differentiable.
             return _differentiable_grads(ctx, (x, w1, b1, w2, b2, w3, b3), grad)
         g = grad.permute(0, 2, 3, 1).contiguous().view(-1, w3.shape[0])
         gx, gw1, gb1, gw2, gb2, gw3, gb3 = _mlp3_backward(
-            g, x, w1, w2, w3, x9, h1, h2, ctx.needs_input_grad[0]
-        )
+            g, x, w1, w2, w3, None, h1, h2, ctx.needs_input_grad[0]
+        )  # x9=None: rebuilt from x
         gx = None if gx is None else _image_of_rows(gx, x)
         return gx, _like(gw1, w1), gb1, _like(gw2, w2), gb2, _like(gw3, w3), gb3
 
